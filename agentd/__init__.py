@@ -1,0 +1,1 @@
+"""The agent daemon: consumes its own jobs, runs them, streams output, heartbeats."""

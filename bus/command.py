@@ -1,0 +1,96 @@
+"""What every fleetbus command shares: version, logging, connection flags, exit codes.
+
+Each command's ``main(argv) -> int`` parses its arguments, then hands a coroutine to
+:func:`run_command`, the one boundary where exceptions become the contract's exit codes
+and a one-line message on stderr. Logs go to stderr; stdout is for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bus.connection import DEFAULT_SERVER, ConnectSettings
+from bus.errors import EXIT_USAGE, FleetError, exit_code_for
+from bus.runtime import run
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def fleetbus_version() -> str:
+    """The installed distribution's version."""
+    try:
+        return metadata.version("fleetbus")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def add_version_flag(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """``--version`` (and any extra flags, e.g. ``-V``) printing ``prog X.Y.Z``."""
+    parser.add_argument(
+        *(flags or ("--version",)),
+        action="version",
+        version=f"%(prog)s {fleetbus_version()}",
+        help="print the version and exit",
+    )
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """``-s/--server`` (env ``FLEET_SERVER``) and ``--nkey`` (env ``FLEET_NKEY``)."""
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "-s",
+        "--server",
+        metavar="URL",
+        help=f"NATS server URL, comma-separated for a cluster "
+        f"(env FLEET_SERVER; default {DEFAULT_SERVER})",
+    )
+    group.add_argument(
+        "--nkey",
+        metavar="SEED_FILE",
+        type=Path,
+        help="nkey seed file to authenticate with, mode 0400 (env FLEET_NKEY)",
+    )
+
+
+def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
+    """Settings from the connection flags, falling back to the environment, then defaults."""
+    server = args.server or os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
+    nkey = args.nkey or (Path(os.environ["FLEET_NKEY"]) if os.environ.get("FLEET_NKEY") else None)
+    servers = [s.strip() for s in server.split(",") if s.strip()]
+    return ConnectSettings(servers=servers, nkey_file=nkey, name=name)
+
+
+def configure_logging(level: str | int = "WARNING") -> None:
+    """Log to stderr at ``level``. Only entry points call this; libraries just log."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # nats-py logs its own reconnect chatter; ours says the same once, in our words.
+    logging.getLogger("nats").setLevel(max(logging.getLogger().level, logging.ERROR))
+
+
+def run_command(prog: str, main: Coroutine[Any, Any, int], *, use_uvloop: bool = True) -> int:
+    """Run a command's coroutine; map whatever ends it to an exit code and one message.
+
+    Returns:
+        The coroutine's own exit code, or the contract's code for the exception.
+    """
+    try:
+        return run(main, use_uvloop=use_uvloop)
+    except FleetError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return exit_code_for(exc)
+
+
+def not_available(prog: str, what: str) -> int:
+    """For commands whose part is not built yet: say so plainly, exit as a usage error."""
+    print(f"{prog}: {what} is not available in fleetbus {fleetbus_version()} yet", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,318 @@
+"""The one way to connect to NATS: :func:`connect` gives a :class:`Bus`.
+
+Once connected, a Bus reconnects forever, with exponential backoff and full jitter so a
+fleet of agents that lost the same server does not return in lock step, and logs every
+disconnect and reconnect. The first connection is bounded for commands (an operator
+wants exit 1 in seconds, not a hang) and unbounded for daemons, which wait for the
+server to come up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.client import Server as _NatsServer
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from pydantic import BaseModel, ConfigDict, Field
+
+from bus.codec import DEFAULT_MAX_SIZE
+from bus.errors import ConnectionFailedError, FleetTimeoutError, PermissionDeniedError
+from bus.keys import read_seed_file
+from bus.publish import PublishResult, publish_event
+from bus.subjects import DEFAULT_PREFIX, Subjects
+from schemas import Envelope
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
+
+
+class ConnectSettings(BaseModel):
+    """How to reach the bus. Built once from flags, environment and config, then passed down."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    servers: list[str] = Field(default_factory=lambda: [DEFAULT_SERVER], min_length=1)
+    name: str = "fleetbus"
+    """The connection name the server shows in its monitoring."""
+    prefix: str = DEFAULT_PREFIX
+    nkey_file: Path | None = None
+    """Seed file to authenticate with (mode 0400, owned by the caller)."""
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    inbox_prefix: str | None = None
+    """Where replies come back; a per-principal prefix keeps others from reading them."""
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    """Bound on the first connection for commands; see ``wait_for_server``."""
+    request_timeout_s: float = Field(default=5.0, gt=0)
+    """Default bound on JetStream API requests."""
+    backoff_initial_s: float = Field(default=0.25, gt=0)
+    backoff_max_s: float = Field(default=10.0, gt=0)
+    max_msg_size: int = Field(default=DEFAULT_MAX_SIZE, gt=0)
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in ``[0, min(cap, initial·2^attempt)]``."""
+    return rng.uniform(0, min(cap, initial * (2 ** min(attempt, 30))))
+
+
+def _reconnect_handler(
+    settings: ConnectSettings,
+) -> Callable[[list[_NatsServer], dict[str, Any]], tuple[_NatsServer | None, float]]:
+    rng = random.Random()
+
+    def choose(servers: list[_NatsServer], info: dict[str, Any]) -> tuple[_NatsServer, float]:
+        # The least-tried server next rotates through a cluster instead of hammering one.
+        server = min(servers, key=lambda s: s.reconnects)
+        delay = backoff_delay(
+            server.reconnects, settings.backoff_initial_s, settings.backoff_max_s, rng
+        )
+        logger.debug("reconnecting to %s in %.2fs", server.uri.netloc, delay)
+        return server, delay
+
+    return choose
+
+
+def _tls_context(settings: ConnectSettings) -> ssl.SSLContext | None:
+    if settings.tls_ca is None and settings.tls_cert is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert is not None:
+            ctx.load_cert_chain(
+                str(settings.tls_cert), str(settings.tls_key) if settings.tls_key else None
+            )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectionFailedError(f"cannot load TLS files: {exc}") from exc
+    return ctx
+
+
+class Bus:
+    """A live connection: core NATS, JetStream, and this fleet's subjects.
+
+    Use as ``async with await connect(settings) as bus:``; leaving the block drains.
+    """
+
+    def __init__(self, nc: Client, settings: ConnectSettings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.subjects = Subjects(settings.prefix)
+        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout_s)
+        self.permission_errors: list[PermissionDeniedError] = []
+        self.reconnects = 0
+        self._reconnected = asyncio.Condition()
+        self._denied = asyncio.Condition()
+        self._kv: dict[str, KeyValue] = {}
+
+    async def wait_reconnected(self, after: int, timeout: float) -> int:
+        """Wait until more than ``after`` reconnects have happened; returns the count.
+
+        Raises:
+            FleetTimeoutError: no such reconnect within ``timeout`` seconds.
+        """
+        try:
+            async with asyncio.timeout(timeout), self._reconnected:
+                await self._reconnected.wait_for(lambda: self.reconnects > after)
+        except TimeoutError:
+            raise FleetTimeoutError(f"not reconnected within {timeout:g}s") from None
+        return self.reconnects
+
+    async def wait_denied(self, subject: str, timeout: float) -> PermissionDeniedError:
+        """Wait until the server has refused ``subject`` to this connection.
+
+        nats-py reports a permission violation only through the error callback, so a
+        request to a forbidden subject would otherwise just time out; racing this
+        against the request turns that into a clear denial.
+
+        Raises:
+            FleetTimeoutError: no such refusal within ``timeout`` seconds.
+        """
+
+        def found() -> PermissionDeniedError | None:
+            return next((e for e in self.permission_errors if e.subject == subject), None)
+
+        try:
+            async with asyncio.timeout(timeout), self._denied:
+                await self._denied.wait_for(lambda: found() is not None)
+        except TimeoutError:
+            raise FleetTimeoutError(f"{subject} was not refused within {timeout:g}s") from None
+        denial = found()
+        assert denial is not None
+        return denial
+
+    async def _note_denied(self, denial: PermissionDeniedError) -> None:
+        async with self._denied:
+            self.permission_errors.append(denial)
+            self._denied.notify_all()
+
+    async def _note_reconnect(self) -> None:
+        async with self._reconnected:
+            self.reconnects += 1
+            self._reconnected.notify_all()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def publish_event(self, envelope: Envelope, *, timeout: float = 2.0) -> PublishResult:
+        """Store an event in the event log, deduplicated by its id (see :mod:`bus.publish`)."""
+        return await publish_event(
+            self.js,
+            envelope,
+            stream=self.subjects.events_stream,
+            timeout=timeout,
+            max_size=self.settings.max_msg_size,
+        )
+
+    async def key_value(self, bucket: str) -> KeyValue:
+        """A provisioned KV bucket (cached)."""
+        if bucket not in self._kv:
+            try:
+                self._kv[bucket] = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                raise ConnectionFailedError(
+                    f"KV bucket {bucket} does not exist; run `fleet ops init` first"
+                ) from None
+        return self._kv[bucket]
+
+    async def object_store(self, bucket: str) -> ObjectStore:
+        """A provisioned object store."""
+        try:
+            return await self.js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            raise ConnectionFailedError(
+                f"object store {bucket} does not exist; run `fleet ops init` first"
+            ) from None
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain (deliver what is in flight, then close), bounded by ``timeout``."""
+        if self.nc.is_closed:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.nc.drain()
+        except (TimeoutError, OSError, RuntimeError, nats.errors.Error) as exc:
+            logger.warning("drain did not finish (%s); closing", exc or type(exc).__name__)
+        finally:
+            if not self.nc.is_closed:
+                try:
+                    await self.nc.close()
+                except (OSError, RuntimeError, nats.errors.Error) as exc:
+                    # The transport is already broken (server gone): nothing left to flush.
+                    logger.debug("close after a lost connection: %r", exc)
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Shielded: cleanup must run to completion even when the caller is cancelled.
+        await asyncio.shield(self.close())
+
+
+async def connect(settings: ConnectSettings | None = None, *, wait_for_server: bool = False) -> Bus:
+    """Connect to NATS.
+
+    Args:
+        settings: where and how; the defaults reach a local server.
+        wait_for_server: keep trying forever (daemons); otherwise give up after
+            ``settings.connect_timeout_s`` (commands).
+
+    Raises:
+        ConnectionFailedError: no server reachable in time, or bad TLS files.
+        SecretFileError: the nkey file is missing, unsafe or invalid.
+    """
+    settings = settings or ConnectSettings()
+    options: dict[str, Any] = {}
+    if settings.nkey_file is not None:
+        options["nkeys_seed_str"] = read_seed_file(settings.nkey_file).decode("ascii")
+    tls = _tls_context(settings)
+    if tls is not None:
+        options["tls"] = tls
+    if settings.inbox_prefix:
+        options["inbox_prefix"] = settings.inbox_prefix
+
+    nc = Client()
+    bus = Bus(nc, settings)
+    first_connect = True
+    last_error: Exception | None = None
+    # `bus` is created before connecting so the callbacks can record into it.
+
+    async def on_error(exc: Exception) -> None:
+        nonlocal last_error
+        last_error = exc
+        text = str(exc)
+        if "permissions violation" in text.lower():
+            denied = _permission_violation(text)
+            logger.error("%s", denied)
+            await bus._note_denied(denied)
+        elif first_connect:
+            logger.debug("connect attempt failed: %s", exc)
+        else:
+            logger.warning("NATS error: %s", exc)
+
+    async def on_disconnected() -> None:
+        if not first_connect and not (nc.is_closed or nc.is_draining):
+            logger.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnected() -> None:
+        url = nc.connected_url.netloc if nc.connected_url else "?"
+        logger.warning("reconnected to NATS at %s", url)
+        await bus._note_reconnect()
+
+    async def on_closed() -> None:
+        logger.debug("NATS connection closed")
+
+    try:
+        async with asyncio.timeout(None if wait_for_server else settings.connect_timeout_s):
+            await nc.connect(
+                servers=settings.servers,
+                name=settings.name,
+                connect_timeout=max(1, round(settings.connect_timeout_s)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                # Only paces retries of the first connection; later ones use the handler.
+                reconnect_time_wait=1,
+                reconnect_to_server_handler=_reconnect_handler(settings),
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                closed_cb=on_closed,
+                **options,
+            )
+    except TimeoutError:
+        await nc.close()
+        why = f": {_describe(last_error)}" if last_error is not None else ""
+        raise ConnectionFailedError(
+            f"cannot connect to {', '.join(settings.servers)} "
+            f"within {settings.connect_timeout_s:g}s{why}"
+        ) from None
+    except (OSError, nats.errors.Error) as exc:
+        await nc.close()
+        servers = ", ".join(settings.servers)
+        raise ConnectionFailedError(f"cannot connect to {servers}: {exc}") from exc
+    first_connect = False
+    logger.debug("connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+    return bus
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip().strip("'\"") or type(exc).__name__
+    return text.removeprefix("nats: ")
+
+
+def _permission_violation(text: str) -> PermissionDeniedError:
+    # nats-py says: nats: permissions violation for publish to "fleet.evt.x"
+    operation = "subscribing to" if "subscription" in text.lower() else "publishing to"
+    subject = text.split('"')[1] if text.count('"') >= 2 else text
+    return PermissionDeniedError(operation, subject)

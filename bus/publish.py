@@ -1,0 +1,136 @@
+"""Publishing to JetStream so that nothing is lost and nothing is stored twice.
+
+Every event is published with ``Nats-Msg-Id`` set to its event id. When an
+acknowledgement does not arrive (a slow server, a reconnect, a leader election), the
+same bytes are published again with the same id: the stream's duplicate window turns a
+retry of something already stored into a no-op (``duplicate=True`` in the ack), so a
+retry can never store an event twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from bus.codec import DEFAULT_MAX_SIZE, HEADER_MSG_ID, encode_envelope, event_headers
+from bus.errors import BadMessageError, ConnectionFailedError, FleetError, PublishTimeoutError
+from schemas import Envelope
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE_S = 30.0
+"""How long a publish keeps retrying in all: longer than a JetStream leader election."""
+_ERR_WRONG_STREAM = 10060  # expected stream does not match
+_ERR_TOO_LARGE = 10054  # message size exceeds maximum allowed
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Where the message was stored; ``duplicate`` when an earlier attempt had stored it."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+async def publish_with_retry(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    *,
+    msg_id: str,
+    headers: dict[str, str] | None = None,
+    stream: str | None = None,
+    timeout: float = 2.0,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    attempts: int | None = None,
+    backoff_initial_s: float = 0.1,
+    backoff_max_s: float = 2.0,
+) -> PublishResult:
+    """Publish and wait for the stream's acknowledgement, retrying with the same id.
+
+    Args:
+        js: the JetStream context.
+        subject: where to publish.
+        payload: the encoded message.
+        msg_id: the deduplication id (``Nats-Msg-Id``); must be the same on every retry.
+        headers: further headers.
+        stream: the stream it must land in (``Nats-Expected-Stream``).
+        timeout: how long to wait for each acknowledgement.
+        deadline_s: how long to keep trying in all.
+        attempts: an optional cap on the number of tries.
+
+    Raises:
+        PublishTimeoutError: no acknowledgement before the deadline (or the cap).
+        ConnectionFailedError: the connection is closed for good.
+        BadMessageError: the server refused the message itself (too large, wrong stream).
+    """
+    hdrs = dict(headers or {})
+    hdrs[HEADER_MSG_ID] = msg_id
+    rng = random.Random()
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + deadline_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            ack = await js.publish(subject, payload, timeout=timeout, stream=stream, headers=hdrs)
+        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+            # No stream answered: a reconnect or an election in progress. Same id again.
+            delay = rng.uniform(0, min(backoff_max_s, backoff_initial_s * 2 ** min(attempt, 30)))
+            if attempt == attempts or loop.time() + delay >= give_up_at:
+                raise PublishTimeoutError(subject, msg_id, attempt) from exc
+            logger.warning(
+                "↻ publish %s (msg id %s) attempt %d: %s; retrying in %.2fs",
+                subject,
+                msg_id,
+                attempt,
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            continue
+        except nats.errors.ConnectionClosedError as exc:
+            raise ConnectionFailedError(f"cannot publish to {subject}: connection closed") from exc
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (_ERR_WRONG_STREAM, _ERR_TOO_LARGE):
+                raise BadMessageError(f"server refused {subject}: {exc.description}") from exc
+            raise FleetError(f"server refused {subject}: {exc.description}") from exc
+        return PublishResult(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+
+async def publish_event(
+    js: JetStreamContext,
+    envelope: Envelope,
+    *,
+    stream: str | None = None,
+    timeout: float = 2.0,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    attempts: int | None = None,
+    max_size: int = DEFAULT_MAX_SIZE,
+) -> PublishResult:
+    """Encode an envelope and publish it on its own subject, deduplicated by its id.
+
+    Raises:
+        PayloadTooLargeError: the event is too large; nothing was sent.
+        PublishTimeoutError, ConnectionFailedError, BadMessageError: as
+            :func:`publish_with_retry`.
+    """
+    payload = encode_envelope(envelope, max_size)
+    return await publish_with_retry(
+        js,
+        envelope.subject,
+        payload,
+        msg_id=envelope.id,
+        headers=event_headers(envelope),
+        stream=stream,
+        timeout=timeout,
+        deadline_s=deadline_s,
+        attempts=attempts,
+    )

@@ -1,0 +1,160 @@
+"""Subject builders, stream and bucket names: the bus's address book.
+
+Pure functions and constants; nothing here talks to a server. Every token that goes into
+a subject is validated, so no caller can build a subject that reaches another agent's
+jobs through a ``.``, ``*`` or ``>`` hidden in an id.
+
+Names follow ``../shared/design.md`` for the default prefix ``fleet``. Another prefix
+gives a separate fleet on the same server: subjects ``<prefix>.…``, streams
+``<PREFIX>_EVENTS``, buckets ``<prefix>-presence``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bus.errors import InvalidTokenError
+from schemas import ids
+
+DEFAULT_PREFIX = "fleet"
+
+# The job events an agent consumes: the log is also its queue.
+AGENT_CONSUMED_EVENTS = ("submitted", "cancel_requested")
+
+
+def check_token(value: object, what: str = "token") -> str:
+    """Return ``value`` if it is a safe subject token.
+
+    Raises:
+        InvalidTokenError: it is empty, too long, not a string, or has a character
+            outside ``[A-Za-z0-9_-]`` (so no ``.``, ``*``, ``>`` or whitespace).
+    """
+    problem = ids.token_problem(value, what)
+    if problem is not None:
+        raise InvalidTokenError(problem)
+    assert isinstance(value, str)
+    return value
+
+
+def check_agent_id(value: object) -> str:
+    """Return ``value`` if it is a valid, unreserved agent id, else raise InvalidTokenError."""
+    problem = ids.agent_id_problem(value)
+    if problem is not None:
+        raise InvalidTokenError(problem)
+    assert isinstance(value, str)
+    return value
+
+
+def version_token(version: str) -> str:
+    """A release version as a subject token (``1.2.0`` → ``1_2_0``).
+
+    Raises:
+        InvalidTokenError: the version cannot be made into a safe token.
+    """
+    try:
+        return ids.version_token(version)
+    except ValueError as exc:
+        raise InvalidTokenError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Every subject, stream and bucket name for one fleet prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_token(self.prefix, "subject prefix")
+
+    # --- streams and buckets -----------------------------------------------------------
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_EVENTS"
+
+    @property
+    def output_stream(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_OUTPUT"
+
+    @property
+    def presence_bucket(self) -> str:
+        return f"{self.prefix}-presence"
+
+    @property
+    def config_bucket(self) -> str:
+        return f"{self.prefix}-config"
+
+    @property
+    def tokens_bucket(self) -> str:
+        return f"{self.prefix}-tokens"
+
+    @property
+    def bundles_bucket(self) -> str:
+        return f"{self.prefix}-bundles"
+
+    @property
+    def snapshots_bucket(self) -> str:
+        return f"{self.prefix}-snapshots"
+
+    # --- the event log ------------------------------------------------------------------
+
+    @property
+    def all_events(self) -> str:
+        """Filter for the whole event log."""
+        return f"{self.prefix}.evt.>"
+
+    def job_event(self, agent: str, job_id: str, event: str) -> str:
+        """``<prefix>.evt.job.<agent>.<job_id>.<event>``."""
+        return (
+            f"{self.prefix}.evt.job.{check_agent_id(agent)}."
+            f"{check_token(job_id, 'job id')}.{check_token(event, 'event name')}"
+        )
+
+    def job_events(self, agent: str = "*", job_id: str = "*") -> str:
+        """Filter for job events; ``*`` (the default) for any agent or job."""
+        a = agent if agent == "*" else check_agent_id(agent)
+        j = job_id if job_id == "*" else check_token(job_id, "job id")
+        return f"{self.prefix}.evt.job.{a}.{j}.*"
+
+    def agent_job_filters(self, agent: str) -> list[str]:
+        """The filters of an agent's durable consumer: its own submissions and cancels."""
+        check_agent_id(agent)
+        return [f"{self.prefix}.evt.job.{agent}.*.{event}" for event in AGENT_CONSUMED_EVENTS]
+
+    def agent_event(self, agent: str, event: str) -> str:
+        """``<prefix>.evt.agent.<agent>.<event>``."""
+        return f"{self.prefix}.evt.agent.{check_agent_id(agent)}.{check_token(event, 'event name')}"
+
+    def update_event(self, version: str, event: str, agent: str | None = None) -> str:
+        """``<prefix>.evt.update.<version>[.<agent>].<event>`` (version dots become ``_``)."""
+        middle = version_token(version)
+        if agent is not None:
+            middle = f"{middle}.{check_agent_id(agent)}"
+        return f"{self.prefix}.evt.update.{middle}.{check_token(event, 'event name')}"
+
+    # --- output, control ------------------------------------------------------------------
+
+    @property
+    def all_output(self) -> str:
+        return f"{self.prefix}.out.>"
+
+    def output(self, agent: str, job_id: str) -> str:
+        """``<prefix>.out.<agent>.<job_id>``: one job's stdout/stderr chunks."""
+        return f"{self.prefix}.out.{check_agent_id(agent)}.{check_token(job_id, 'job id')}"
+
+    def control(self, agent: str, op: str) -> str:
+        """``<prefix>.ctl.<agent>.<op>``: request/reply to one agent."""
+        return f"{self.prefix}.ctl.{check_agent_id(agent)}.{check_token(op, 'operation')}"
+
+    def master_control(self, op: str) -> str:
+        """``<prefix>.ctl.master.<op>``: request/reply to the master."""
+        return f"{self.prefix}.ctl.master.{check_token(op, 'operation')}"
+
+    # --- parsing ------------------------------------------------------------------------
+
+    def parse_job_event(self, subject: str) -> tuple[str, str, str] | None:
+        """``(agent, job_id, event)`` of a job-event subject, or None if it is not one."""
+        parts = subject.split(".")
+        if len(parts) != 6 or parts[0] != self.prefix or parts[1:3] != ["evt", "job"]:
+            return None
+        return parts[3], parts[4], parts[5]

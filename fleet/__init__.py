@@ -1,0 +1,1 @@
+"""The operator CLI, ``fleet``: publish jobs, follow them, keys, storage, audit."""

@@ -1,0 +1,48 @@
+"""``fleet``: the operator's command line. Parses, then calls a handler; nothing more."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from bus.command import add_version_flag, configure_logging, run_command
+from bus.errors import FleetError, exit_code_for
+from fleet import keys, ops
+
+PROG = "fleet"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Run jobs on a fleet of machines over NATS, and audit what happened. "
+            "Exit codes: 0 ok, 1 connection error, 2 usage error, 3 timeout, 4 a job failed."
+        ),
+    )
+    add_version_flag(parser, "-V", "--version")
+    parser.add_argument(
+        "-l",
+        "--log-level",
+        default="WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="diagnostics on stderr (default WARNING)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keys.add_parser(sub)
+    ops.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fleet``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    if getattr(args, "is_async", False):
+        return run_command(PROG, args.handler(args))
+    try:
+        code: int = args.handler(args)
+    except FleetError as exc:
+        parser.exit(exit_code_for(exc), f"{PROG}: error: {exc}\n")
+    return code

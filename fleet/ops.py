@@ -1,0 +1,46 @@
+"""``fleet ops …``: set up the fleet's storage on a NATS server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bus import StorageSettings, connect, provision
+from bus.command import add_connection_args, connect_settings
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ops = sub.add_parser("ops", help="set up and export the fleet's NATS side")
+    ops_sub = ops.add_subparsers(dest="ops_command", required=True, metavar="COMMAND")
+    init = ops_sub.add_parser(
+        "init",
+        help="create every stream, KV bucket and object store (idempotent)",
+        description=(
+            "Create the event log, output stream, KV buckets and object stores of the "
+            "design. Running it again changes nothing; a resource that exists with another "
+            "configuration is reported field by field and left untouched (exit 2)."
+        ),
+    )
+    init.add_argument(
+        "--replicas", type=int, default=1, choices=(1, 3, 5), help="JetStream replicas"
+    )
+    init.add_argument("--json", action="store_true", help="print a JSON document")
+    add_connection_args(init)
+    init.set_defaults(handler=init_storage, is_async=True)
+
+
+async def init_storage(args: argparse.Namespace) -> int:
+    settings = connect_settings(args, "fleet-ops")
+    async with await connect(settings) as bus:
+        report = await provision(bus.js, bus.subjects, StorageSettings(replicas=args.replicas))
+    if args.json:
+        print(json.dumps({"created": report.created, "unchanged": report.unchanged}))
+    else:
+        for name in report.created:
+            print(f"created   {name}")
+        for name in report.unchanged:
+            print(f"unchanged {name}")
+        if not report.created:
+            print("nothing to do: every stream and bucket is as required", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""The master: projections of the event log, registry of agents, status, rollouts."""

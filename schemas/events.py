@@ -1,0 +1,280 @@
+"""Typed event data, one model per event type.
+
+Events are named in the past tense for what happened (``job.finished``). Each model says
+its ``TYPE`` and current schema ``VERSION``; the registry in :mod:`schemas.registry`
+maps an envelope's ``type`` to its model, which makes the set of models a union
+discriminated by ``type``. Any change to a model's fields bumps its ``VERSION`` and adds
+an upcaster from the old shape, so old logs stay readable.
+
+Data never carries secrets: a credential sealed for an agent travels outside the log.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.fields import (
+    AgentId,
+    EventId,
+    Labels,
+    PrincipalId,
+    PublicKey,
+    Text,
+    TimestampNs,
+    Token,
+    UserName,
+)
+from schemas.jobs import JobRequest
+
+JobStatus = Literal[
+    "succeeded", "failed", "timed_out", "cancelled", "expired", "rejected", "abandoned"
+]
+"""How a job ended; every job that was submitted ends in exactly one of these."""
+
+TERMINAL_STATUSES: frozenset[str] = frozenset(JobStatus.__args__)  # type: ignore[attr-defined]
+
+Version = Annotated[str, Field(min_length=1, max_length=64)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class EventData(BaseModel):
+    """Base of every event's ``data``. Subclasses set ``TYPE`` and ``VERSION``."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+
+
+# --- jobs: fleet.evt.job.<agent>.<job_id>.<event> -------------------------------------
+
+
+class JobSubmitted(EventData):
+    """An operator (or the master on a headless user's behalf) asked an agent to run a job."""
+
+    TYPE = "job.submitted"
+    job_id: EventId
+    agent: AgentId
+    request: JobRequest
+    submitted_by: PrincipalId
+
+
+class JobCancelRequested(EventData):
+    """Someone asked for a job to stop; the agent answers with ``job.finished``."""
+
+    TYPE = "job.cancel_requested"
+    job_id: EventId
+    agent: AgentId
+    requested_by: PrincipalId
+    reason: Text | None = None
+
+
+class JobStarted(EventData):
+    """The agent started the job's process."""
+
+    TYPE = "job.started"
+    job_id: EventId
+    agent: AgentId
+    pid: Annotated[int, Field(ge=1)]
+    run_as: UserName | None = None
+    effective_user: UserName
+
+
+class JobFinished(EventData):
+    """The job ended; ``status`` says how. The only terminal job event."""
+
+    TYPE = "job.finished"
+    job_id: EventId
+    agent: AgentId
+    status: JobStatus
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_s: Annotated[float, Field(ge=0)] | None = None
+    stdout_bytes: Count = 0
+    stderr_bytes: Count = 0
+    output_tail: str = ""
+    truncated: bool = False
+    reason: Text | None = None
+
+
+# --- agents: fleet.evt.agent.<agent>.<event> ------------------------------------------
+
+
+class AgentRegistered(EventData):
+    """An agent identity was added to the master's registry."""
+
+    TYPE = "agent.registered"
+    agent: AgentId
+    public_key: PublicKey
+    labels: Labels = {}
+
+
+class AgentOnline(EventData):
+    """The agent's presence appeared."""
+
+    TYPE = "agent.online"
+    agent: AgentId
+    version: Version
+    host: str = Field(max_length=255)
+    labels: Labels = {}
+
+
+class AgentOffline(EventData):
+    """The agent's presence went away (clean shutdown or expired heartbeat)."""
+
+    TYPE = "agent.offline"
+    agent: AgentId
+    reason: Text
+    last_seen: TimestampNs | None = None
+
+
+class AgentConfigChanged(EventData):
+    """The agent's configuration changed. Names only: values may be secret."""
+
+    TYPE = "agent.config_changed"
+    agent: AgentId
+    keys: list[Token]
+    changed_by: PrincipalId
+
+
+class AgentUnsupported(EventData):
+    """The agent runs a version other than the target and may not update itself."""
+
+    TYPE = "agent.unsupported"
+    agent: AgentId
+    version: Version
+    target: Version
+    reason: Text
+
+
+# --- updates: fleet.evt.update.<version>[.<agent>].<event> ----------------------------
+
+
+class UpdatePublished(EventData):
+    """A signed bundle was stored in the object store."""
+
+    TYPE = "update.published"
+    version: Version
+    object_name: str = Field(max_length=255)
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: Count
+    release_key: PublicKey
+
+
+class UpdateAnnounced(EventData):
+    """A version became the fleet's target."""
+
+    TYPE = "update.announced"
+    version: Version
+    canary: Count = 0
+    max_failures: Count = 0
+
+
+class UpdateTokenAcquired(EventData):
+    """An agent took a download slot."""
+
+    TYPE = "update.token_acquired"
+    version: Version
+    agent: AgentId
+    slot: Count
+
+
+class UpdateTokenReleased(EventData):
+    """An agent gave its download slot back."""
+
+    TYPE = "update.token_released"
+    version: Version
+    agent: AgentId
+    slot: Count
+
+
+class UpdateApplied(EventData):
+    """An agent switched to the new version and reported healthy."""
+
+    TYPE = "update.applied"
+    version: Version
+    agent: AgentId
+    previous: Version
+
+
+class UpdateFailed(EventData):
+    """An agent could not apply the version; it keeps the one it has."""
+
+    TYPE = "update.failed"
+    version: Version
+    agent: AgentId
+    stage: Literal["download", "verify", "install", "switch", "health"]
+    reason: Text
+
+
+class UpdateRolledBack(EventData):
+    """The new version did not become healthy; the previous one was restored."""
+
+    TYPE = "update.rolled_back"
+    version: Version
+    agent: AgentId
+    restored: Version
+    reason: Text
+
+
+class UpdateRolloutHalted(EventData):
+    """Failures exceeded the rollout's limit; no further agent starts updating."""
+
+    TYPE = "update.rollout_halted"
+    version: Version
+    failures: Count
+    max_failures: Count
+    reason: Text
+
+
+JOB_EVENTS: tuple[type[EventData], ...] = (
+    JobSubmitted,
+    JobCancelRequested,
+    JobStarted,
+    JobFinished,
+)
+AGENT_EVENTS: tuple[type[EventData], ...] = (
+    AgentRegistered,
+    AgentOnline,
+    AgentOffline,
+    AgentConfigChanged,
+    AgentUnsupported,
+)
+UPDATE_EVENTS: tuple[type[EventData], ...] = (
+    UpdatePublished,
+    UpdateAnnounced,
+    UpdateTokenAcquired,
+    UpdateTokenReleased,
+    UpdateApplied,
+    UpdateFailed,
+    UpdateRolledBack,
+    UpdateRolloutHalted,
+)
+ALL_EVENTS: tuple[type[EventData], ...] = JOB_EVENTS + AGENT_EVENTS + UPDATE_EVENTS
+
+AnyEventData = (
+    JobSubmitted
+    | JobCancelRequested
+    | JobStarted
+    | JobFinished
+    | AgentRegistered
+    | AgentOnline
+    | AgentOffline
+    | AgentConfigChanged
+    | AgentUnsupported
+    | UpdatePublished
+    | UpdateAnnounced
+    | UpdateTokenAcquired
+    | UpdateTokenReleased
+    | UpdateApplied
+    | UpdateFailed
+    | UpdateRolledBack
+    | UpdateRolloutHalted
+)
+"""Every known event's data, for exhaustive ``match`` statements."""
+
+
+def event_name(event_type: str) -> str:
+    """The last dotted part of a type (``job.finished`` → ``finished``): the subject's tail."""
+    return event_type.rsplit(".", 1)[-1]

@@ -1,0 +1,29 @@
+"""Presence: what an agent says about itself in KV ``fleet-presence`` every few seconds."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.fields import AgentId, EventId, Labels, TimestampNs
+
+PRESENCE_VERSION = 1
+
+AgentState = Literal["ready", "draining", "updating", "unsupported"]
+
+
+class Presence(BaseModel):
+    """One agent's heartbeat. The KV entry's TTL, not this model, decides when it is gone."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    v: int = PRESENCE_VERSION
+    agent: AgentId
+    version: str = Field(max_length=64)
+    host: str = Field(max_length=255)
+    labels: Labels = {}
+    state: AgentState = "ready"
+    running: list[EventId] = []
+    max_jobs: int = Field(ge=1)
+    started_at: TimestampNs
+    ts: TimestampNs

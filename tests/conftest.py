@@ -1,0 +1,70 @@
+"""Fixtures: real nats-server processes, connected buses, both event loops.
+
+No test depends on a server it did not start: every server here lives in the test's own
+temporary directory on a random loopback port and is stopped by pid afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import uvloop
+from natsserver import NatsCluster, NatsServer
+
+from bus import Bus, ConnectSettings, connect, provision
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the stock loop; ``both_loops`` tests on uvloop as well."""
+    if item.get_closest_marker("both_loops"):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
+    """Start servers on demand (``server_factory(name="b")``); all stopped at the end."""
+    started: list[NatsServer] = []
+
+    def start(name: str = "test", config: str = "") -> NatsServer:
+        server = NatsServer(tmp_path / f"nats-{name}-{len(started)}", name=name, config=config)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def nats_server(server_factory: Callable[..., NatsServer]) -> NatsServer:
+    """One JetStream server of this test's own."""
+    return server_factory()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster on loopback, with a metadata leader elected."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer) -> ConnectSettings:
+    return ConnectSettings(servers=[nats_server.url], name="pytest")
+
+
+@pytest.fixture
+async def bus(settings: ConnectSettings) -> AsyncIterator[Bus]:
+    """A connected bus on a provisioned server."""
+    async with await connect(settings) as b:
+        await provision(b.js)
+        yield b

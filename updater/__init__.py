@@ -1,0 +1,1 @@
+"""Update bundles: build, sign, publish, announce; apply, health-check, roll back."""
