@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from natsserver import NatsServer, free_port
+from tlsutil import make_ca_and_server_cert
 
 from bus import (
     Bus,
@@ -114,3 +115,20 @@ def test_backoff_has_full_jitter_and_a_cap() -> None:
     assert all(0 <= d <= 10.0 for d in delays)
     assert max(delays[:3]) <= 2.0
     assert len({round(d, 6) for d in delays}) == len(delays)  # jittered, not lock-step
+
+
+async def test_tls_with_a_ca_made_by_the_test(
+    server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    tls = make_ca_and_server_cert(tmp_path / "tls")
+    server = server_factory(
+        config=f'tls {{ cert_file: "{tls.cert}", key_file: "{tls.key}", ca_file: "{tls.ca}" }}'
+    )
+    url = server.url.replace("nats://", "tls://")
+    async with await connect(ConnectSettings(servers=[url], tls_ca=tls.ca)) as b:
+        assert b.connected
+        await b.nc.flush()
+    # Without trusting the CA, the handshake fails: no silent plaintext fallback.
+    stranger = make_ca_and_server_cert(tmp_path / "other")
+    with pytest.raises(ConnectionFailedError):
+        await connect(ConnectSettings(servers=[url], tls_ca=stranger.ca, connect_timeout_s=1))
