@@ -31,6 +31,12 @@ HEADER_TYPE = "Fleet-Type"
 HEADER_VERSION = "Fleet-Version"
 HEADER_MSG_ID = "Nats-Msg-Id"
 
+# Job output chunks on ``<prefix>.out.<agent>.<job>``: the payload is the raw bytes.
+HEADER_OUTPUT_STREAM = "Fleet-Stream"
+"""``stdout``, ``stderr``, or ``marker`` (a note from the agent, such as truncation)."""
+HEADER_OUTPUT_SEQ = "Fleet-Seq"
+"""1, 2, 3 … per job, in the order the agent read the bytes."""
+
 M = TypeVar("M", bound=BaseModel)
 
 

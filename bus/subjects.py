@@ -146,6 +146,10 @@ class Subjects:
         """``<prefix>.ctl.<agent>.<op>``: request/reply to one agent."""
         return f"{self.prefix}.ctl.{check_agent_id(agent)}.{check_token(op, 'operation')}"
 
+    def control_all(self, agent: str) -> str:
+        """Every control operation of one agent (what the agent subscribes to)."""
+        return f"{self.prefix}.ctl.{check_agent_id(agent)}.*"
+
     def master_control(self, op: str) -> str:
         """``<prefix>.ctl.master.<op>``: request/reply to the master."""
         return f"{self.prefix}.ctl.master.{check_token(op, 'operation')}"

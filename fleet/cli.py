@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from bus.command import add_version_flag, configure_logging, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import keys, ops
+from fleet import demo, jobs, keys, ops, run
 
 PROG = "fleet"
 
@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="diagnostics on stderr (default WARNING)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run.add_parser(sub)
+    jobs.add_parsers(sub)
     keys.add_parser(sub)
     ops.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 This package imports only pydantic and the standard library; it knows nothing of NATS.
 """
 
+from schemas.control import ControlReply, ControlRequest
 from schemas.envelope import Envelope, Event, EventType, Subject, UnknownEvent, make_envelope
 from schemas.events import (
     ALL_EVENTS,
@@ -45,6 +46,8 @@ __all__ = [
     "AnyEventData",
     "ArgvCommand",
     "Command",
+    "ControlReply",
+    "ControlRequest",
     "Envelope",
     "Event",
     "EventData",

@@ -94,6 +94,9 @@ class JobFinished(EventData):
     stdout_bytes: Count = 0
     stderr_bytes: Count = 0
     output_tail: str = ""
+    output_chunks: Count = 0
+    """How many chunks the agent stored in the output stream: a reader has all the
+    output once it holds this many."""
     truncated: bool = False
     reason: Text | None = None
 

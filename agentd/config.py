@@ -1,0 +1,324 @@
+"""The agent's configuration: one pydantic model, read from TOML, written back with comments.
+
+The model is the single source of the keys, their defaults and their documentation:
+``fleet-agentd -C`` renders it as commented TOML, ``-U`` appends the keys a newer version
+introduced to an existing file without touching what the user wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bus import ConnectSettings, UsageError
+from bus.connection import DEFAULT_SERVER
+from bus.subjects import DEFAULT_PREFIX
+from schemas import ids
+from schemas.fields import Labels
+from schemas.registry import summarize_validation_error
+
+
+def default_config_path() -> Path:
+    """``/etc/fleetbus/agentd.toml`` for root, else under ``$XDG_CONFIG_HOME``."""
+    if os.geteuid() == 0:
+        return Path("/etc/fleetbus/agentd.toml")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fleetbus" / "agentd.toml"
+
+
+def default_data_dir() -> Path:
+    """``/var/lib/fleetbus/agent`` for root, else under ``$XDG_DATA_HOME``."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/fleetbus/agent")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fleetbus" / "agent"
+
+
+def default_agent_id() -> str:
+    """The short host name, if it is a valid agent id."""
+    return socket.gethostname().split(".")[0]
+
+
+class ModuleSpec(BaseModel):
+    """A pre-approved command an operator may run by name (``fleet run -m NAME``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    argv: list[str] = Field(min_length=1, description="the command and its fixed arguments")
+    allow_args: bool = Field(default=False, description="whether the operator may append arguments")
+    description: str = Field(default="", description="what the module does, for operators")
+
+
+class AgentConfig(BaseModel):
+    """Everything ``fleet-agentd`` reads from its config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(
+        default_factory=default_agent_id,
+        description="this agent's identity on the bus; default: the short host name",
+    )
+    server: str = Field(
+        default=DEFAULT_SERVER,
+        description="NATS server URL; several, comma-separated, for a cluster",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="journal, identity key, pid file and job scratch space",
+    )
+    nkey_file: Path | None = Field(
+        default=None,
+        description="this agent's nkey seed (mode 0400); default: agent.nk in data_dir, "
+        "created on first start",
+    )
+    labels: Labels = Field(
+        default_factory=dict, description="key/value labels operators can target (-l k=v)"
+    )
+    max_jobs: int = Field(default=4, ge=1, le=1024, description="jobs run at the same time")
+    auto_update: bool = Field(
+        default=True, description="whether this agent may update itself to the fleet's target"
+    )
+    run_as_mode: Literal["root", "self"] = Field(
+        default="self",
+        description="'self': every job runs as the agent's own user; 'root': a job runs as "
+        "the user it asks for, after PAM or an nkey grant",
+    )
+    trust_file: Path | None = Field(
+        default=None,
+        description="which operator keys may run which modules or commands, as which users",
+    )
+    heartbeat_s: float = Field(
+        default=5.0, gt=0, le=60, description="seconds between presence heartbeats"
+    )
+    job_kill_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="seconds between SIGTERM and SIGKILL when a job times out or is cancelled",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, seconds running jobs may finish before they are abandoned",
+    )
+    max_output_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=0,
+        description="output streamed per job; beyond it, a marker and a byte count",
+    )
+    output_tail_bytes: int = Field(
+        default=4096, ge=0, le=65536, description="output kept in the job's finished event"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
+    log_file: Path | None = Field(
+        default=None, description="log here instead of stderr (default with -d: data_dir)"
+    )
+    pid_file: Path | None = Field(
+        default=None, description="pid file for -d/-K/-Q; default: agentd.pid in data_dir"
+    )
+    prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the fleet")
+    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server")
+    tls_cert: Path | None = Field(default=None, description="client certificate for TLS")
+    tls_key: Path | None = Field(default=None, description="client key for TLS")
+    version: str | None = Field(
+        default=None,
+        description="report this version instead of the installed one (tests, staging)",
+    )
+    modules: dict[str, ModuleSpec] = Field(
+        default_factory=dict,
+        description="pre-approved commands by name: [modules.NAME] argv = [...]",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        problem = ids.agent_id_problem(value)
+        if problem is not None:
+            raise ValueError(f"{problem}; set `id` in the config file")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        problem = ids.token_problem(value, "prefix")
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _valid_modules(cls, value: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
+        for name in value:
+            problem = ids.token_problem(name, "module name")
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    # --- derived paths -------------------------------------------------------------------
+
+    @property
+    def key_path(self) -> Path:
+        return self.nkey_file or self.data_dir / "agent.nk"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.pid_file or self.data_dir / "agentd.pid"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_dir / "journal.jsonl"
+
+    def connect_settings(self) -> ConnectSettings:
+        """How this agent reaches the bus: its own key, its own connection name."""
+        return ConnectSettings(
+            servers=[s.strip() for s in self.server.split(",") if s.strip()],
+            name=f"fleet-agentd {self.id}",
+            prefix=self.prefix,
+            nkey_file=self.key_path,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+        )
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Read and validate a config file; a missing default file means all defaults.
+
+    Raises:
+        UsageError: the file is unreadable, not TOML, or has invalid or unknown keys.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such config file (create one with -C {path})") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    raw.update(overrides or {})
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        raise UsageError(f"{where}invalid config: {summarize_validation_error(exc)}") from None
+
+
+# --- writing commented TOML -------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _comment(text: str) -> list[str]:
+    return [f"# {line}" for line in text.splitlines()]
+
+
+def _key_block(name: str, info: Any, value: Any) -> list[str]:
+    lines = _comment(info.description or name)
+    if value is None:
+        lines.append(f"# {name} = (not set)")
+    elif isinstance(value, dict):
+        return []  # written as a table
+    else:
+        lines.append(f"{name} = {_toml_value(value)}")
+    return lines
+
+
+def _table_block(name: str, info: Any, value: dict[str, Any]) -> list[str]:
+    lines = ["", *_comment(info.description or name), f"[{name}]"]
+    if name == "modules":
+        if not value:
+            lines += [
+                "# [modules.backup]",
+                '# argv = ["/usr/local/sbin/backup", "--all"]',
+                "# allow_args = false",
+                '# description = "nightly backup"',
+            ]
+        for mod_name, spec in value.items():
+            lines.append(f"[modules.{mod_name}]")
+            for key, v in spec.model_dump().items():
+                lines.append(f"{key} = {_toml_value(v)}")
+        return lines
+    if not value:
+        lines.append('# role = "web"')
+    for key, v in value.items():
+        lines.append(f"{key} = {_toml_value(v)}")
+    return lines
+
+
+def render_config(config: AgentConfig | None = None) -> str:
+    """The config as commented TOML: every key, its documentation and its value."""
+    config = config or AgentConfig()
+    values = config.model_dump()
+    head = [
+        "# fleet-agentd configuration. Every key is optional; shown with its default or",
+        "# current value. Reload with SIGHUP (id, server and data_dir need a restart).",
+        "",
+    ]
+    body: list[str] = []
+    tables: list[str] = []
+    for name, info in AgentConfig.model_fields.items():
+        value = values[name]
+        if isinstance(value, dict):
+            tables += _table_block(name, info, value)
+        else:
+            body += [*_key_block(name, info, value), ""]
+    return "\n".join(head + body + tables).rstrip() + "\n"
+
+
+def update_config_text(text: str) -> tuple[str, list[str]]:
+    """Add the keys this version knows that ``text`` lacks, keeping everything it has.
+
+    The user's values, comments and order stay as they are: new top-level keys go before
+    the first table, new tables at the end.
+
+    Returns:
+        The new text and the names of the keys added.
+
+    Raises:
+        UsageError: ``text`` is not valid TOML.
+    """
+    try:
+        present = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"not valid TOML: {exc}") from None
+    # `id` is never added (its default is the host name, which the user chose not to fix).
+    values = AgentConfig(id="placeholder").model_dump()
+    added: list[str] = []
+    keys: list[str] = []
+    tables: list[str] = []
+    for name, info in AgentConfig.model_fields.items():
+        if name in present or name == "id":
+            continue
+        added.append(name)
+        if isinstance(values[name], dict):
+            tables += _table_block(name, info, values[name])
+        else:
+            keys += ["", *_key_block(name, info, values[name])]
+    if not added:
+        return text, []
+    lines = text.rstrip("\n").splitlines()
+    first_table = next(
+        (i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines)
+    )
+    gap = [""] if first_table < len(lines) else []
+    merged = lines[:first_table] + keys + gap + lines[first_table:] + tables
+    return "\n".join(merged).strip("\n") + "\n", added

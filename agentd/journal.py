@@ -1,0 +1,119 @@
+"""The agent's local journal: what it started, written to disk before a job is acknowledged.
+
+An append-only file of JSON lines in ``data_dir``, each flushed and fsynced before the
+agent acts on it. It is what lets the agent keep its two promises across a crash or
+``kill -9``: no job runs twice (a redelivered job the journal knows is not started
+again), and no job is lost (a job the journal saw start but not finish is reported
+``abandoned`` after its leftover processes are killed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+logger = logging.getLogger(__name__)
+
+JournalState = Literal["starting", "running", "finished"]
+
+KEEP_FINISHED = 10_000
+"""Finished jobs remembered after compaction: far more than a consumer could redeliver."""
+
+_COMPACT_BYTES = 4 * 1024 * 1024
+
+
+class JournalEntry(BaseModel):
+    """One step of one job."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    job_id: str
+    state: JournalState
+    pid: int | None = None
+    start_ticks: int | None = None
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22),
+    so a recycled pid is not mistaken for the job's process."""
+    status: str | None = None
+    ts: int = 0
+
+
+class Journal:
+    """The journal file and, in memory, the latest entry of every job it holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.jobs: dict[str, JournalEntry] = {}
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._load()
+        if self.path.exists() and self.path.stat().st_size > _COMPACT_BYTES:
+            self.compact()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with us
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = JournalEntry.model_validate_json(line)
+                except ValidationError:
+                    # A torn last line after a crash mid-write; an entry we never acted on.
+                    logger.warning("%s:%d: unreadable journal line skipped", self.path, number)
+                    continue
+                self.jobs[entry.job_id] = entry
+
+    def record(
+        self,
+        job_id: str,
+        state: JournalState,
+        *,
+        pid: int | None = None,
+        start_ticks: int | None = None,
+        status: str | None = None,
+    ) -> JournalEntry:
+        """Append an entry and make it durable before returning."""
+        entry = JournalEntry(
+            job_id=job_id,
+            state=state,
+            pid=pid,
+            start_ticks=start_ticks,
+            status=status,
+            ts=time.time_ns(),
+        )
+        self._file.write(entry.model_dump_json(exclude_none=True) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.jobs[job_id] = entry
+        return entry
+
+    def knows(self, job_id: str) -> bool:
+        """Whether this job was ever started (or finished) here."""
+        return job_id in self.jobs
+
+    def unfinished(self) -> list[JournalEntry]:
+        """Jobs that started and never finished: what a crash left behind."""
+        return [e for e in self.jobs.values() if e.state != "finished"]
+
+    def compact(self) -> None:
+        """Rewrite the file with every unfinished job and the newest finished ones."""
+        finished = sorted(
+            (e for e in self.jobs.values() if e.state == "finished"), key=lambda e: e.ts
+        )[-KEEP_FINISHED:]
+        keep = [*self.unfinished(), *finished]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for entry in keep:
+                f.write(entry.model_dump_json(exclude_none=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # atomic: the old file or the new one, never half
+        self.jobs = {e.job_id: e for e in keep}
+
+    def close(self) -> None:
+        self._file.close()

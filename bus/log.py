@@ -1,0 +1,118 @@
+"""Reading the log: one filtered slice of a stream, from its start, in order.
+
+A :class:`Tail` is an ephemeral pull consumer that acknowledges nothing and vanishes on
+its own when its reader goes away. "Caught up" is known from the consumer's count of
+pending messages, not guessed from a quiet period, so reading a slice that is empty
+costs one round trip, not a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from bus.connection import Bus
+from bus.errors import ConnectionFailedError, FleetTimeoutError
+
+_INACTIVE_S = 60.0
+_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One stored message."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+class Tail:
+    """Follows the messages of ``subject`` in ``stream`` from the first (or ``start_seq``)."""
+
+    def __init__(self, bus: Bus, stream: str, subject: str) -> None:
+        self._bus = bus
+        self.stream = stream
+        self.subject = subject
+        self._sub: nats.js.JetStreamContext.PullSubscription | None = None
+        self.last_seq = 0
+
+    @classmethod
+    async def open(cls, bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> Tail:
+        """Create the consumer.
+
+        Raises:
+            ConnectionFailedError: the stream does not exist or the bus is down.
+        """
+        tail = cls(bus, stream, subject)
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq or None,
+            inactive_threshold=_INACTIVE_S,
+            mem_storage=True,
+        )
+        try:
+            tail._sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
+        except nats.js.errors.NotFoundError:
+            raise ConnectionFailedError(f"stream {stream} does not exist; run `fleet ops init`") from None
+        except nats.errors.TimeoutError as exc:
+            raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
+        return tail
+
+    async def fetch(self, batch: int = _BATCH, timeout: float = 1.0) -> list[LogRecord]:
+        """The next messages, waiting up to ``timeout`` for one; [] if none came."""
+        assert self._sub is not None
+        try:
+            msgs = await self._sub.fetch(batch=batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        except (nats.errors.Error, OSError) as exc:
+            raise ConnectionFailedError(f"reading {self.stream}: {exc}") from exc
+        records = []
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            self.last_seq = seq
+            records.append(LogRecord(seq, msg.subject, msg.data, dict(msg.headers or {})))
+        return records
+
+    async def pending(self) -> int:
+        """Messages stored but not yet read."""
+        assert self._sub is not None
+        try:
+            info = await self._sub.consumer_info()
+        except (nats.errors.Error, OSError) as exc:
+            raise ConnectionFailedError(f"reading {self.stream}: {exc}") from exc
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def read_available(self) -> list[LogRecord]:
+        """Everything stored now that has not been read yet."""
+        out: list[LogRecord] = []
+        while await self.pending():
+            out.extend(await self.fetch(timeout=2.0))
+        return out
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def __aenter__(self) -> Tail:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def read_log(bus: Bus, stream: str, subject: str) -> list[LogRecord]:
+    """Every message of ``subject`` stored in ``stream`` now, in order."""
+    async with await Tail.open(bus, stream, subject) as tail:
+        return await tail.read_available()

@@ -1,0 +1,75 @@
+"""Control requests with the operation model's retries: 1 s, 2 s, 4 s … capped at 60 s.
+
+A request that gets no answer is retried after a growing pause, because the agent may
+be restarting or the server electing a leader; a request the server refuses for lack of
+permission is not retried, and says so instead of timing out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+
+from bus.codec import decode_model, encode_model
+from bus.connection import Bus
+from bus.errors import ConnectionFailedError, FleetError, FleetTimeoutError
+from schemas import ControlReply, ControlRequest
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_CAP_S = 60.0
+
+
+def retry_delays(attempts: int, first: float = 1.0, cap: float = BACKOFF_CAP_S) -> list[float]:
+    """The pauses between ``attempts`` tries: 1, 2, 4 … seconds, never above ``cap``."""
+    return [min(cap, first * 2**n) for n in range(max(0, attempts - 1))]
+
+
+async def control(
+    bus: Bus,
+    subject: str,
+    args: dict[str, object] | None = None,
+    *,
+    timeout: float = 5.0,
+    attempts: int = 3,
+) -> ControlReply:
+    """Send a control request and return the reply, retrying unanswered attempts.
+
+    Raises:
+        FleetTimeoutError: no answer after every attempt.
+        PermissionDeniedError: the server refused the subject to this principal.
+        BadMessageError: the answer is not a control reply.
+        FleetError: the other side answered with an error.
+    """
+    payload = encode_model(ControlRequest(args=dict(args or {})))
+    delays = retry_delays(attempts)
+    for attempt in range(attempts):
+        request = asyncio.create_task(bus.nc.request(subject, payload, timeout=timeout))
+        # A refusal arrives only through the error callback; race it against the reply.
+        denied = asyncio.create_task(bus.wait_denied(subject, timeout + 1.0))
+        try:
+            await asyncio.wait({request, denied}, return_when=asyncio.FIRST_COMPLETED)
+            if not request.done() and denied.exception() is None:
+                raise denied.result()
+            msg = await request
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            if attempt + 1 == attempts:
+                raise FleetTimeoutError(
+                    f"no answer on {subject} after {attempts} attempts"
+                ) from exc
+            logger.info("↻ %s: %s; again in %gs", subject, type(exc).__name__, delays[attempt])
+            await asyncio.sleep(delays[attempt])
+            continue
+        except nats.errors.ConnectionClosedError as exc:
+            raise ConnectionFailedError(f"cannot send to {subject}: connection closed") from exc
+        finally:
+            for task in (request, denied):
+                task.cancel()
+            await asyncio.gather(request, denied, return_exceptions=True)
+        reply = decode_model(msg.data, ControlReply)
+        if not reply.ok:
+            raise FleetError(reply.error or f"{subject} failed")
+        return reply
+    raise AssertionError("unreachable")

@@ -1,0 +1,165 @@
+"""What the ``fleet`` subcommands share: who I am, reading the log, presence, printing."""
+
+from __future__ import annotations
+
+import fnmatch
+import getpass
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+
+from bus import (
+    BadMessageError,
+    Bus,
+    SecretFileError,
+    Signer,
+    UsageError,
+    decode_envelope,
+    decode_model,
+    generate_seed,
+    sign_envelope,
+    write_seed_file,
+)
+from bus.codec import decode_data
+from bus.keys import SEED_FILE_SUFFIX, default_key_dir
+from bus.log import LogRecord, read_log
+from master.projection import Projection, iso
+from schemas import EventData, Presence, make_envelope
+from schemas.events import event_name
+
+logger = logging.getLogger(__name__)
+
+
+def principal_name() -> str:
+    """Who is acting: ``FLEET_USER``, else the login name, made a safe token."""
+    raw = os.environ.get("FLEET_USER") or getpass.getuser()
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", raw).strip("-_") or "operator"
+    return name[:64]
+
+
+def operator_signer(nkey: Path | None) -> tuple[str, Signer]:
+    """The principal's name and the key it signs with.
+
+    The key is ``--nkey`` (which also authenticates the connection), else ``FLEET_NKEY``,
+    else ``operator-<name>.nk`` in the key directory, created on first use.
+
+    Raises:
+        SecretFileError: the key file is unsafe or invalid.
+    """
+    name = principal_name()
+    explicit = nkey or (Path(os.environ["FLEET_NKEY"]) if os.environ.get("FLEET_NKEY") else None)
+    if explicit is not None:
+        return name, Signer.from_file(explicit)
+    path = default_key_dir() / f"operator-{name}{SEED_FILE_SUFFIX}"
+    if not path.exists():
+        try:
+            write_seed_file(path, generate_seed())
+        except SecretFileError as exc:
+            raise SecretFileError(path, f"cannot create your operator key: {exc.reason}") from None
+        signer = Signer.from_file(path)
+        print(
+            f"fleet: created your operator key {path} (public key {signer.public_key}); "
+            "agents that check signatures must trust it",
+            file=sys.stderr,
+        )
+        return name, signer
+    return name, Signer.from_file(path)
+
+
+async def publish_signed(
+    bus: Bus, data: EventData, source: str, signer: Signer, subject: str
+) -> str:
+    """Sign and store an event; returns its id."""
+    envelope = sign_envelope(make_envelope(data, source=source, subject=subject), signer)
+    await bus.publish_event(envelope)
+    return envelope.id
+
+
+def fold(records: list[LogRecord], projection: Projection | None = None) -> Projection:
+    """Fold log records into a projection; undecodable ones are counted, never fatal."""
+    projection = projection or Projection()
+    for record in records:
+        try:
+            projection.apply(record.seq, decode_data(decode_envelope(record.data)))
+        except BadMessageError as exc:
+            logger.warning("event at seq %d cannot be decoded: %s", record.seq, exc)
+            projection.unknown["undecodable"] = projection.unknown.get("undecodable", 0) + 1
+    return projection
+
+
+async def job_projection(bus: Bus, job_id: str = "*", agent: str = "*") -> Projection:
+    """The projection of the job events matching ``agent`` and ``job_id``."""
+    subject = bus.subjects.job_events(agent, job_id)
+    return fold(await read_log(bus, bus.subjects.events_stream, subject))
+
+
+async def presence(bus: Bus) -> dict[str, Presence]:
+    """Every agent with a live heartbeat, by id."""
+    kv = await bus.key_value(bus.subjects.presence_bucket)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    out: dict[str, Presence] = {}
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # expired between listing and reading
+        if entry.value:
+            try:
+                out[key] = decode_model(entry.value, Presence)
+            except BadMessageError as exc:
+                logger.warning("presence of %s cannot be decoded: %s", key, exc)
+    return out
+
+
+async def offline_since(bus: Bus, agent: str) -> str:
+    """When an agent was last seen leaving, for "queued (agent offline since …)"."""
+    subject = bus.subjects.agent_event(agent, event_name("agent.offline"))
+    try:
+        raw = await bus.js.get_last_msg(bus.subjects.events_stream, subject)
+    except (nats.js.errors.NotFoundError, nats.errors.Error):
+        return "agent offline, never seen leaving"
+    try:
+        ts = decode_envelope(raw.data or b"").ts
+    except BadMessageError:
+        return "agent offline"
+    return f"agent offline since {iso(ts)}"
+
+
+def match_agents(
+    online: dict[str, Presence], glob: str | None, labels: list[tuple[str, str]]
+) -> list[str]:
+    """The online agents matching a glob and every label."""
+    return sorted(
+        agent
+        for agent, p in online.items()
+        if (glob is None or fnmatch.fnmatchcase(agent, glob))
+        and all(p.labels.get(k) == v for k, v in labels)
+    )
+
+
+def parse_pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` arguments.
+
+    Raises:
+        UsageError: one has no ``=``.
+    """
+    pairs = []
+    for value in values or []:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} must be KEY=VALUE, not {value!r}")
+        pairs.append((key, val))
+    return pairs
+
+
+def now_ns() -> int:
+    return time.time_ns()

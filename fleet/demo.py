@@ -1,0 +1,176 @@
+"""``fleet demo``: the whole round trip on an embedded default, in seconds.
+
+An embedded nats-server from the wheel, the fleet's streams, one real agent process in a
+temporary directory, one real job: its output, its result, and its signed event trail.
+Everything started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bus import (
+    Bus,
+    ConnectSettings,
+    Signer,
+    connect,
+    decode_model,
+    generate_seed,
+    provision,
+    verify_envelope,
+    write_seed_file,
+)
+from bus.codec import decode_data, decode_envelope
+from bus.embedded import running_server
+from bus.errors import EXIT_OK, FleetError
+from bus.log import read_log
+from bus.runtime import run
+from fleet.common import publish_signed
+from fleet.follow import JobFollower, OutputPrinter
+from master.projection import iso
+from schemas import Event, JobRequest, JobSubmitted, Presence, ScriptCommand, new_id
+
+DEMO_SCRIPT = """\
+echo "hello from fleetbus: job running on $(hostname) as $(id -un)"
+echo "kernel: $(uname -sr)"
+echo "this line goes to stderr" >&2
+"""
+
+_AGENT_START_S = 20.0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run one real job on an embedded server and local agent, then show its trail",
+        description=__doc__,
+    )
+    demo.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="work in DIR and keep it (default: a temporary directory)",
+    )
+    demo.set_defaults(handler=demo_command)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return _demo(args.keep)
+    with tempfile.TemporaryDirectory(prefix="fleet-demo-") as tmp:
+        return _demo(Path(tmp))
+
+
+def _say(text: str) -> None:
+    print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
+
+
+def _demo(work: Path) -> int:
+    started = time.monotonic()
+    _say(f"starting an embedded nats-server with JetStream in {work}")
+    with running_server(work / "nats", name="fleet-demo") as server:
+        agent_key = work / "agent.nk"
+        write_seed_file(agent_key, generate_seed())
+        config = work / "agentd.toml"
+        config.write_text(
+            f'id = "demo"\nserver = "{server.url}"\ndata_dir = "{work / "agent"}"\n'
+            f'nkey_file = "{agent_key}"\n'
+            'heartbeat_s = 1.0\nlog_level = "WARNING"\n[labels]\nrole = "demo"\n'
+        )
+        operator_key = work / "operator.nk"
+        write_seed_file(operator_key, generate_seed())
+        return run(_round_trip(server.url, config, operator_key, started), use_uvloop=False)
+
+
+async def _round_trip(url: str, config: Path, operator_key: Path, started: float) -> int:
+    settings = ConnectSettings(servers=[url], name="fleet demo")
+    async with await connect(settings) as bus:
+        report = await provision(bus.js, bus.subjects)
+        _say(f"created {len(report.created)} streams and buckets: {', '.join(report.created)}")
+        _say("starting an agent (fleet-agentd) as a separate process")
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentd", "-c", str(config), stdin=subprocess.DEVNULL
+        )
+        try:
+            presence = await _wait_for_agent(bus, "demo")
+            p = presence
+            _say(f"agent {p.agent} online: version {p.version}, host {p.host}, labels {p.labels}")
+            signer = Signer.from_file(operator_key)
+            job_id = new_id()
+            _say(f"submitting job {job_id}, signed by operator key {signer.public_key[:12]}…")
+            follower = await JobFollower(bus, "demo", job_id, OutputPrinter(prefix=False)).start()
+            request = JobRequest(command=ScriptCommand(script=DEMO_SCRIPT), timeout_s=30)
+            data = JobSubmitted(
+                job_id=job_id, agent="demo", request=request, submitted_by="demo-operator"
+            )
+            await publish_signed(
+                bus,
+                data,
+                "demo-operator",
+                signer,
+                bus.subjects.job_event("demo", job_id, "submitted"),
+            )
+            async with asyncio.timeout(30):
+                await follower.done.wait()
+            await follower.close()
+            view = follower.view
+            assert view is not None
+            size = view.stdout_bytes + view.stderr_bytes
+            _say(
+                f"result: {view.status}, exit code {view.exit_code}, "
+                f"{view.duration_s:.3f}s on the agent, {size} bytes of output"
+            )
+            await _print_trail(bus)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(15):
+                    await agent.wait()
+            except TimeoutError:
+                agent.kill()
+                await agent.wait()
+        _say(f"stopped the agent and the server; the demo took {time.monotonic() - started:.1f}s")
+        return EXIT_OK if view.status == "succeeded" else 4
+
+
+async def _wait_for_agent(bus: Bus, agent: str) -> Presence:
+    kv = await bus.key_value(bus.subjects.presence_bucket)
+    watcher = await kv.watch(agent)
+    try:
+        async with asyncio.timeout(_AGENT_START_S):
+            async for entry in watcher:
+                if entry is not None and entry.value:
+                    return decode_model(entry.value, Presence)
+    except TimeoutError:
+        raise FleetError(f"the demo agent did not come online within {_AGENT_START_S:g}s") from None
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    raise FleetError("presence watch ended before the agent came online")
+
+
+async def _print_trail(bus: Bus) -> None:
+    _say("the event trail, read back from the log and verified:")
+    for record in await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events):
+        envelope = decode_envelope(record.data)
+        try:
+            verify_envelope(envelope, subject=record.subject)
+            verified = "signed ✓"
+        except FleetError as exc:
+            verified = f"NOT VERIFIED: {exc}"
+        event = decode_data(envelope)
+        detail = ""
+        if isinstance(event, Event) and event.type == "job.finished":
+            detail = json.dumps(
+                {k: getattr(event.data, k) for k in ("status", "exit_code", "duration_s")}
+            )
+        when, kind, source = iso(envelope.ts), envelope.type, envelope.source
+        print(f"  {record.seq:>3}  {when}  {kind:<18} by {source:<14} {verified}  {detail}")

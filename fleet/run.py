@@ -1,0 +1,346 @@
+"""``fleet run``: publish a job to one or many agents and follow it to its end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bus import Bus, Signer, UsageError, check_agent_id, connect
+from bus.command import add_connection_args, connect_settings
+from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
+from fleet.common import (
+    match_agents,
+    offline_since,
+    operator_signer,
+    parse_pairs,
+    presence,
+    publish_signed,
+)
+from fleet.follow import JobFollower, OutputPrinter
+from schemas import (
+    ArgvCommand,
+    Command,
+    JobRequest,
+    JobSubmitted,
+    ModuleCommand,
+    Presence,
+    ScriptCommand,
+    new_id,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run a command on agents and follow it",
+        usage="fleet run [-a AGENT]... [-g GLOB] [-l KEY=VALUE]... [options] -- CMD [ARG...]",
+        description=(
+            "Publish a job to every targeted agent, stream its output, and exit with 0 when "
+            "every job succeeded, 4 when any failed, 3 when --wait ran out (the jobs go on). "
+            "Agents are chosen by id (-a, also offline ones: the job waits for them), or among "
+            "the online agents by glob (-g) and labels (-l)."
+        ),
+    )
+    where = run.add_argument_group("targets")
+    where.add_argument(
+        "-a",
+        "--agent",
+        action="append",
+        default=[],
+        metavar="AGENT",
+        help="an agent id (repeatable)",
+    )
+    where.add_argument(
+        "-g", "--glob", metavar="GLOB", help="online agents whose id matches, e.g. 'web-*'"
+    )
+    where.add_argument(
+        "-l",
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="online agents with this label (repeatable: all must match)",
+    )
+    what = run.add_argument_group("what runs")
+    what.add_argument(
+        "--script", type=Path, metavar="FILE", help="run this script file on the agent"
+    )
+    what.add_argument(
+        "--interpreter",
+        metavar="PROG",
+        help="interpreter for --script (default: its #! line, else /bin/sh)",
+    )
+    what.add_argument(
+        "-m", "--module", metavar="MODULE", help="run a module defined in the agent's config"
+    )
+    what.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the job (repeatable)",
+    )
+    what.add_argument("--cwd", metavar="DIR", help="working directory on the agent")
+    what.add_argument("--user", metavar="USER", help="run as this user (needs the agent's consent)")
+    what.add_argument(
+        "--timeout", type=float, metavar="S", help="the agent stops the job after S seconds"
+    )
+    what.add_argument(
+        "--expire", type=float, metavar="S", help="not started within S seconds: expired, never run"
+    )
+    how = run.add_argument_group("how to wait")
+    how.add_argument(
+        "--async", dest="detach", action="store_true", help="print the job ids and return at once"
+    )
+    how.add_argument(
+        "--wait",
+        type=float,
+        metavar="S",
+        help="stop waiting after S seconds (exit 3; the jobs go on)",
+    )
+    how.add_argument(
+        "--batch-size", type=int, metavar="N", help="run on N agents at a time (rolling)"
+    )
+    how.add_argument(
+        "--fail-fast", action="store_true", help="with --batch-size: no new batch after a failure"
+    )
+    how.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of output"
+    )
+    run.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="the command and its arguments, after --",
+    )
+    add_connection_args(run)
+    run.set_defaults(handler=run_command, is_async=True)
+
+
+def build_request(args: argparse.Namespace) -> JobRequest:
+    """The job request from the command line.
+
+    Raises:
+        UsageError: no command, or more than one kind of command.
+    """
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    kinds = sum(bool(x) for x in (argv and not args.module, args.script, args.module))
+    if kinds != 1:
+        raise UsageError("say what to run: a command after --, or --script FILE, or -m MODULE")
+    command: Command
+    if args.script:
+        try:
+            text = args.script.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{args.script}: {exc.strerror}") from None
+        command = ScriptCommand(script=text, interpreter=_interpreter(args, text), args=argv)
+    elif args.module:
+        command = ModuleCommand(module=args.module, args=argv)
+    else:
+        command = ArgvCommand(argv=argv)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    expires_at = None
+    if args.expire is not None:
+        if args.expire <= 0:
+            raise UsageError("--expire must be positive")
+        expires_at = time.time_ns() + int(args.expire * 1e9)
+    return JobRequest(
+        command=command,
+        env=dict(parse_pairs(args.env, "--env")),
+        cwd=args.cwd,
+        run_as=args.user,
+        timeout_s=args.timeout,
+        expires_at=expires_at,
+    )
+
+
+def _interpreter(args: argparse.Namespace, text: str) -> list[str]:
+    if args.interpreter:
+        return str(args.interpreter).split()
+    first = text.splitlines()[0] if text else ""
+    if first.startswith("#!") and first[2:].strip():
+        return first[2:].split()
+    if str(args.script).endswith(".py"):
+        return ["python3"]
+    return ["/bin/sh"]
+
+
+def resolve_targets(args: argparse.Namespace, online: dict[str, Presence]) -> list[str]:
+    """The agents to run on, in a stable order.
+
+    Raises:
+        UsageError: no target given, or nothing matched.
+    """
+    explicit = [check_agent_id(a) for a in args.agent]
+    labels = parse_pairs(args.label, "-l")
+    if not explicit and args.glob is None and not labels:
+        raise UsageError("say where to run: -a AGENT, -g GLOB or -l KEY=VALUE")
+    chosen = list(dict.fromkeys(explicit))
+    if args.glob is not None or labels:
+        matched = match_agents(online, args.glob, labels)
+        if not matched:
+            wanted = " ".join(
+                ([f"-g {args.glob}"] if args.glob else []) + [f"-l {k}={v}" for k, v in labels]
+            )
+            known = ", ".join(sorted(online)) or "none"
+            raise UsageError(f"no online agent matches {wanted} (online: {known})")
+        chosen += [a for a in matched if a not in chosen]
+    return chosen
+
+
+@dataclass
+class Outcome:
+    agent: str
+    job_id: str | None
+    status: str
+    exit_code: int | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "job_id": self.job_id,
+            "agent": self.agent,
+            "status": self.status,
+            "exit_code": self.exit_code,
+        }
+        if self.note:
+            doc["note"] = self.note
+        return doc
+
+
+async def submit(
+    bus: Bus,
+    agent: str,
+    request: JobRequest,
+    who: str,
+    signer: Signer,
+    printer: OutputPrinter | None,
+) -> JobFollower:
+    """Start following a new job, then publish it (so no event can slip past)."""
+    job_id = new_id()
+    follower = await JobFollower(bus, agent, job_id, printer).start()
+    data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
+    await publish_signed(bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted"))
+    return follower
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    who, signer = operator_signer(args.nkey)
+    async with await connect(connect_settings(args, "fleet run")) as bus:
+        online = await presence(bus)
+        targets = resolve_targets(args, online)
+        if args.detach:
+            jobs = []
+            for agent in targets:
+                job_id = new_id()
+                data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
+                await publish_signed(
+                    bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted")
+                )
+                jobs.append({"job_id": job_id, "agent": agent})
+            if args.json:
+                print(json.dumps({"jobs": jobs}))
+            else:
+                for job in jobs:
+                    print(f"{job['job_id']}\t{job['agent']}")
+            return EXIT_OK
+        printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
+        outcomes, timed_out = await _run_batches(
+            bus, args, targets, online, request, who, signer, printer
+        )
+    if args.json:
+        print(json.dumps({"jobs": [o.to_json() for o in outcomes]}))
+    else:
+        _print_summary(outcomes, single=len(targets) == 1)
+    if timed_out:
+        return EXIT_TIMEOUT
+    return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_JOB_FAILED
+
+
+async def _run_batches(
+    bus: Bus,
+    args: argparse.Namespace,
+    targets: list[str],
+    online: dict[str, Presence],
+    request: JobRequest,
+    who: str,
+    signer: Signer,
+    printer: OutputPrinter | None,
+) -> tuple[list[Outcome], bool]:
+    deadline = None if args.wait is None else time.monotonic() + args.wait
+    size = args.batch_size or len(targets)
+    outcomes: list[Outcome] = []
+    for start in range(0, len(targets), size):
+        batch = targets[start : start + size]
+        if args.fail_fast and any(o.status != "succeeded" for o in outcomes):
+            outcomes += [
+                Outcome(a, None, "skipped", note="not started: an earlier batch failed")
+                for a in batch
+            ]
+            continue
+        followers = [await submit(bus, agent, request, who, signer, printer) for agent in batch]
+        for follower in followers:
+            if follower.agent not in online and not args.json:
+                note = await offline_since(bus, follower.agent)
+                print(f"fleet: {follower.agent}: queued ({note})", file=sys.stderr)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        waits = [asyncio.create_task(f.done.wait()) for f in followers]
+        try:
+            _, pending = await asyncio.wait(waits, timeout=remaining)
+        finally:
+            for task in waits:
+                task.cancel()
+        for follower in followers:
+            outcomes.append(await _outcome(bus, follower, online))
+            await follower.close()
+        if pending:
+            rest = targets[start + size :]
+            outcomes += [
+                Outcome(a, None, "skipped", note="not started: --wait ran out") for a in rest
+            ]
+            return outcomes, True
+    return outcomes, False
+
+
+async def _outcome(bus: Bus, follower: JobFollower, online: dict[str, Presence]) -> Outcome:
+    view = follower.view
+    if view is not None and view.finished:
+        return Outcome(follower.agent, follower.job_id, view.status, view.exit_code, view.reason)
+    if view is not None and view.status == "running":
+        return Outcome(follower.agent, follower.job_id, "running", note="still running")
+    note = (
+        "agent online, not started yet"
+        if follower.agent in online
+        else await offline_since(bus, follower.agent)
+    )
+    return Outcome(follower.agent, follower.job_id, "queued", note=note)
+
+
+def describe(o: Outcome) -> str:
+    """One outcome in words: ``failed (exit 3)``, ``queued (agent offline since …)``."""
+    if o.status in ("queued", "running", "skipped"):
+        return f"{o.status} ({o.note})" if o.note else o.status
+    text = o.status if o.exit_code is None else f"{o.status} (exit {o.exit_code})"
+    if o.note and o.note != f"exit status {o.exit_code}":
+        text += f": {o.note}"
+    return text
+
+
+def _print_summary(outcomes: list[Outcome], *, single: bool) -> None:
+    for o in outcomes:
+        if single and o.status == "succeeded":
+            continue  # the output said it all
+        job = f" [job {o.job_id}]" if o.job_id else ""
+        print(f"fleet: {o.agent}: {describe(o)}{job}", file=sys.stderr)
