@@ -52,7 +52,9 @@ class Tail:
         tail = cls(bus, stream, subject)
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+            if start_seq
+            else api.DeliverPolicy.ALL,
             opt_start_seq=start_seq or None,
             inactive_threshold=_INACTIVE_S,
             mem_storage=True,
@@ -60,7 +62,9 @@ class Tail:
         try:
             tail._sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
         except nats.js.errors.NotFoundError:
-            raise ConnectionFailedError(f"stream {stream} does not exist; run `fleet ops init`") from None
+            raise ConnectionFailedError(
+                f"stream {stream} does not exist; run `fleet ops init`"
+            ) from None
         except nats.errors.TimeoutError as exc:
             raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc
         except (nats.errors.Error, OSError) as exc:

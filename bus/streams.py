@@ -14,6 +14,7 @@ compare-or-create path covers all three kinds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
@@ -35,6 +36,9 @@ from bus.subjects import Subjects
 logger = logging.getLogger(__name__)
 
 DAY = 86_400.0
+
+PROVISION_DEADLINE_S = 30.0
+"""How long provisioning keeps asking an unanswering server (longer than an election)."""
 
 # The server answers this when a stream name is taken by a different configuration.
 _ERR_STREAM_NAME_IN_USE = 10058
@@ -217,40 +221,64 @@ def differences(spec: StreamSpec, existing: api.StreamConfig) -> list[tuple[str,
     return diffs
 
 
-async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> bool:
+async def _create_or_fetch(js: JetStreamContext, spec: StreamSpec) -> api.StreamInfo | None:
+    """One attempt: the existing stream's info, or None after creating it."""
+    try:
+        return await js.stream_info(spec.name)
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await js.add_stream(spec.config())
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+            raise
+        # Someone created it between our look and our create: compare theirs.
+        return await js.stream_info(spec.name)
+    return None
+
+
+async def ensure_stream(
+    js: JetStreamContext, spec: StreamSpec, *, deadline_s: float = PROVISION_DEADLINE_S
+) -> bool:
     """Create the stream of ``spec`` if absent; check it if present.
+
+    Unanswered requests are retried until ``deadline_s``: in a cluster, a stream whose
+    leader was just lost answers nothing until a new leader is elected.
 
     Returns:
         True if it was created, False if it existed with the right configuration.
 
     Raises:
         ProvisioningConflictError: it exists with another configuration.
-        ConnectionFailedError, FleetTimeoutError: the server did not answer.
+        ConnectionFailedError, FleetTimeoutError: the server did not answer in time.
     """
-    try:
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + deadline_s
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            info = await js.stream_info(spec.name)
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is None:
-            try:
-                await js.add_stream(spec.config())
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                    raise
-                # Someone created it between our look and our create: compare theirs.
-                info = await js.stream_info(spec.name)
-            else:
-                logger.info("created %s %s", spec.kind, spec.name)
-                return True
-    except nats.errors.TimeoutError as exc:
-        raise FleetTimeoutError(f"no answer from JetStream provisioning {spec.name}") from exc
-    except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
-        raise ConnectionFailedError(
-            f"cannot provision {spec.name}: JetStream is not reachable ({exc})"
-        ) from exc
-    except nats.js.errors.APIError as exc:
-        raise FleetError(f"JetStream refused {spec.kind} {spec.name}: {exc.description}") from exc
+            info = await _create_or_fetch(js, spec)
+            break
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            if loop.time() >= give_up_at:
+                raise FleetTimeoutError(
+                    f"no answer from JetStream provisioning {spec.name} "
+                    f"after {attempt} attempts ({exc.__class__.__name__})"
+                ) from exc
+            logger.warning(
+                "↻ provisioning %s: no answer (attempt %d); retrying", spec.name, attempt
+            )
+            await asyncio.sleep(min(2.0, 0.25 * attempt))
+        except nats.errors.ConnectionClosedError as exc:
+            raise ConnectionFailedError(f"cannot provision {spec.name}: connection closed") from exc
+        except nats.js.errors.APIError as exc:
+            raise FleetError(
+                f"JetStream refused {spec.kind} {spec.name}: {exc.description}"
+            ) from exc
+    if info is None:
+        logger.info("created %s %s", spec.kind, spec.name)
+        return True
     diffs = differences(spec, info.config)
     if diffs:
         raise ProvisioningConflictError(spec.name, diffs)
