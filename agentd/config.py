@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -297,9 +298,11 @@ def update_config_text(text: str) -> tuple[str, list[str]]:
         UsageError: ``text`` is not valid TOML.
     """
     try:
-        present = tomllib.loads(text)
+        present = set(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"not valid TOML: {exc}") from None
+    # A key written commented out (`# nkey_file = …`) was seen and left unset on purpose.
+    present |= set(re.findall(r"^\s*#\s*([a-z_]+)\s*=", text, re.M))
     # `id` is never added (its default is the host name, which the user chose not to fix).
     values = AgentConfig(id="placeholder").model_dump()
     added: list[str] = []

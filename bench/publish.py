@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.stats import ratios, summary
 from bus import ConnectSettings, Signer, connect, generate_seed, provision, sign_envelope
 from bus.codec import encode_envelope
 from bus.embedded import running_server
 from bus.runtime import run
 from schemas import ArgvCommand, Envelope, JobRequest, JobSubmitted, make_envelope, new_id
-
-
-def _summary(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000 for s in samples_s)
-    return {
-        "p50_ms": round(statistics.median(ms), 4),
-        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 4),
-        "mean_ms": round(statistics.fmean(ms), 4),
-    }
 
 
 async def measure(url: str, count: int) -> dict[str, object]:
@@ -60,15 +51,14 @@ async def measure(url: str, count: int) -> dict[str, object]:
             t2 = time.perf_counter()
             raw.append(t1 - t0)
             ours.append(t2 - t1)
-    base, fleet = _summary(raw), _summary(ours)
+    base, fleet = summary(raw), summary(ours)
     return {
         "benchmark": "publish",
         "count": count,
         "payload_bytes": len(sample),
         "baseline_nats_py_js_publish": base,
         "fleetbus_publish_event": fleet,
-        "ratio_p50": round(fleet["p50_ms"] / base["p50_ms"], 3),
-        "ratio_p99": round(fleet["p99_ms"] / base["p99_ms"], 3),
+        **ratios(fleet, base),
     }
 
 

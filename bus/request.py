@@ -21,6 +21,15 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_CAP_S = 60.0
 
+OP_TIMEOUTS_S: dict[str, float] = {
+    "status": 5.0,
+    "config-get": 5.0,
+    "config-set": 10.0,
+    "log": 10.0,
+    "restart": 30.0,
+}
+"""How long each operation may take to answer; an op not listed gets 5 s."""
+
 
 def retry_delays(attempts: int, first: float = 1.0, cap: float = BACKOFF_CAP_S) -> list[float]:
     """The pauses between ``attempts`` tries: 1, 2, 4 … seconds, never above ``cap``."""
@@ -32,10 +41,13 @@ async def control(
     subject: str,
     args: dict[str, object] | None = None,
     *,
-    timeout: float = 5.0,
+    timeout: float | None = None,
     attempts: int = 3,
 ) -> ControlReply:
     """Send a control request and return the reply, retrying unanswered attempts.
+
+    ``timeout`` bounds each attempt; by default the operation's own (``OP_TIMEOUTS_S``,
+    by the subject's last token).
 
     Raises:
         FleetTimeoutError: no answer after every attempt.
@@ -43,6 +55,8 @@ async def control(
         BadMessageError: the answer is not a control reply.
         FleetError: the other side answered with an error.
     """
+    if timeout is None:
+        timeout = OP_TIMEOUTS_S.get(subject.rsplit(".", 1)[-1], 5.0)
     payload = encode_model(ControlRequest(args=dict(args or {})))
     delays = retry_delays(attempts)
     for attempt in range(attempts):

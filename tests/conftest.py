@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from agents import AgentProcess
 from natsserver import NatsCluster, NatsServer
 
-from bus import Bus, ConnectSettings, connect, provision
+from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
 
 
 def pytest_asyncio_loop_factories(
@@ -68,3 +69,43 @@ async def bus(settings: ConnectSettings) -> AsyncIterator[Bus]:
     async with await connect(settings) as b:
         await provision(b.js)
         yield b
+
+
+@pytest.fixture
+def operator(tmp_path: Path) -> tuple[Path, Signer]:
+    """An operator's key file (mode 0400) and its signer."""
+    path = tmp_path / "operator.nk"
+    write_seed_file(path, generate_seed())
+    return path, Signer.from_file(path)
+
+
+@pytest.fixture
+def agent_factory(
+    tmp_path: Path, nats_server: NatsServer, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., AgentProcess]]:
+    """Make agent processes (``agent_factory("web-1", max_jobs=2)``); all stopped after."""
+    made: list[AgentProcess] = []
+
+    def make(agent_id: str, **config: object) -> AgentProcess:
+        agent = AgentProcess(tmp_path, nats_server.url, agent_id, **config)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        try:
+            agent.stop(timeout=30)
+        except Exception:
+            agent.kill()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for agent in made:
+            print(f"--- log of agent {agent.id} ---\n{agent.log()[-8000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    # Lets fixtures see whether the test failed, to print the agents' logs then.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -1,0 +1,194 @@
+"""Real agent processes for end-to-end tests, and helpers to submit and await jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nats.js import api
+
+from bus import Bus, Signer, decode_envelope, decode_event, decode_model, sign_envelope
+from bus.log import read_log
+from schemas import (
+    ArgvCommand,
+    Envelope,
+    Event,
+    JobFinished,
+    JobRequest,
+    JobSubmitted,
+    Presence,
+    ScriptCommand,
+    make_envelope,
+    new_id,
+)
+
+FLEET = str(Path(sys.executable).parent / "fleet")
+AGENTD = str(Path(sys.executable).parent / "fleet-agentd")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return f'"{value}"'
+
+
+class AgentProcess:
+    """One ``fleet-agentd`` process with its own config and data directory."""
+
+    def __init__(self, base: Path, url: str, agent_id: str, **config: Any) -> None:
+        self.id = agent_id
+        self.dir = base / f"agent-{agent_id}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.dir / "data"
+        self.config_path = self.dir / "agentd.toml"
+        self.log_path = self.dir / "agentd.log"
+        settings: dict[str, Any] = {
+            "id": agent_id,
+            "server": url,
+            "data_dir": str(self.data_dir),
+            "heartbeat_s": 0.5,
+            "job_kill_grace_s": 1.0,
+            "shutdown_grace_s": 5.0,
+            "log_level": "DEBUG",
+            **config,
+        }
+        self.write_config(settings)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_ns = 0
+
+    def write_config(self, settings: dict[str, Any]) -> None:
+        tables = {k: v for k, v in settings.items() if isinstance(v, dict)}
+        lines = [f"{k} = {toml_value(v)}" for k, v in settings.items() if k not in tables]
+        for name, table in tables.items():
+            lines.append(f"[{name}]")
+            for key, value in table.items():
+                if isinstance(value, dict):
+                    lines.append(f"[{name}.{key}]")
+                    lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+                else:
+                    lines.append(f"{key} = {toml_value(value)}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> AgentProcess:
+        self.started_ns = time.time_ns()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [AGENTD, "-c", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        return self
+
+    async def wait_online(self, bus: Bus, timeout: float = 20.0) -> Presence:
+        """Until this incarnation's heartbeat is in the presence bucket."""
+        kv = await bus.key_value(bus.subjects.presence_bucket)
+        watcher = await kv.watch(self.id)
+        try:
+            async with asyncio.timeout(timeout):
+                async for entry in watcher:
+                    if entry is None or not entry.value:
+                        continue
+                    presence = decode_model(entry.value, Presence)
+                    if presence.started_at >= self.started_ns:
+                        return presence
+        except TimeoutError:
+            raise AssertionError(f"agent {self.id} not online:\n{self.log()}") from None
+        finally:
+            await watcher.stop()
+        raise AssertionError("watch ended")
+
+    async def started(self, bus: Bus, timeout: float = 20.0) -> AgentProcess:
+        self.start()
+        await self.wait_online(bus, timeout)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def job_request(argv: list[str] | None = None, script: str | None = None, **kw: Any) -> JobRequest:
+    command = ScriptCommand(script=script) if script is not None else ArgvCommand(argv=argv or [])
+    return JobRequest(command=command, **kw)
+
+
+async def submit(
+    bus: Bus, signer: Signer, agent: str, request: JobRequest, job_id: str | None = None
+) -> str:
+    """Publish a signed job.submitted; returns the job id."""
+    job_id = job_id or new_id()
+    data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by="tester")
+    subject = bus.subjects.job_event(agent, job_id, "submitted")
+    envelope = make_envelope(data, source="tester", subject=subject)
+    await bus.publish_event(sign_envelope(envelope, signer))
+    return job_id
+
+
+async def wait_event(
+    bus: Bus, agent: str, job_id: str, name: str, timeout: float = 30.0
+) -> Event[Any]:
+    """The job's first event named ``name`` (waiting for it if need be)."""
+    sub = await bus.js.subscribe(
+        bus.subjects.job_event(agent, job_id, name),
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
+    try:
+        msg = await sub.next_msg(timeout=timeout)
+    finally:
+        await sub.unsubscribe()
+    event = decode_event(msg.data)
+    assert isinstance(event, Event)
+    return event
+
+
+async def finished(bus: Bus, agent: str, job_id: str, timeout: float = 30.0) -> JobFinished:
+    event = await wait_event(bus, agent, job_id, "finished", timeout)
+    assert isinstance(event.data, JobFinished)
+    return event.data
+
+
+async def job_events(bus: Bus, job_id: str) -> list[Envelope]:
+    records = await read_log(bus, bus.subjects.events_stream, bus.subjects.job_events("*", job_id))
+    return [decode_envelope(r.data) for r in records]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def fleet_env(url: str, key: Path) -> dict[str, str]:
+    return {**os.environ, "FLEET_SERVER": url, "FLEET_NKEY": str(key), "FLEET_USER": "tester"}
