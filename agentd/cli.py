@@ -9,8 +9,9 @@ from pathlib import Path
 
 from agentd import service
 from agentd.config import default_config_path, load_config, render_config, update_config_text
-from agentd.daemon import EXIT_NOT_RUNNING, kill_daemon, run_daemon, running_pid
+from agentd.daemon import PROGRAM, run_daemon
 from bus.command import add_version_flag
+from bus.daemon import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError
 
 PROG = "fleet-agentd"
@@ -123,7 +124,9 @@ def _act(args: argparse.Namespace) -> int | None:
         config = load_config(config_path)
         if args.kill_daemon:
             return kill_daemon(
-                config.pid_path, timeout=config.shutdown_grace_s + config.job_kill_grace_s + 30
+                config.pid_path,
+                timeout=config.shutdown_grace_s + config.job_kill_grace_s + 30,
+                program=PROGRAM,
             )
         pid = running_pid(config.pid_path)
         print(f"fleet-agentd {'is running (pid ' + str(pid) + ')' if pid else 'is not running'}")

@@ -558,11 +558,23 @@ class AgentRuntime:
         """Report jobs a crash left behind as abandoned, after killing what is left of them."""
         for entry in self._journal.unfinished():
             killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
+            if await self._already_finished(entry.job_id):
+                # The master recorded it abandoned while we were away: one record only.
+                self._journal.record(entry.job_id, "finished", status="abandoned")
+                continue
             reason = "the agent restarted while the job ran"
             if killed:
                 reason += f"; {killed} leftover processes killed"
             logger.warning("job %s abandoned: %s", entry.job_id, reason)
             await self._finish(entry.job_id, "abandoned", reason=reason)
+
+    async def _already_finished(self, job_id: str) -> bool:
+        subject = self._subjects.job_event(self.id, job_id, "finished")
+        try:
+            await self.bus.js.get_last_msg(self._subjects.events_stream, subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     # --- events, presence, control ----------------------------------------------------------
 

@@ -27,7 +27,12 @@ from nats.js.object_store import ObjectStore
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.codec import DEFAULT_MAX_SIZE
-from bus.errors import ConnectionFailedError, FleetTimeoutError, PermissionDeniedError
+from bus.errors import (
+    AuthError,
+    ConnectionFailedError,
+    FleetTimeoutError,
+    PermissionDeniedError,
+)
 from bus.keys import read_seed_file
 from bus.publish import PublishResult, publish_event
 from bus.subjects import DEFAULT_PREFIX, Subjects
@@ -230,6 +235,7 @@ async def connect(settings: ConnectSettings | None = None, *, wait_for_server: b
 
     Raises:
         ConnectionFailedError: no server reachable in time, or bad TLS files.
+        AuthError: the server refused our credentials.
         SecretFileError: the nkey file is missing, unsafe or invalid.
     """
     settings = settings or ConnectSettings()
@@ -246,12 +252,15 @@ async def connect(settings: ConnectSettings | None = None, *, wait_for_server: b
     bus = Bus(nc, settings)
     first_connect = True
     last_error: Exception | None = None
+    refused: Exception | None = None  # an authorization refusal outranks later resets
     # `bus` is created before connecting so the callbacks can record into it.
 
     async def on_error(exc: Exception) -> None:
-        nonlocal last_error
+        nonlocal last_error, refused
         last_error = exc
         text = str(exc)
+        if first_connect and "authorization" in text.lower():
+            refused = exc
         if "permissions violation" in text.lower():
             denied = _permission_violation(text)
             logger.error("%s", denied)
@@ -292,6 +301,10 @@ async def connect(settings: ConnectSettings | None = None, *, wait_for_server: b
             )
     except TimeoutError:
         await nc.close()
+        if refused is not None:
+            raise AuthError(
+                f"{', '.join(settings.servers)} refused our credentials: {_describe(refused)}"
+            ) from None
         why = f": {_describe(last_error)}" if last_error is not None else ""
         raise ConnectionFailedError(
             f"cannot connect to {', '.join(settings.servers)} "

@@ -132,6 +132,10 @@ class Subjects:
             middle = f"{middle}.{check_agent_id(agent)}"
         return f"{self.prefix}.evt.update.{middle}.{check_token(event, 'event name')}"
 
+    def audit_event(self, event: str) -> str:
+        """``<prefix>.evt.audit.<event>``: the master's checkpoints."""
+        return f"{self.prefix}.evt.audit.{check_token(event, 'event name')}"
+
     # --- output, control ------------------------------------------------------------------
 
     @property
@@ -149,6 +153,11 @@ class Subjects:
     def control_all(self, agent: str) -> str:
         """Every control operation of one agent (what the agent subscribes to)."""
         return f"{self.prefix}.ctl.{check_agent_id(agent)}.*"
+
+    @property
+    def master_control_all(self) -> str:
+        """Every query to the master (what the master subscribes to)."""
+        return f"{self.prefix}.ctl.master.*"
 
     def master_control(self, op: str) -> str:
         """``<prefix>.ctl.master.<op>``: request/reply to the master."""

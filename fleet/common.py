@@ -89,7 +89,7 @@ def fold(records: list[LogRecord], projection: Projection | None = None) -> Proj
             projection.apply(record.seq, decode_data(decode_envelope(record.data)))
         except BadMessageError as exc:
             logger.warning("event at seq %d cannot be decoded: %s", record.seq, exc)
-            projection.unknown["undecodable"] = projection.unknown.get("undecodable", 0) + 1
+            projection.apply_undecodable(record.seq)
     return projection
 
 

@@ -3,27 +3,137 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from bus.command import add_version_flag, not_available
+import nats.js.errors
 
-PROG = "fleet-master"
+from bus import connect, decode_model
+from bus.command import add_version_flag, configure_logging, run_command
+from bus.daemon import EXIT_NOT_RUNNING, kill_daemon, running_pid
+from bus.errors import FleetError
+from master.config import MasterConfig, default_config_path, load_master_config
+from master.daemon import PROGRAM, run_master
+from schemas import Presence
+
+COMMANDS = ("run", "start", "stop", "restart", "reload", "status", "hash")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "The fleetbus master: folds the event log into the state of every agent, job "
-            "and rollout, tracks the configured agents and who is connected, and answers "
-            "status queries."
+            "The fleetbus master: folds the event log into the state of every agent, job and "
+            "rollout, tracks the configured agents and who is connected, and answers status "
+            "queries. Commands: run (foreground), start (background), stop, restart, reload "
+            "(re-read the config, keeping state), status (configured agents and whether they "
+            "are connected), hash (the configuration's hash)."
         ),
     )
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"configuration (default {default_config_path()})",
+    )
+    parser.add_argument("-l", "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--json", action="store_true", help="status as a JSON document")
     add_version_flag(parser, "-V", "--version")
     return parser
 
 
+PROG = PROGRAM
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return Path(args.config)
+    default = default_config_path()
+    return default if default.exists() else None
+
+
+async def _status(config: MasterConfig, as_json: bool) -> int:
+    async with await connect(
+        config.connect_settings().model_copy(update={"nkey_file": None})
+    ) as bus:
+        kv = await bus.key_value(bus.subjects.presence_bucket)
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        online: dict[str, Presence] = {}
+        for key in keys:
+            entry = await kv.get(key)
+            if entry.value:
+                online[key] = decode_model(entry.value, Presence)
+    pid = running_pid(config.pid_path)
+    configured = [
+        {
+            "id": a,
+            "configured": True,
+            "connected": a in online,
+            "version": online[a].version if a in online else None,
+        }
+        for a in sorted(config.agents)
+    ]
+    strangers = [
+        {"id": a, "configured": False, "connected": True, "version": online[a].version}
+        for a in sorted(set(online) - set(config.agents))
+    ]
+    master = {"running": pid is not None, "pid": pid, "config_hash": config.config_hash()}
+    if as_json:
+        print(json.dumps({"master": master, "agents": configured + strangers}))
+        return 0
+    state = f"running (pid {pid})" if pid else "not running"
+    print(f"master: {state}, config hash {config.config_hash()[:16]}")
+    print(f"{'AGENT':<20}{'CONFIGURED':<12}{'CONNECTED':<11}VERSION")
+    for row in configured + strangers:
+        known = "yes" if row["configured"] else "NO"
+        connected = "yes" if row["connected"] else "no"
+        print(f"{row['id']:<20}{known:<12}{connected:<11}{row['version'] or '-'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fleet-master``; returns the exit code."""
-    build_parser().parse_args(argv)
-    return not_available(PROG, "the master")
+    args = build_parser().parse_args(argv)
+    path = _config_path(args)
+    try:
+        config = load_master_config(path)
+        if args.command == "hash":
+            print(config.config_hash())
+            return 0
+        if args.command == "run":
+            return run_master(path, args.log_level, detach=False)
+        if args.command == "start":
+            return run_master(path, args.log_level, detach=True)
+        if args.command == "stop":
+            return kill_daemon(config.pid_path, timeout=60, program=PROGRAM)
+        if args.command == "restart":
+            if running_pid(config.pid_path) is not None:
+                stopped = kill_daemon(config.pid_path, timeout=60, program=PROGRAM)
+                if stopped != 0:
+                    return stopped
+            return run_master(path, args.log_level, detach=True)
+        if args.command == "reload":
+            pid = running_pid(config.pid_path)
+            if pid is None:
+                print(f"{PROGRAM} is not running", file=sys.stderr)
+                return EXIT_NOT_RUNNING
+            os.kill(pid, signal.SIGHUP)
+            print(
+                f"{PROGRAM} (pid {pid}) reloading; config hash {config.config_hash()}",
+                file=sys.stderr,
+            )
+            return 0
+        configure_logging(args.log_level or "WARNING")
+        return run_command(PROGRAM, _status(config, args.json))
+    except FleetError as exc:
+        print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas import (
     TERMINAL_STATUSES,
+    AgentDeregistered,
     AgentOffline,
     AgentOnline,
     AgentRegistered,
@@ -30,6 +31,13 @@ from schemas import (
     JobSubmitted,
     ModuleCommand,
     UnknownEvent,
+    UpdateAnnounced,
+    UpdateApplied,
+    UpdateFailed,
+    UpdatePublished,
+    UpdateRolledBack,
+    UpdateRolloutHalted,
+    UpdateTokenAcquired,
 )
 
 
@@ -101,12 +109,16 @@ class AgentView:
     labels: dict[str, str] = field(default_factory=dict)
     last_seen: int | None = None
     public_key: str | None = None
+    configured: bool = False
     running: list[str] = field(default_factory=list)
+    transitions: list[tuple[int, bool]] = field(default_factory=list)
+    """The last online/offline changes, ``(ts, online)``, newest last."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "online": self.online,
+            "configured": self.configured,
             "version": self.version,
             "labels": self.labels,
             "last_seen": iso(self.last_seen),
@@ -114,12 +126,37 @@ class AgentView:
         }
 
 
+_TRANSITIONS_KEPT = 20
+
+
+@dataclass
+class RolloutView:
+    """One release version's way through the fleet."""
+
+    version: str
+    sha256: str | None = None
+    published_at: int | None = None
+    announced_at: int | None = None
+    canary: int = 0
+    max_failures: int = 0
+    agents: dict[str, str] = field(default_factory=dict)
+    """Agent id → ``token``, ``applied``, ``failed`` or ``rolled_back``."""
+    failures: int = 0
+    halted: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["published_at"], doc["announced_at"] = iso(self.published_at), iso(self.announced_at)
+        return doc
+
+
 @dataclass
 class Projection:
-    """Jobs and agents, folded from events in log order."""
+    """Jobs, agents and rollouts, folded from events in log order."""
 
     jobs: dict[str, JobView] = field(default_factory=dict)
     agents: dict[str, AgentView] = field(default_factory=dict)
+    rollouts: dict[str, RolloutView] = field(default_factory=dict)
     seq: int = 0
     events: int = 0
     unknown: dict[str, int] = field(default_factory=dict)
@@ -164,15 +201,45 @@ class Projection:
                 running.remove(data.job_id)
         elif isinstance(data, AgentOnline):
             agent = self._agent(data.agent)
-            agent.online, agent.version, agent.host = True, data.version, data.host
+            self._transition(agent, ts, online=True)
+            agent.version, agent.host = data.version, data.host
             agent.labels, agent.last_seen = dict(data.labels), ts
         elif isinstance(data, AgentOffline):
             agent = self._agent(data.agent)
-            agent.online = False
+            self._transition(agent, ts, online=False)
             agent.last_seen = data.last_seen or ts
         elif isinstance(data, AgentRegistered):
             agent = self._agent(data.agent)
             agent.public_key, agent.labels = data.public_key, dict(data.labels)
+            agent.configured = True
+        elif isinstance(data, AgentDeregistered):
+            self._agent(data.agent).configured = False
+        elif isinstance(data, UpdatePublished):
+            rollout = self._rollout(data.version)
+            rollout.sha256, rollout.published_at = data.sha256, ts
+        elif isinstance(data, UpdateAnnounced):
+            rollout = self._rollout(data.version)
+            rollout.announced_at, rollout.canary = ts, data.canary
+            rollout.max_failures, rollout.halted = data.max_failures, None
+        elif isinstance(data, UpdateTokenAcquired):
+            self._rollout(data.version).agents[data.agent] = "token"
+        elif isinstance(data, UpdateApplied):
+            self._rollout(data.version).agents[data.agent] = "applied"
+            self._agent(data.agent).version = data.version
+        elif isinstance(data, UpdateFailed | UpdateRolledBack):
+            rollout = self._rollout(data.version)
+            rollout.agents[data.agent] = (
+                "failed" if isinstance(data, UpdateFailed) else "rolled_back"
+            )
+            rollout.failures += 1
+        elif isinstance(data, UpdateRolloutHalted):
+            self._rollout(data.version).halted = data.reason
+
+    def apply_undecodable(self, seq: int) -> None:
+        """Count an event that could not be decoded; it is listed, never fatal."""
+        self.seq = max(self.seq, seq)
+        self.events += 1
+        self.unknown["undecodable"] = self.unknown.get("undecodable", 0) + 1
 
     def _job(self, job_id: str, agent: str) -> JobView:
         job = self.jobs.get(job_id)
@@ -185,3 +252,79 @@ class Projection:
         if agent is None:
             agent = self.agents[agent_id] = AgentView(id=agent_id)
         return agent
+
+    def _rollout(self, version: str) -> RolloutView:
+        rollout = self.rollouts.get(version)
+        if rollout is None:
+            rollout = self.rollouts[version] = RolloutView(version=version)
+        return rollout
+
+    @staticmethod
+    def _transition(agent: AgentView, ts: int, *, online: bool) -> None:
+        if agent.online != online or not agent.transitions:
+            agent.transitions = [*agent.transitions, (ts, online)][-_TRANSITIONS_KEPT:]
+        agent.online = online
+
+    # --- snapshots and comparison ------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain data (maps, lists, scalars) that :meth:`from_state` turns back into this."""
+        return {
+            "jobs": {k: asdict(v) for k, v in self.jobs.items()},
+            "agents": {k: asdict(v) for k, v in self.agents.items()},
+            "rollouts": {k: asdict(v) for k, v in self.rollouts.items()},
+            "seq": self.seq,
+            "events": self.events,
+            "unknown": dict(self.unknown),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Projection:
+        """Rebuild from :meth:`to_state`'s data.
+
+        Raises:
+            ValueError: the data does not have that shape (a corrupt or foreign snapshot).
+        """
+        try:
+            agents = {}
+            for key, value in state["agents"].items():
+                value = dict(value)
+                value["transitions"] = [(int(t), bool(o)) for t, o in value.get("transitions", [])]
+                agents[key] = AgentView(**value)
+            return cls(
+                jobs={k: JobView(**v) for k, v in state["jobs"].items()},
+                agents=agents,
+                rollouts={k: RolloutView(**v) for k, v in state["rollouts"].items()},
+                seq=int(state["seq"]),
+                events=int(state["events"]),
+                unknown={str(k): int(v) for k, v in state["unknown"].items()},
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a projection state: {exc}") from None
+
+
+def differences(a: Projection, b: Projection, limit: int = 40) -> list[str]:
+    """Readable lines saying where two projections differ (empty when equal)."""
+    out: list[str] = []
+
+    def walk(path: str, x: Any, y: Any) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y), key=str):
+                if key not in x:
+                    out.append(f"{path}.{key}: only in the second ({_short(y[key])})")
+                elif key not in y:
+                    out.append(f"{path}.{key}: only in the first ({_short(x[key])})")
+                else:
+                    walk(f"{path}.{key}", x[key], y[key])
+        elif x != y:
+            out.append(f"{path}: {_short(x)} ≠ {_short(y)}")
+
+    walk("state", a.to_state(), b.to_state())
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"

@@ -113,6 +113,13 @@ class AgentRegistered(EventData):
     labels: Labels = {}
 
 
+class AgentDeregistered(EventData):
+    """An agent identity was removed from the master's registry."""
+
+    TYPE = "agent.deregistered"
+    agent: AgentId
+
+
 class AgentOnline(EventData):
     """The agent's presence appeared."""
 
@@ -231,6 +238,23 @@ class UpdateRolloutHalted(EventData):
     reason: Text
 
 
+# --- audit: fleet.evt.audit.<event> ----------------------------------------------------
+
+
+class AuditCheckpoint(EventData):
+    """The master's running hash of the log so far, for tamper evidence.
+
+    ``chain`` is the hash after the first ``count`` events of the log (checkpoints
+    included), through stream sequence ``through_seq``; see :mod:`master.chain`.
+    """
+
+    TYPE = "audit.checkpoint"
+    count: Count
+    through_seq: Count
+    last_id: EventId | None = None
+    chain: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 JOB_EVENTS: tuple[type[EventData], ...] = (
     JobSubmitted,
     JobCancelRequested,
@@ -239,6 +263,7 @@ JOB_EVENTS: tuple[type[EventData], ...] = (
 )
 AGENT_EVENTS: tuple[type[EventData], ...] = (
     AgentRegistered,
+    AgentDeregistered,
     AgentOnline,
     AgentOffline,
     AgentConfigChanged,
@@ -254,7 +279,8 @@ UPDATE_EVENTS: tuple[type[EventData], ...] = (
     UpdateRolledBack,
     UpdateRolloutHalted,
 )
-ALL_EVENTS: tuple[type[EventData], ...] = JOB_EVENTS + AGENT_EVENTS + UPDATE_EVENTS
+AUDIT_EVENTS: tuple[type[EventData], ...] = (AuditCheckpoint,)
+ALL_EVENTS: tuple[type[EventData], ...] = JOB_EVENTS + AGENT_EVENTS + UPDATE_EVENTS + AUDIT_EVENTS
 
 AnyEventData = (
     JobSubmitted
@@ -262,6 +288,7 @@ AnyEventData = (
     | JobStarted
     | JobFinished
     | AgentRegistered
+    | AgentDeregistered
     | AgentOnline
     | AgentOffline
     | AgentConfigChanged
@@ -274,6 +301,7 @@ AnyEventData = (
     | UpdateFailed
     | UpdateRolledBack
     | UpdateRolloutHalted
+    | AuditCheckpoint
 )
 """Every known event's data, for exhaustive ``match`` statements."""
 

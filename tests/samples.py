@@ -5,11 +5,13 @@ from __future__ import annotations
 from bus import Subjects
 from schemas import (
     AgentConfigChanged,
+    AgentDeregistered,
     AgentOffline,
     AgentOnline,
     AgentRegistered,
     AgentUnsupported,
     ArgvCommand,
+    AuditCheckpoint,
     Envelope,
     EventData,
     JobCancelRequested,
@@ -62,6 +64,7 @@ def sample_data() -> list[EventData]:
             reason="exit status 3",
         ),
         AgentRegistered(agent=AGENT, public_key=PUB, labels={"role": "web"}),
+        AgentDeregistered(agent=AGENT),
         AgentOnline(agent=AGENT, version=VERSION, host="web-01.example", labels={"role": "web"}),
         AgentOffline(agent=AGENT, reason="heartbeat expired", last_seen=1_800_000_000_000_000_000),
         AgentConfigChanged(agent=AGENT, keys=["max_jobs"], changed_by="alice"),
@@ -80,6 +83,7 @@ def sample_data() -> list[EventData]:
         UpdateFailed(version=VERSION, agent=AGENT, stage="verify", reason="bad digest"),
         UpdateRolledBack(version=VERSION, agent=AGENT, restored="0.1.0", reason="no heartbeat"),
         UpdateRolloutHalted(version=VERSION, failures=3, max_failures=2, reason="too many"),
+        AuditCheckpoint(count=10, through_seq=12, last_id=JOB, chain="cd" * 32),
     ]
 
 
@@ -92,6 +96,8 @@ def subject_for(data: EventData, subjects: Subjects | None = None) -> str:
         return s.job_event(agent, data.job_id, name)  # type: ignore[attr-defined]
     if data.TYPE.startswith("agent."):
         return s.agent_event(agent, name)  # type: ignore[arg-type]
+    if data.TYPE.startswith("audit."):
+        return s.audit_event(name)
     return s.update_event(data.version, name, agent)  # type: ignore[attr-defined]
 
 

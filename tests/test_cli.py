@@ -102,7 +102,7 @@ def test_ops_init_without_a_server_is_exit_1() -> None:
 
 
 def test_daemons_not_built_yet_say_so() -> None:
-    result = run(str(BIN / "fleet-master"))
+    result = run(str(BIN / "fleet-headless"))
     assert result.returncode == 2
     assert "not available" in result.stderr
 

@@ -12,6 +12,7 @@ from natsserver import NatsServer, free_port
 from tlsutil import make_ca_and_server_cert
 
 from bus import (
+    AuthError,
     Bus,
     ConnectionFailedError,
     ConnectSettings,
@@ -70,10 +71,11 @@ async def test_nkey_authentication(
 
     other = tmp_path / "stranger.nk"
     write_seed_file(other, generate_seed())
-    with pytest.raises(ConnectionFailedError, match=r"(?i)authorization"):
+    with pytest.raises(AuthError, match=r"refused our credentials: .*(?i:authorization)"):
         await connect(ConnectSettings(servers=[server.url], nkey_file=other, connect_timeout_s=1))
-    with pytest.raises(ConnectionFailedError):
+    with pytest.raises(AuthError) as info:
         await connect(ConnectSettings(servers=[server.url], connect_timeout_s=1))
+    assert info.value.exit_code == 2
 
 
 async def test_unsafe_key_file_is_refused_before_connecting(tmp_path: Path) -> None:

@@ -1,0 +1,129 @@
+"""The master's configuration: its settings and the registry of configured agents.
+
+After Kernun icamd: the file lists every agent the fleet should have, with its public
+nkey and labels; ``fleet-master hash`` prints a hash of the whole configuration, so a
+deployment tool can tell whether the running master has what it shipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bus import ConnectSettings, UsageError
+from bus.connection import DEFAULT_SERVER
+from bus.subjects import DEFAULT_PREFIX
+from schemas import ids
+from schemas.fields import Labels, PublicKey
+from schemas.registry import summarize_validation_error
+
+
+def default_config_path() -> Path:
+    if os.geteuid() == 0:
+        return Path("/etc/fleetbus/master.toml")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fleetbus" / "master.toml"
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/fleetbus/master")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fleetbus" / "master"
+
+
+class Principal(BaseModel):
+    """A configured identity: its public key and, for agents, its labels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    public_key: PublicKey
+    labels: Labels = Field(default_factory=dict)
+
+
+class MasterConfig(BaseModel):
+    """Everything ``fleet-master`` reads from its config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(default="master", description="the master's principal id")
+    server: str = Field(default=DEFAULT_SERVER, description="NATS server URL(s), comma-separated")
+    prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the fleet")
+    data_dir: Path = Field(default_factory=default_data_dir, description="key, pid file, log")
+    nkey_file: Path | None = Field(default=None, description="the master's nkey seed (0400)")
+    snapshot_every: int = Field(default=10_000, ge=1, description="snapshot after N events")
+    snapshot_interval_s: float = Field(default=300.0, gt=0, description="or after T seconds")
+    checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint after N events")
+    checkpoint_interval_s: float = Field(default=60.0, gt=0, description="or after T seconds")
+    offline_grace_s: float = Field(
+        default=60.0, ge=0, description="an agent offline this long has its jobs abandoned"
+    )
+    hash_file: Path | None = Field(default=None, description="write the config hash here")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_file: Path | None = None
+    pid_file: Path | None = None
+    agents: dict[str, Principal] = Field(default_factory=dict, description="[agents.ID]")
+    operators: dict[str, Principal] = Field(default_factory=dict, description="[operators.NAME]")
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_ids(cls, value: dict[str, Principal]) -> dict[str, Principal]:
+        for agent in value:
+            problem = ids.agent_id_problem(agent)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @property
+    def key_path(self) -> Path:
+        return self.nkey_file or self.data_dir / "master.nk"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.pid_file or self.data_dir / "master.pid"
+
+    def connect_settings(self) -> ConnectSettings:
+        return ConnectSettings(
+            servers=[s.strip() for s in self.server.split(",") if s.strip()],
+            name="fleet-master",
+            prefix=self.prefix,
+            nkey_file=self.key_path,
+        )
+
+    def trusted_keys(self) -> dict[str, str]:
+        """Public key → principal, for checking who signed what."""
+        keys = {p.public_key: agent for agent, p in self.agents.items()}
+        keys.update({p.public_key: name for name, p in self.operators.items()})
+        return keys
+
+    def config_hash(self) -> str:
+        """sha256 of the configuration's canonical JSON (defaults included)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_master_config(path: Path | None) -> MasterConfig:
+    """Read and validate; no file means every default.
+
+    Raises:
+        UsageError: unreadable, not TOML, or invalid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such config file") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return MasterConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UsageError(f"{path}: invalid config: {summarize_validation_error(exc)}") from None
