@@ -29,6 +29,7 @@ from bus.errors import (
     SecretFileError,
     SignatureError,
     UsageError,
+    VerificationError,
     exit_code_for,
 )
 from bus.keys import KEY_KINDS, generate_seed, public_key_of, read_seed_file, write_seed_file
@@ -62,6 +63,7 @@ __all__ = [
     "StorageSettings",
     "Subjects",
     "UsageError",
+    "VerificationError",
     "backoff_delay",
     "canonical_bytes",
     "check_agent_id",

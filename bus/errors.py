@@ -16,7 +16,8 @@ Every package raises these (or subclasses of them); no ``nats.errors`` type esca
     │   └── PermissionDeniedError  2  the server refused a subject to this principal
     ├── BadMessageError            2  bytes that are not a valid message (also a ValueError)
     │   └── PayloadTooLargeError   2  over the size limit
-    └── JobFailedError             4  the job ran and failed (on any target)
+    ├── JobFailedError             4  the job ran and failed (on any target)
+    └── VerificationError          5  the log or a projection failed verification
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ EXIT_CONNECTION = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_JOB_FAILED = 4
+EXIT_VERIFICATION = 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect after Ctrl-C
 
 
@@ -137,6 +139,12 @@ class JobFailedError(FleetError):
     """The job ran and did not succeed on at least one target."""
 
     exit_code = EXIT_JOB_FAILED
+
+
+class VerificationError(FleetError):
+    """``fleet audit --verify`` or ``fleet replay --verify`` found a problem."""
+
+    exit_code = EXIT_VERIFICATION
 
 
 def exit_code_for(exc: BaseException) -> int:

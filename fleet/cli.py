@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from bus.command import add_version_flag, configure_logging, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import demo, jobs, keys, ops, run
+from fleet import audit, demo, jobs, keys, ops, run
 
 PROG = "fleet"
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub)
     jobs.add_parsers(sub)
+    audit.add_parsers(sub)
     keys.add_parser(sub)
     ops.add_parser(sub)
     demo.add_parser(sub)

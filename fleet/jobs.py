@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
+import logging
 import sys
 import time
+from typing import Any
 
-from bus import Bus, UsageError, check_token, connect
+from bus import Bus, FleetError, UsageError, check_token, connect
 from bus.codec import HEADER_OUTPUT_STREAM
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
 from bus.log import read_log
+from bus.request import control
 from fleet.common import (
     fold,
     job_projection,
@@ -27,6 +31,8 @@ from fleet.common import (
 from fleet.follow import JobFollower, OutputPrinter
 from master.projection import AgentView, JobView, Projection, iso
 from schemas import JobCancelRequested, Presence
+
+logger = logging.getLogger(__name__)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -237,35 +243,68 @@ async def _log_projection(bus: Bus) -> Projection:
     return fold(records)
 
 
+async def _ask_master(bus: Bus, op: str, args: dict[str, object]) -> dict[str, Any] | None:
+    """The master's answer, or None when no master answers (then the log is read)."""
+    try:
+        reply = await control(bus, bus.subjects.master_control(op), args, timeout=5, attempts=1)
+    except FleetError as exc:
+        logger.debug("no answer from the master (%s); reading the log", exc)
+        return None
+    return reply.data
+
+
 async def list_jobs(args: argparse.Namespace) -> int:
+    filters = {"agent": args.agent, "status": args.status, "limit": args.limit}
     async with await connect(connect_settings(args, "fleet jobs")) as bus:
-        projection = await _log_projection(bus)
         online = await presence(bus)
-    jobs = sorted(projection.jobs.values(), key=lambda j: j.job_id)
-    if args.agent:
-        jobs = [j for j in jobs if j.agent == args.agent]
-    if args.status:
-        jobs = [j for j in jobs if j.status == args.status]
-    if args.limit:
-        jobs = jobs[-args.limit :]
-    agents = _agents(projection, online)
+        doc = await _ask_master(bus, "jobs", filters)
+        if doc is None:
+            projection = await _log_projection(bus)
+            jobs = sorted(projection.jobs.values(), key=lambda j: j.job_id)
+            if args.agent:
+                jobs = [j for j in jobs if j.agent == args.agent]
+            if args.status:
+                jobs = [j for j in jobs if j.status == args.status]
+            if args.limit:
+                jobs = jobs[-args.limit :]
+            doc = {
+                "jobs": [j.to_json() for j in jobs],
+                "agents": [a.to_json() for a in _agents(projection, online)],
+                "seq": projection.seq,
+            }
+        else:
+            doc["agents"] = _overlay_presence(doc["agents"], online)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "jobs": [j.to_json() for j in jobs],
-                    "agents": [a.to_json() for a in agents],
-                    "seq": projection.seq,
-                }
-            )
-        )
+        print(json.dumps(doc))
         return EXIT_OK
     print(f"{'JOB':<27}{'AGENT':<16}{'STATUS':<11}{'EXIT':<6}{'SUBMITTED':<25}COMMAND")
-    for j in jobs:
-        exit_code = "" if j.exit_code is None else str(j.exit_code)
-        when = iso(j.submitted_at) or ""
-        print(f"{j.job_id:<27}{j.agent:<16}{j.status:<11}{exit_code:<6}{when:<25}{j.command or ''}")
+    for j in doc["jobs"]:
+        exit_code = "" if j["exit_code"] is None else str(j["exit_code"])
+        when, command = j["submitted_at"] or "", j["command"] or ""
+        print(
+            f"{j['job_id']:<27}{j['agent']:<16}{j['status']:<11}{exit_code:<6}{when:<25}{command}"
+        )
     return EXIT_OK
+
+
+def _overlay_presence(
+    agents: list[dict[str, Any]], online: dict[str, Presence]
+) -> list[dict[str, Any]]:
+    """Agents as the log (or master) knows them, with live facts from presence on top."""
+    by_id = {a["id"]: dict(a) for a in agents}
+    for agent_id, p in online.items():
+        row = by_id.setdefault(agent_id, {"id": agent_id, "configured": False})
+        row.update(
+            online=True,
+            version=p.version,
+            labels=dict(p.labels),
+            last_seen=iso(p.ts),
+            running=list(p.running),
+        )
+    for agent_id, row in by_id.items():
+        if agent_id not in online:
+            row.update(online=False, running=[])
+    return [by_id[k] for k in sorted(by_id)]
 
 
 def _agents(projection: Projection, online: dict[str, Presence]) -> list[AgentView]:
@@ -283,18 +322,23 @@ def _agents(projection: Projection, online: dict[str, Presence]) -> list[AgentVi
 async def list_agents(args: argparse.Namespace) -> int:
     async with await connect(connect_settings(args, "fleet agents")) as bus:
         online = await presence(bus)
-        records = await read_log(
-            bus, bus.subjects.events_stream, f"{bus.subjects.prefix}.evt.agent.>"
-        )
-    agents = _agents(fold(records), online)
+        doc = await _ask_master(bus, "agents", {})
+        if doc is None:
+            subject = f"{bus.subjects.prefix}.evt.agent.>"
+            records = await read_log(bus, bus.subjects.events_stream, subject)
+            doc = {"agents": [a.to_json() for a in _agents(fold(records), online)]}
+        agents = _overlay_presence(doc["agents"], online)
     if args.json:
-        print(json.dumps({"agents": [a.to_json() for a in agents]}))
+        print(json.dumps({"agents": agents}))
         return EXIT_OK
-    now = time.time_ns()
+    now = time.time()
     print(f"{'AGENT':<18}{'STATE':<9}{'VERSION':<10}{'RUNNING':<9}{'LAST SEEN':<14}LABELS")
     for a in agents:
-        seen = f"{(now - a.last_seen) / 1e9:.0f}s ago" if a.last_seen else "never"
-        labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items()))
-        state, version = "online" if a.online else "offline", a.version or "?"
-        print(f"{a.id:<18}{state:<9}{version:<10}{len(a.running):<9}{seen:<14}{labels}")
+        seen = "never"
+        if a.get("last_seen"):
+            moment = datetime.datetime.fromisoformat(a["last_seen"].replace("Z", "+00:00"))
+            seen = f"{now - moment.timestamp():.0f}s ago"
+        labels = ",".join(f"{k}={v}" for k, v in sorted((a.get("labels") or {}).items()))
+        state, version = "online" if a["online"] else "offline", a.get("version") or "?"
+        print(f"{a['id']:<18}{state:<9}{version:<10}{len(a['running']):<9}{seen:<14}{labels}")
     return EXIT_OK

@@ -108,11 +108,11 @@ def run_master(config_path: Path | None, level: str | None, detach: bool) -> int
     config = load_master_config(config_path)
     ready_fd = daemonize() if detach else None
     log_file = config.log_file or (config.data_dir / "master.log" if detach else None)
+    if log_file:
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     handlers: list[logging.Handler] = (
         [logging.FileHandler(log_file)] if log_file else [logging.StreamHandler(sys.stderr)]
     )
-    if log_file:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=level or config.log_level, format=LOG_FORMAT, handlers=handlers, force=True
     )

@@ -192,3 +192,59 @@ def pid_alive(pid: int) -> bool:
 
 def fleet_env(url: str, key: Path) -> dict[str, str]:
     return {**os.environ, "FLEET_SERVER": url, "FLEET_NKEY": str(key), "FLEET_USER": "tester"}
+
+
+MASTER = str(Path(sys.executable).parent / "fleet-master")
+
+
+class MasterProcess:
+    """One ``fleet-master run`` process with its own config."""
+
+    def __init__(self, base: Path, url: str, **config: Any) -> None:
+        self.dir = base / "master"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "master.toml"
+        self.log_path = self.dir / "master.log"
+        self.settings: dict[str, Any] = {
+            "server": url,
+            "data_dir": str(self.dir / "data"),
+            "log_level": "DEBUG",
+            **config,
+        }
+        self.write_config()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        AgentProcess.write_config(self, self.settings)  # type: ignore[arg-type]
+
+    def start(self) -> MasterProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [MASTER, "run", "-c", str(self.config_path)], stdout=log, stderr=log
+        )
+        log.close()
+        return self
+
+    async def wait_ready(self, bus: Bus, timeout: float = 30.0) -> dict[str, Any]:
+        from bus.request import control
+
+        async with asyncio.timeout(timeout):
+            while True:
+                reply = await control(bus, bus.subjects.master_control("status"), attempts=5)
+                if reply.data["ready"]:
+                    return reply.data
+                await asyncio.sleep(0.1)  # catching up with the log: ask again
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
