@@ -338,3 +338,10 @@ async def wait_event_on(bus: Bus, subject: str) -> bool:
     finally:
         await sub.unsubscribe()
     return True
+
+
+def test_the_example_master_config_is_valid() -> None:
+    from master.config import load_master_config
+
+    config = load_master_config(Path(__file__).resolve().parent.parent / "ops" / "master.toml")
+    assert config.offline_grace_s == 60.0
