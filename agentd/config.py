@@ -8,7 +8,6 @@ introduced to an existing file without touching what the user wrote.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import tomllib
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
+from bus.paths import config_file, data_dir
 from bus.subjects import DEFAULT_PREFIX
 from schemas import ids
 from schemas.fields import Labels
@@ -26,19 +26,12 @@ from schemas.registry import summarize_validation_error
 
 
 def default_config_path() -> Path:
-    """``/etc/fleetbus/agentd.toml`` for root, else under ``$XDG_CONFIG_HOME``."""
-    if os.geteuid() == 0:
-        return Path("/etc/fleetbus/agentd.toml")
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "fleetbus" / "agentd.toml"
+    """Where the configuration is looked for when ``-c`` is not given."""
+    return config_file("agentd.toml")
 
 
 def default_data_dir() -> Path:
-    """``/var/lib/fleetbus/agent`` for root, else under ``$XDG_DATA_HOME``."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/fleetbus/agent")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "fleetbus" / "agent"
+    return data_dir("agent")
 
 
 def default_agent_id() -> str:

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-import nats.js.errors
-
 from agentd import logbuffer
 from agentd.config import AgentConfig, load_config
 from agentd.identity import ensure_identity
 from agentd.runtime import AgentRuntime
-from bus import Bus, FleetError, UsageError, connect
+from bus import FleetError, UsageError
 from bus.command import LOG_FORMAT
-from bus.daemon import PidFile, daemonize, report_ready
+from bus.daemon import (
+    PidFile,
+    connect_unless_stopped,
+    daemonize,
+    report_ready,
+    wait_for_storage,
+)
 
 logger = logging.getLogger(__name__)
 
 PROGRAM = "fleet-agentd"
-_STREAM_WAIT_S = 5.0
 
 
 def configure_logging(config: AgentConfig, level: str | None, daemon: bool) -> None:
@@ -40,26 +42,6 @@ def configure_logging(config: AgentConfig, level: str | None, daemon: bool) -> N
     )
     logging.getLogger("nats").setLevel(logging.ERROR)
     logbuffer.install()
-
-
-async def _wait_for_streams(bus: Bus, stop: asyncio.Event) -> bool:
-    """Wait until the fleet's streams exist (``fleet ops init``); False if told to stop."""
-    warned = False
-    while not stop.is_set():
-        try:
-            await bus.js.stream_info(bus.subjects.events_stream)
-            await bus.key_value(bus.subjects.presence_bucket)
-            return True
-        except (nats.js.errors.NotFoundError, FleetError) as exc:
-            if not warned:
-                logger.error(
-                    "the fleet's streams are missing (%s); run `fleet ops init`. Waiting.", exc
-                )
-                warned = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_STREAM_WAIT_S):
-                await stop.wait()
-    return False
 
 
 async def serve(config_path: Path | None, config: AgentConfig, level: str | None) -> bool:
@@ -94,17 +76,12 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
     loop.add_signal_handler(signal.SIGHUP, on_reload)
 
     signer = ensure_identity(config)
-    connecting = asyncio.create_task(connect(config.connect_settings(), wait_for_server=True))
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not connecting.done():
-        connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connecting
+    bus = await connect_unless_stopped(config.connect_settings(), stop)
+    if bus is None:
         return False
-    async with connecting.result() as bus:
-        if not await _wait_for_streams(bus, stop):
+    async with bus:
+        presence = bus.subjects.presence_bucket
+        if not await wait_for_storage(bus, stop, lambda b: b.key_value(presence)):
             return False
         runtime = AgentRuntime(bus, config, signer, on_restart=on_restart)
         if stop.is_set():

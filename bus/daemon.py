@@ -6,16 +6,26 @@ answered by the lock, not by a pid that may have been recycled since a crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import select
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
-from bus.errors import EXIT_TIMEOUT, UsageError
+import nats.js.errors
+
+from bus.connection import Bus, ConnectSettings, connect
+from bus.errors import EXIT_TIMEOUT, FleetError, UsageError
+
+logger = logging.getLogger(__name__)
+
+_STREAM_WAIT_S = 5.0
 
 EXIT_NOT_RUNNING = 3  # LSB: "program is not running"
 
@@ -140,3 +150,41 @@ def report_ready(fd: int | None, ok: bool) -> None:
         with contextlib.suppress(OSError):
             os.write(fd, b"0" if ok else b"1")
             os.close(fd)
+
+
+async def connect_unless_stopped(settings: ConnectSettings, stop: asyncio.Event) -> Bus | None:
+    """Connect, waiting for the server as long as it takes, unless ``stop`` is set first."""
+    connecting = asyncio.create_task(connect(settings, wait_for_server=True))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await connecting
+    return None
+
+
+async def wait_for_storage(
+    bus: Bus, stop: asyncio.Event, *checks: Callable[[Bus], Awaitable[object]]
+) -> bool:
+    """Wait until the fleet's streams exist (``fleet ops init``); False if told to stop.
+
+    Each check opens one resource the daemon needs and raises while it is missing.
+    """
+    warned = False
+    while not stop.is_set():
+        try:
+            await bus.js.stream_info(bus.subjects.events_stream)
+            for check in checks:
+                await check(bus)
+            return True
+        except (nats.js.errors.NotFoundError, FleetError) as exc:
+            if not warned:
+                logger.error("the fleet's streams are missing (%s); run `fleet ops init`", exc)
+                warned = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_STREAM_WAIT_S):
+                await stop.wait()
+    return False

@@ -19,6 +19,7 @@ import nacl.signing
 import nkeys
 
 from bus.errors import SecretFileError, UsageError
+from bus.paths import config_file
 
 KeyKind = Literal["agent", "operator", "master", "release", "user"]
 KEY_KINDS: tuple[KeyKind, ...] = ("agent", "operator", "master", "release", "user")
@@ -146,7 +147,4 @@ def verify_key_for(public_key: str) -> nacl.signing.VerifyKey:
 
 def default_key_dir() -> Path:
     """Where ``fleet keys gen`` writes: ``/etc/fleetbus/keys`` for root, else XDG config."""
-    if os.geteuid() == 0:
-        return Path("/etc/fleetbus/keys")
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "fleetbus" / "keys"
+    return config_file("keys")

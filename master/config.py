@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
+from bus.paths import config_file, data_dir
 from bus.subjects import DEFAULT_PREFIX
 from schemas import ids
 from schemas.fields import Labels, PublicKey
@@ -25,17 +25,12 @@ from schemas.registry import summarize_validation_error
 
 
 def default_config_path() -> Path:
-    if os.geteuid() == 0:
-        return Path("/etc/fleetbus/master.toml")
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "fleetbus" / "master.toml"
+    """Where the configuration is looked for when ``-c`` is not given."""
+    return config_file("master.toml")
 
 
 def default_data_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/fleetbus/master")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "fleetbus" / "master"
+    return data_dir("master")
 
 
 class Principal(BaseModel):

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 from pathlib import Path
 
-import nats.js.errors
-
-from bus import FleetError, Signer, connect, generate_seed, write_seed_file
+from bus import FleetError, Signer, generate_seed, write_seed_file
 from bus.command import LOG_FORMAT
-from bus.daemon import PidFile, daemonize, report_ready
+from bus.daemon import (
+    PidFile,
+    connect_unless_stopped,
+    daemonize,
+    report_ready,
+    wait_for_storage,
+)
 from master.config import MasterConfig, load_master_config
 from master.runtime import MasterRuntime
 
 logger = logging.getLogger(__name__)
 
 PROGRAM = "fleet-master"
-_STREAM_WAIT_S = 5.0
 
 
 def ensure_identity(config: MasterConfig) -> Signer:
@@ -77,27 +79,12 @@ async def serve(config_path: Path | None, config: MasterConfig) -> None:
 
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     signer = ensure_identity(config)
-    connecting = asyncio.create_task(connect(config.connect_settings(), wait_for_server=True))
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not connecting.done():
-        connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connecting
+    bus = await connect_unless_stopped(config.connect_settings(), stop)
+    if bus is None:
         return
-    async with connecting.result() as bus:
-        while not stop.is_set():
-            try:
-                await bus.js.stream_info(bus.subjects.events_stream)
-                await bus.object_store(bus.subjects.snapshots_bucket)
-                break
-            except (nats.js.errors.NotFoundError, FleetError) as exc:
-                logger.error("the fleet's streams are missing (%s); run `fleet ops init`", exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_STREAM_WAIT_S):
-                        await stop.wait()
-        if stop.is_set():
+    async with bus:
+        snapshots = bus.subjects.snapshots_bucket
+        if not await wait_for_storage(bus, stop, lambda b: b.object_store(snapshots)):
             return
         runtime = MasterRuntime(bus, config, signer)
         await runtime.run()

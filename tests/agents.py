@@ -44,7 +44,37 @@ def toml_value(value: Any) -> str:
     return f'"{value}"'
 
 
-class AgentProcess:
+class _Daemon:
+    """A daemon process a test started: stopped with SIGTERM, or killed, by pid."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _spawn(self, argv: list[str]) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+
+
+class AgentProcess(_Daemon):
     """One ``fleet-agentd`` process with its own config and data directory."""
 
     def __init__(self, base: Path, url: str, agent_id: str, **config: Any) -> None:
@@ -65,7 +95,6 @@ class AgentProcess:
             **config,
         }
         self.write_config(settings)
-        self.proc: subprocess.Popen[bytes] | None = None
         self.started_ns = 0
 
     def write_config(self, settings: dict[str, Any]) -> None:
@@ -83,14 +112,7 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self.started_ns = time.time_ns()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [AGENTD, "-c", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
+        self._spawn([AGENTD, "-c", str(self.config_path)])
         return self
 
     async def wait_online(self, bus: Bus, timeout: float = 20.0) -> Presence:
@@ -115,24 +137,6 @@ class AgentProcess:
         self.start()
         await self.wait_online(bus, timeout)
         return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def job_request(argv: list[str] | None = None, script: str | None = None, **kw: Any) -> JobRequest:
@@ -197,7 +201,7 @@ def fleet_env(url: str, key: Path) -> dict[str, str]:
 MASTER = str(Path(sys.executable).parent / "fleet-master")
 
 
-class MasterProcess:
+class MasterProcess(_Daemon):
     """One ``fleet-master run`` process with its own config."""
 
     def __init__(self, base: Path, url: str, **config: Any) -> None:
@@ -212,17 +216,12 @@ class MasterProcess:
             **config,
         }
         self.write_config()
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
         AgentProcess.write_config(self, self.settings)  # type: ignore[arg-type]
 
     def start(self) -> MasterProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [MASTER, "run", "-c", str(self.config_path)], stdout=log, stderr=log
-        )
-        log.close()
+        self._spawn([MASTER, "run", "-c", str(self.config_path)])
         return self
 
     async def wait_ready(self, bus: Bus, timeout: float = 30.0) -> dict[str, Any]:
@@ -234,17 +233,3 @@ class MasterProcess:
                 if reply.data["ready"]:
                     return reply.data
                 await asyncio.sleep(0.1)  # catching up with the log: ask again
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
