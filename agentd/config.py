@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
-from bus.paths import config_file, data_dir
+from bus.paths import config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
 from schemas import ids
 from schemas.fields import Labels
@@ -187,17 +187,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> A
     Raises:
         UsageError: the file is unreadable, not TOML, or has invalid or unknown keys.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such config file (create one with -C {path})") from None
-        except OSError as exc:
-            raise UsageError(f"{path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, f" (create one with -C {path})") if path is not None else {}
     raw.update(overrides or {})
     try:
         return AgentConfig.model_validate(raw)

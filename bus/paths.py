@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
+from typing import Any
+
+from bus.errors import UsageError
 
 
 def config_file(name: str) -> Path:
@@ -20,3 +24,20 @@ def data_dir(name: str) -> Path:
         return Path("/var/lib/fleetbus") / name
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "fleetbus" / name
+
+
+def read_toml(path: Path, hint: str = "") -> dict[str, Any]:
+    """A TOML file's table.
+
+    Raises:
+        UsageError: missing (with ``hint`` on how to make one), unreadable, or not TOML.
+    """
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file{hint}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
-from bus.paths import config_file, data_dir
+from bus.paths import config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
 from schemas import ids
 from schemas.fields import Labels, PublicKey
@@ -107,17 +106,7 @@ def load_master_config(path: Path | None) -> MasterConfig:
     Raises:
         UsageError: unreadable, not TOML, or invalid.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such config file") from None
-        except OSError as exc:
-            raise UsageError(f"{path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
     try:
         return MasterConfig.model_validate(raw)
     except ValidationError as exc:
