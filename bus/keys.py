@@ -52,7 +52,12 @@ def public_key_of(seed: bytes) -> str:
 
 
 def write_seed_file(path: Path, seed: bytes, *, overwrite: bool = False) -> None:
-    """Write ``seed`` to ``path`` with mode 0400, creating parent directories 0700.
+    """Write an nkey seed as a secret file (see :func:`write_secret_file`)."""
+    write_secret_file(path, seed, overwrite=overwrite)
+
+
+def write_secret_file(path: Path, secret: bytes, *, overwrite: bool = False) -> None:
+    """Write ``secret`` to ``path`` with mode 0400, creating parent directories 0700.
 
     Raises:
         SecretFileError: the file exists (unless ``overwrite``) or cannot be written.
@@ -68,7 +73,7 @@ def write_seed_file(path: Path, seed: bytes, *, overwrite: bool = False) -> None
         raise SecretFileError(path, exc.strerror or str(exc)) from None
     try:
         os.fchmod(fd, 0o400)  # the umask may have narrowed the mode; never widened it
-        os.write(fd, seed + b"\n")
+        os.write(fd, secret + b"\n")
     finally:
         os.close(fd)
 

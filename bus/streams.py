@@ -163,6 +163,12 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
             max_age=s.tokens_ttl_s,
             subject_delete_marker_ttl=s.marker_ttl_s,
         ),
+        _kv(
+            subjects.locks_bucket,
+            s,
+            max_age=s.tokens_ttl_s,
+            subject_delete_marker_ttl=s.marker_ttl_s,
+        ),
         StreamSpec(
             "object store",
             {

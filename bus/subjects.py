@@ -89,6 +89,10 @@ class Subjects:
         return f"{self.prefix}-tokens"
 
     @property
+    def locks_bucket(self) -> str:
+        return f"{self.prefix}-locks"
+
+    @property
     def bundles_bucket(self) -> str:
         return f"{self.prefix}-bundles"
 
@@ -131,6 +135,10 @@ class Subjects:
         if agent is not None:
             middle = f"{middle}.{check_agent_id(agent)}"
         return f"{self.prefix}.evt.update.{middle}.{check_token(event, 'event name')}"
+
+    def auth_event(self, event: str) -> str:
+        """``<prefix>.evt.auth.<event>``: logins of headless users."""
+        return f"{self.prefix}.evt.auth.{check_token(event, 'event name')}"
 
     def audit_event(self, event: str) -> str:
         """``<prefix>.evt.audit.<event>``: the master's checkpoints."""

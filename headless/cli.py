@@ -1,29 +1,188 @@
-"""``fleet-headless``: start one batch job from cron (after the PLANTA headless client)."""
+"""``fleet-headless``: start one batch job from cron (after the PLANTA headless client).
+
+Quiet by default: cron mails whatever a job prints. Return codes: 0 ok, 1 socket or
+connection error, 2 parameter error (bad flag, bad secret file, failed
+authentication), 3 timeout (the job goes on), 4 the job ran and failed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from bus.command import add_version_flag, not_available
+from bus import ConnectSettings, UsageError, check_agent_id, connect
+from bus.command import add_version_flag, run_command
+from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT, FleetError
+from bus.lease import Lease
+from headless.client import Submission, submit, wait_finished
+from schemas import JobRequest, ModuleCommand, ScriptCommand
 
 PROG = "fleet-headless"
+_LOCK_TTL_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Start a batch job on a fleetbus agent without a person present. Quiet by "
-            "default. Return codes: 0 ok, 1 connection error, 2 parameter or "
-            "authentication error, 3 timeout, 4 the job ran and failed."
-        ),
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_version_flag(parser)
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="no output at all (the default)")
+    talk.add_argument(
+        "-v", "--verbose", action="count", default=0, help="info; -vv the request; -vvv the reply"
+    )
+    parser.add_argument(
+        "-s",
+        "--service",
+        metavar="HOST:PORT|URL",
+        default="127.0.0.1:4222",
+        help="the NATS server (default 127.0.0.1:4222)",
+    )
+    parser.add_argument(
+        "-t",
+        "--timeout",
+        type=int,
+        metavar="N",
+        help="absent: return once the job is stored; N: wait N s for its end "
+        "(exit 3 if not); -1: wait for the end",
+    )
+    parser.add_argument("-u", "--user", metavar="NAME", required=True, help="the headless user")
+    parser.add_argument(
+        "-a",
+        "--auth_type",
+        "--auth-type",
+        dest="auth_type",
+        choices=("challenge", "nkey"),
+        default="challenge",
+        help="challenge (bcrypt hash, via the master) or nkey (a seed, no master)",
+    )
+    parser.add_argument(
+        "-p",
+        "--secret",
+        type=Path,
+        metavar="FILE",
+        required=True,
+        help="the secret file: mode 0400 (0600 accepted), owned by you",
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("-m", "--module", metavar="ID", help="run a module defined on the agent")
+    what.add_argument(
+        "-f",
+        "--py_file",
+        "--py-file",
+        dest="py_file",
+        type=Path,
+        metavar="FILE",
+        help="run this file (interpreter from its #! line; Python for .py)",
+    )
+    what.add_argument(
+        "-c",
+        "--py_code",
+        "--py-code",
+        dest="py_code",
+        metavar="CODE",
+        help="run this snippet (shell, or --lang python)",
+    )
+    parser.add_argument(
+        "--lang", choices=("sh", "python"), default="sh", help="language of -c (default sh)"
+    )
+    parser.add_argument("--agent", required=True, metavar="ID", help="the agent to run on")
+    parser.add_argument(
+        "--lock", metavar="NAME", help="run only if no other client holds this fleet-wide lock"
+    )
+    parser.add_argument(
+        "--lock-wait",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="wait up to N s for the lock (default: exit 3 at once)",
+    )
     return parser
+
+
+def _request(args: argparse.Namespace) -> JobRequest:
+    if args.module:
+        return JobRequest(command=ModuleCommand(module=args.module))
+    if args.py_file is not None:
+        try:
+            text = args.py_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{args.py_file}: {exc.strerror}") from None
+        first = text.splitlines()[0] if text else ""
+        if first.startswith("#!") and first[2:].strip():
+            interpreter = first[2:].split()
+        elif args.py_file.suffix == ".py":
+            interpreter = ["python3"]
+        else:
+            interpreter = ["/bin/sh"]
+        return JobRequest(command=ScriptCommand(script=text, interpreter=interpreter))
+    interpreter = ["python3"] if args.lang == "python" else ["/bin/sh"]
+    return JobRequest(command=ScriptCommand(script=args.py_code, interpreter=interpreter))
+
+
+def _server(service: str) -> str:
+    return service if "://" in service else f"nats://{service}"
+
+
+async def _run(args: argparse.Namespace) -> int:
+    job = Submission(
+        user=args.user,
+        agent=check_agent_id(args.agent),
+        request=_request(args),
+        auth=args.auth_type,
+        secret=args.secret,
+    )
+    wait: float | None = None if args.timeout in (None, -1) else float(args.timeout)
+    if args.timeout is not None and args.timeout < -1:
+        raise UsageError("-t takes a number of seconds, or -1 to wait for the end")
+    settings = ConnectSettings(
+        servers=[_server(args.service)], name=f"{PROG} {args.user}", connect_timeout_s=3
+    )
+    async with await connect(settings) as bus:
+        lease = None
+        if args.lock:
+            lease = Lease(
+                bus, bus.subjects.locks_bucket, args.lock, f"{args.user}@{args.agent}", _LOCK_TTL_S
+            )
+            if not await lease.acquire(args.lock_wait):
+                print(f"{PROG}: lock {args.lock} is held by another client", file=sys.stderr)
+                return EXIT_TIMEOUT
+        keeper = asyncio.create_task(lease.keep()) if lease else None
+        try:
+            job_id = await submit(bus, job)
+            logging.getLogger(PROG).info("job %s submitted to %s", job_id, job.agent)
+            if args.timeout is None and lease is None:
+                return EXIT_OK  # fire and forget: the log holds the job
+            finished = await wait_finished(bus, job.agent, job_id, wait)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+            if lease is not None:
+                await asyncio.shield(lease.release())
+    if finished is None:
+        logging.getLogger(PROG).warning(
+            "job %s has not ended within %ss; it goes on", job_id, args.timeout
+        )
+        return EXIT_TIMEOUT
+    logging.getLogger(PROG).info("job %s %s", job_id, finished.status)
+    return EXIT_OK if finished.status == "succeeded" else EXIT_JOB_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fleet-headless``; returns the exit code."""
-    build_parser().parse_args(argv)
-    return not_available(PROG, "the headless client")
+    args = build_parser().parse_args(argv)
+    levels = {0: logging.CRITICAL + 1, 1: logging.INFO, 2: logging.DEBUG}
+    level = levels.get(args.verbose, logging.DEBUG - 1)
+    logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr, force=True)
+    if args.verbose < 2:
+        logging.getLogger("bus").setLevel(logging.CRITICAL + 1)
+        logging.getLogger("nats").setLevel(logging.CRITICAL + 1)
+    try:
+        return run_command(PROG, _run(args))
+    except FleetError as exc:  # errors raised before the loop runs
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -15,12 +16,13 @@ import nats.js.errors
 from bus import connect, decode_model
 from bus.command import add_version_flag, configure_logging, run_command
 from bus.daemon import EXIT_NOT_RUNNING, kill_daemon, running_pid
-from bus.errors import FleetError
+from bus.errors import FleetError, UsageError
 from master.config import MasterConfig, default_config_path, load_master_config
 from master.daemon import PROGRAM, run_master
+from master.users import UserStore, make_record
 from schemas import Presence
 
-COMMANDS = ("run", "start", "stop", "restart", "reload", "status", "hash")
+COMMANDS = ("run", "start", "stop", "restart", "reload", "status", "hash", "user")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
+    parser.add_argument("action", nargs="?", choices=("add", "passwd", "del"), help="with user")
+    parser.add_argument("name", nargs="?", help="with user: the headless user's name")
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="with user add/passwd: read the password from stdin instead of the terminal",
+    )
+    parser.add_argument("--cost", type=int, default=12, help="bcrypt cost (at least 12)")
     parser.add_argument(
         "-c",
         "--config",
@@ -100,12 +110,41 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
     return 0
 
 
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("new password: ")
+    if getpass.getpass("again: ") != first:
+        raise UsageError("the passwords differ")
+    return first
+
+
+def manage_user(config: MasterConfig, args: argparse.Namespace) -> int:
+    """``fleet-master user add|passwd|del NAME``: the headless users' store."""
+    if not args.action or not args.name:
+        raise UsageError("say: fleet-master user add|passwd|del NAME")
+    store = UserStore(config.users_path)
+    if args.action == "del":
+        store.delete(args.name)
+        print(f"{PROGRAM}: user {args.name} deleted", file=sys.stderr)
+        return 0
+    record = make_record(_read_password(args.password_stdin), args.cost)
+    store.put(args.name, record, must_exist=args.action == "passwd")
+    print(
+        f"{PROGRAM}: user {args.name} {'added' if args.action == 'add' else 'updated'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fleet-master``; returns the exit code."""
     args = build_parser().parse_args(argv)
     path = _config_path(args)
     try:
         config = load_master_config(path)
+        if args.command == "user":
+            return manage_user(config, args)
         if args.command == "hash":
             print(config.config_hash())
             return 0

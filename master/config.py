@@ -57,6 +57,9 @@ class MasterConfig(BaseModel):
         default=60.0, ge=0, description="an agent offline this long has its jobs abandoned"
     )
     hash_file: Path | None = Field(default=None, description="write the config hash here")
+    users_file: Path | None = Field(
+        default=None, description="headless users (default: users.json in data_dir)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_file: Path | None = None
     pid_file: Path | None = None
@@ -79,6 +82,10 @@ class MasterConfig(BaseModel):
     @property
     def pid_path(self) -> Path:
         return self.pid_file or self.data_dir / "master.pid"
+
+    @property
+    def users_path(self) -> Path:
+        return self.users_file or self.data_dir / "users.json"
 
     def connect_settings(self) -> ConnectSettings:
         return ConnectSettings(

@@ -19,6 +19,7 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
+from pydantic import ValidationError
 
 from bus import (
     BadMessageError,
@@ -33,10 +34,12 @@ from bus import (
     verify_envelope,
 )
 from bus.codec import decode_data, pack
+from master.auth import AuthFailed, AuthService
 from master.chain import Chain
 from master.config import MasterConfig
 from master.projection import Projection, RolloutView
 from master.snapshot import load_snapshot, save_snapshot
+from master.users import UserStore
 from schemas import (
     AgentDeregistered,
     AgentOffline,
@@ -48,7 +51,9 @@ from schemas import (
     JobFinished,
     make_envelope,
 )
+from schemas.auth import AuthStart, AuthSubmit
 from schemas.events import event_name
+from schemas.registry import summarize_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class MasterRuntime:
         self._abandoned: set[str] = set()
         self._grace_timers: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[Any]] = set()
+        self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
 
     def stop(self) -> None:
         """Snapshot and stop. Safe from a signal handler."""
@@ -304,12 +310,29 @@ class MasterRuntime:
         op = msg.subject.rsplit(".", 1)[-1]
         try:
             request = decode_model(msg.data, ControlRequest) if msg.data else ControlRequest()
-            reply = ControlReply(ok=True, data=self.query(op, request.args))
+            if op.startswith("auth-"):
+                data = await self._authenticate(op, request.args)
+            else:
+                data = self.query(op, request.args)
+            reply = ControlReply(ok=True, data=data)
+        except AuthFailed as exc:
+            reply = ControlReply(ok=False, error=str(exc))
+        except ValidationError as exc:
+            reply = ControlReply(ok=False, error=f"bad request: {summarize_validation_error(exc)}")
         except (FleetError, ValueError) as exc:
             reply = ControlReply(ok=False, error=str(exc))
         if msg.reply:
             with contextlib.suppress(FleetError, nats.errors.Error):
                 await msg.respond(encode_model(reply, max_size=self.bus.settings.max_msg_size))
+
+    async def _authenticate(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "auth-salt":
+            return {"salt": self.auth.salt(str(AuthStart.model_validate(args).user))}
+        if op == "auth-start":
+            return self.auth.start(AuthStart.model_validate(args)).model_dump()
+        if op == "auth-submit":
+            return (await self.auth.submit(AuthSubmit.model_validate(args))).model_dump()
+        raise ValueError(f"unknown operation {op!r}")
 
     def query(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Answer a query from the projection (``fleet.ctl.master.<op>``)."""

@@ -255,6 +255,14 @@ class AuditCheckpoint(EventData):
     chain: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class AuthDenied(EventData):
+    """A headless login failed. Says nothing about whether the user exists."""
+
+    TYPE = "auth.denied"
+    user: UserName
+    reason: Text
+
+
 JOB_EVENTS: tuple[type[EventData], ...] = (
     JobSubmitted,
     JobCancelRequested,
@@ -279,7 +287,7 @@ UPDATE_EVENTS: tuple[type[EventData], ...] = (
     UpdateRolledBack,
     UpdateRolloutHalted,
 )
-AUDIT_EVENTS: tuple[type[EventData], ...] = (AuditCheckpoint,)
+AUDIT_EVENTS: tuple[type[EventData], ...] = (AuditCheckpoint, AuthDenied)
 ALL_EVENTS: tuple[type[EventData], ...] = JOB_EVENTS + AGENT_EVENTS + UPDATE_EVENTS + AUDIT_EVENTS
 
 AnyEventData = (
@@ -302,6 +310,7 @@ AnyEventData = (
     | UpdateRolledBack
     | UpdateRolloutHalted
     | AuditCheckpoint
+    | AuthDenied
 )
 """Every known event's data, for exhaustive ``match`` statements."""
 

@@ -12,6 +12,7 @@ from schemas import (
     AgentUnsupported,
     ArgvCommand,
     AuditCheckpoint,
+    AuthDenied,
     Envelope,
     EventData,
     JobCancelRequested,
@@ -84,6 +85,7 @@ def sample_data() -> list[EventData]:
         UpdateRolledBack(version=VERSION, agent=AGENT, restored="0.1.0", reason="no heartbeat"),
         UpdateRolloutHalted(version=VERSION, failures=3, max_failures=2, reason="too many"),
         AuditCheckpoint(count=10, through_seq=12, last_id=JOB, chain="cd" * 32),
+        AuthDenied(user="batch", reason="authentication failed"),
     ]
 
 
@@ -98,6 +100,8 @@ def subject_for(data: EventData, subjects: Subjects | None = None) -> str:
         return s.agent_event(agent, name)  # type: ignore[arg-type]
     if data.TYPE.startswith("audit."):
         return s.audit_event(name)
+    if data.TYPE.startswith("auth."):
+        return s.auth_event(name)
     return s.update_event(data.version, name, agent)  # type: ignore[attr-defined]
 
 

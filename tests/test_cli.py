@@ -85,7 +85,7 @@ def test_keys_gen_refuses_unsafe_names(tmp_path: Path) -> None:
 def test_ops_init_is_idempotent(nats_server: NatsServer) -> None:
     first = run(str(BIN / "fleet"), "ops", "init", "-s", nats_server.url, "--json")
     assert first.returncode == 0, first.stderr
-    assert len(json.loads(first.stdout)["created"]) == 7
+    assert len(json.loads(first.stdout)["created"]) == 8
     second = run(str(BIN / "fleet"), "ops", "init", "--json", env={"FLEET_SERVER": nats_server.url})
     assert second.returncode == 0
     assert json.loads(second.stdout) == {
@@ -101,10 +101,10 @@ def test_ops_init_without_a_server_is_exit_1() -> None:
     assert result.stdout == ""
 
 
-def test_daemons_not_built_yet_say_so() -> None:
+def test_headless_names_what_it_misses() -> None:
     result = run(str(BIN / "fleet-headless"))
     assert result.returncode == 2
-    assert "not available" in result.stderr
+    assert "required: -u/--user, -p/--secret, --agent" in result.stderr
 
 
 def test_readme_starts_with_install_demo_and_tests_and_ci_uses_them() -> None:

@@ -161,7 +161,10 @@ async def test_master_equals_replay_and_survives_sigkill(
     master.start()
     await master.wait_ready(bus)
     after = await state(bus)
-    assert after.to_state() == before.to_state()
+    # The master may have checkpointed meanwhile; jobs and agents must be exactly as before.
+    assert after.seq >= before.seq
+    assert after.to_state()["jobs"] == before.to_state()["jobs"]
+    assert after.to_state()["agents"] == before.to_state()["agents"]
     assert "loaded the snapshot at seq" in master.log()
     assert (await fleet(nats_server.url, key, "replay", "--verify")).returncode == 0
 

@@ -17,6 +17,7 @@ ALL_NAMES = [
     "KV_fleet-presence",
     "KV_fleet-config",
     "KV_fleet-tokens",
+    "KV_fleet-locks",
     "OBJ_fleet-bundles",
     "OBJ_fleet-snapshots",
 ]
@@ -41,6 +42,7 @@ async def test_first_run_creates_everything_of_the_design(bus: Bus) -> None:
             "KV_other-presence",
             "KV_other-config",
             "KV_other-tokens",
+            "KV_other-locks",
             "OBJ_other-bundles",
             "OBJ_other-snapshots",
         ]

@@ -1,0 +1,113 @@
+"""A lease on a KV key: held by one holder at a time, expiring by itself if abandoned.
+
+Taken with create-if-absent (``Nats-Expected-Last-Subject-Sequence``) and a per-message
+TTL, renewed by rewriting the same revision, released by a delete of that revision. A
+key whose last entry is a delete or the server's expiry marker counts as free (nats-py's
+``create()`` does not recognise those markers, hence this module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+import nats.js.errors
+
+from bus.connection import Bus
+from bus.errors import ConnectionFailedError
+
+logger = logging.getLogger(__name__)
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_FREE_OPERATIONS = ("DEL", "PURGE")
+
+
+class Lease:
+    """One named lease in a KV bucket (see :attr:`bus.subjects.Subjects.locks_bucket`)."""
+
+    def __init__(self, bus: Bus, bucket: str, key: str, holder: str, ttl_s: float) -> None:
+        self.bus = bus
+        self.stream = f"KV_{bucket}"
+        self.bucket = bucket
+        self.key = key
+        self.subject = f"$KV.{bucket}.{key}"
+        self.holder = holder
+        self.ttl_s = max(1.0, ttl_s)
+        self.revision: int | None = None
+
+    async def _free_revision(self) -> int | None:
+        """The revision to replace if the key is free, None if someone holds it."""
+        try:
+            last = await self.bus.js.get_last_msg(self.stream, self.subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        headers = last.headers or {}
+        if headers.get("KV-Operation") in _FREE_OPERATIONS or "Nats-Marker-Reason" in headers:
+            return int(last.seq or 0)
+        return None
+
+    async def _write(self, payload: bytes, expected: int, headers: dict[str, str]) -> int | None:
+        hdrs = {"Nats-Expected-Last-Subject-Sequence": str(expected), **headers}
+        try:
+            ack = await self.bus.js.publish(self.subject, payload, headers=hdrs)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                return None  # someone else wrote first
+            raise ConnectionFailedError(f"lease {self.key}: {exc.description}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise ConnectionFailedError(f"lease {self.key}: {exc}") from exc
+        return int(ack.seq)
+
+    async def try_acquire(self) -> bool:
+        """Take the lease if it is free; False if someone holds it."""
+        expected = await self._free_revision()
+        if expected is None:
+            return False
+        ttl = {"Nats-TTL": str(int(self.ttl_s))}
+        self.revision = await self._write(self.holder.encode(), expected, ttl)
+        return self.revision is not None
+
+    async def acquire(self, wait_s: float) -> bool:
+        """Take the lease, waiting up to ``wait_s`` for its holder to let go."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        kv = await self.bus.key_value(self.bucket)
+        while True:
+            watcher = await kv.watch(self.key, include_history=False)
+            try:
+                if await self.try_acquire():
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                try:
+                    async with asyncio.timeout(remaining):
+                        async for entry in watcher:
+                            if entry is not None and entry.operation in _FREE_OPERATIONS:
+                                break
+                except TimeoutError:
+                    return await self.try_acquire()
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def renew(self) -> bool:
+        """Extend the lease; False if it was lost (expired and taken by another)."""
+        if self.revision is None:
+            return False
+        ttl = {"Nats-TTL": str(int(self.ttl_s))}
+        self.revision = await self._write(self.holder.encode(), self.revision, ttl)
+        return self.revision is not None
+
+    async def keep(self) -> None:
+        """Renew every third of the TTL until cancelled."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)  # a timer, not a wait for an event
+            if not await self.renew():
+                logger.error("lease %s was lost", self.key)
+                return
+
+    async def release(self) -> None:
+        if self.revision is not None:
+            await self._write(b"", self.revision, {"KV-Operation": "DEL"})
+            self.revision = None

@@ -1,0 +1,138 @@
+"""Submitting one job without a person present, and waiting for it as asked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nats.errors
+from nats.js import api
+
+from bus import AuthError, Bus, FleetError, FleetTimeoutError, decode_event, sign_envelope
+from bus.request import control
+from bus.scram import auth_message, check_server_signature, client_proof, job_digest, new_nonce
+from headless.secret import create_hash_file, read_hash, read_nkey
+from schemas import Event, JobFinished, JobRequest, JobSubmitted, make_envelope, new_id
+from schemas.auth import AuthAccepted, AuthChallenge
+
+logger = logging.getLogger(__name__)
+
+AuthType = Literal["challenge", "nkey"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    user: str
+    agent: str
+    request: JobRequest
+    auth: AuthType
+    secret: Path
+
+
+def _show(level: int, what: str, doc: dict[str, Any]) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s %s", what, json.dumps(doc, default=lambda b: f"<{len(b)} bytes>"))
+
+
+async def submit(bus: Bus, job: Submission) -> str:
+    """Submit the job; returns its id once the event log holds it.
+
+    Raises:
+        AuthError, SecretFileError: the secret or the login failed (exit 2).
+        FleetTimeoutError, ConnectionFailedError: the master or the bus did not answer.
+    """
+    if job.auth == "nkey":
+        return await _submit_signed(bus, job)
+    return await _submit_challenge(bus, job)
+
+
+async def _submit_signed(bus: Bus, job: Submission) -> str:
+    signer = read_nkey(job.secret)
+    job_id = new_id()
+    data = JobSubmitted(job_id=job_id, agent=job.agent, request=job.request, submitted_by=job.user)
+    subject = bus.subjects.job_event(job.agent, job_id, "submitted")
+    envelope = sign_envelope(make_envelope(data, source=job.user, subject=subject), signer)
+    _show(logging.DEBUG, "→ publish", {"subject": subject, "job_id": job_id})
+    await bus.publish_event(envelope)
+    return job_id
+
+
+async def _master(bus: Bus, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    _show(logging.DEBUG, f"→ {op}", {k: v for k, v in args.items() if k != "proof"})
+    try:
+        reply = await control(bus, bus.subjects.master_control(op), args, timeout=10, attempts=2)
+    except FleetTimeoutError:
+        raise
+    except FleetError as exc:
+        if "authentication failed" in str(exc) or "bad request" in str(exc):
+            raise AuthError(str(exc)) from None
+        raise
+    _show(logging.DEBUG - 1, f"← {op}", reply.data)
+    return reply.data
+
+
+async def _submit_challenge(bus: Bus, job: Submission) -> str:
+    if job.secret.exists():
+        salted = read_hash(job.secret)
+    else:
+
+        async def salt_of() -> str:
+            return str(
+                (await _master(bus, "auth-salt", {"user": job.user, "client_nonce": new_nonce()}))[
+                    "salt"
+                ]
+            )
+
+        salted = await create_hash_file(job.secret, salt_of)
+        logger.info("created %s (mode 0400)", job.secret)
+    client_nonce = new_nonce()
+    challenge = AuthChallenge.model_validate(
+        await _master(bus, "auth-start", {"user": job.user, "client_nonce": client_nonce})
+    )
+    request = job.request.model_dump(mode="python")
+    message = auth_message(
+        job.user, client_nonce, challenge.server_nonce, job_digest(job.agent, request)
+    )
+    accepted = AuthAccepted.model_validate(
+        await _master(
+            bus,
+            "auth-submit",
+            {
+                "user": job.user,
+                "client_nonce": client_nonce,
+                "server_nonce": challenge.server_nonce,
+                "proof": client_proof(salted, message),
+                "agent": job.agent,
+                "request": request,
+            },
+        )
+    )
+    if not check_server_signature(salted, message, accepted.server_signature):
+        raise AuthError("the master could not prove it knows this user: not trusting its answer")
+    return accepted.job_id
+
+
+async def wait_finished(
+    bus: Bus, agent: str, job_id: str, timeout: float | None
+) -> JobFinished | None:
+    """The job's end, or None if ``timeout`` ran out first (the job goes on)."""
+    sub = await bus.js.subscribe(
+        bus.subjects.job_event(agent, job_id, "finished"),
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            msg = await sub.next_msg(timeout=None)
+    except (TimeoutError, nats.errors.TimeoutError):
+        return None
+    finally:
+        await sub.unsubscribe()
+    event = decode_event(msg.data)
+    if not isinstance(event, Event) or not isinstance(event.data, JobFinished):
+        raise FleetError(f"job {job_id} ended with an event this client cannot read")
+    return event.data

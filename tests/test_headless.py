@@ -1,0 +1,257 @@
+"""``fleet-headless`` against a real server, master and agent: every return code for real."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+from agents import MASTER, AgentProcess, MasterProcess, finished, job_events
+from natsserver import NatsServer, free_port
+
+from bus import Bus, generate_seed, write_seed_file
+from bus.log import read_log
+from bus.request import control
+
+HEADLESS = str(Path(sys.executable).parent / "fleet-headless")
+PASSWORD = "correct horse battery staple"
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+
+class Fleet:
+    def __init__(self, url: str, tmp: Path, master: MasterProcess) -> None:
+        self.url, self.tmp, self.master = url, tmp, master
+
+    def salt(self, user: str) -> bytes:
+        users = json.loads((self.master.dir / "data" / "users.json").read_text())
+        return str(users[user]["salt"]).encode()
+
+    def secret(
+        self, name: str = "batch.secret", password: str = PASSWORD, user: str = "batch"
+    ) -> Path:
+        path = self.tmp / name
+        write_seed_file(path, bcrypt.hashpw(password.encode(), self.salt(user)))
+        return path
+
+    async def run(self, *args: str, url: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        server = (url or self.url).removeprefix("nats://")
+        proc = await asyncio.create_subprocess_exec(
+            HEADLESS, "-s", server, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, nats_server: NatsServer, bus: Bus) -> AsyncIterator[Fleet]:
+    agent = AgentProcess(
+        tmp_path, nats_server.url, "web-1", modules={"hello": {"argv": ["echo", "hello"]}}
+    )
+    master = MasterProcess(tmp_path, nats_server.url)
+    try:
+        await agent.started(bus)
+        master.start()
+        add = await asyncio.to_thread(
+            subprocess.run,
+            [MASTER, "user", "add", "batch", "--password-stdin", "-c", str(master.config_path)],
+            input=PASSWORD + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert add.returncode == 0, add.stderr
+        await master.wait_ready(bus)
+        yield Fleet(nats_server.url, tmp_path, master)
+    finally:
+        master.stop()
+        agent.stop()
+
+
+def base(secret: Path, *more: str) -> list[str]:
+    return ["-u", "batch", "-p", str(secret), "--agent", "web-1", *more]
+
+
+async def test_success_is_quiet_and_waits_as_asked(fleet: Fleet, bus: Bus) -> None:
+    secret = fleet.secret()
+    done = await fleet.run(*base(secret, "-t", "-1", "-c", "echo from cron"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b""
+    assert done.stderr == b""
+    module = await fleet.run(*base(secret, "-t", "30", "-m", "hello"))
+    assert module.returncode == 0
+
+    # No -t: back as soon as the log holds the job, long before it ends.
+    started = time.monotonic()
+    fired = await fleet.run(*base(secret, "-v", "-c", "sleep 3; echo late"))
+    assert fired.returncode == 0
+    assert time.monotonic() - started < 3
+    job_id = fired.stderr.decode().split("job ")[1].split()[0]
+    assert (await finished(bus, "web-1", job_id)).output_tail == "late\n"
+    submitted = (await job_events(bus, job_id))[0]
+    assert submitted.source == "master"
+    assert submitted.data["submitted_by"] == "batch"
+
+
+async def test_timeout_is_3_and_the_job_goes_on(fleet: Fleet, bus: Bus) -> None:
+    result = await fleet.run(*base(fleet.secret(), "-v", "-t", "1", "-c", "sleep 4; echo done"))
+    assert result.returncode == 3
+    job_id = result.stderr.decode().split("job ")[1].split()[0]
+    assert (await finished(bus, "web-1", job_id)).status == "succeeded"
+
+
+async def test_failing_job_is_4(fleet: Fleet) -> None:
+    result = await fleet.run(
+        *base(fleet.secret(), "-t", "-1", "--lang", "python", "-c", "raise SystemExit(3)")
+    )
+    assert result.returncode == 4
+    script = fleet.tmp / "job.py"
+    script.write_text("print('python file')\n")
+    ok = await fleet.run(*base(fleet.secret("s2"), "-t", "-1", "-f", str(script)))
+    assert ok.returncode == 0
+
+
+async def test_parameter_errors_are_2_with_one_line(fleet: Fleet) -> None:
+    assert (await fleet.run("--no-such-flag")).returncode == 2
+    assert (
+        await fleet.run("-u", "batch", "--agent", "web-1", "-c", "true")
+    ).returncode == 2  # no -p
+    secret = fleet.secret()
+    secret.chmod(0o440)
+    loose = await fleet.run(*base(secret, "-c", "true"))
+    assert loose.returncode == 2
+    assert loose.stderr.decode().count("\n") == 1
+    assert "has mode 0440" in loose.stderr.decode()
+    if os.geteuid() == 0:
+        foreign = fleet.secret("foreign")
+        os.chown(foreign, 65534, 65534)
+        result = await fleet.run(*base(foreign, "-c", "true"))
+        assert result.returncode == 2
+        assert "owned by uid 65534" in result.stderr.decode()
+
+
+async def test_no_server_is_1(fleet: Fleet) -> None:
+    result = await fleet.run(*base(fleet.secret(), "-c", "true"), url=f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot connect" in result.stderr.decode()
+
+
+async def test_wrong_password_is_2_and_recorded(fleet: Fleet, bus: Bus) -> None:
+    wrong = fleet.secret("wrong", password="not the password")
+    result = await fleet.run(*base(wrong, "-c", "true"))
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == "fleet-headless: error: authentication failed"
+    unknown = await fleet.run("-u", "nobody", "-p", str(wrong), "--agent", "web-1", "-c", "true")
+    assert unknown.returncode == 2
+    assert unknown.stderr == result.stderr  # whether the user exists is not said
+    denied = await read_log(bus, bus.subjects.events_stream, bus.subjects.auth_event("denied"))
+    assert len(denied) == 2
+
+
+async def test_a_captured_exchange_cannot_be_replayed(fleet: Fleet, bus: Bus) -> None:
+    from bus.scram import auth_message, client_proof, job_digest, new_nonce
+    from schemas import ArgvCommand, JobRequest
+
+    hashed = bcrypt.hashpw(PASSWORD.encode(), fleet.salt("batch"))
+    master = bus.subjects.master_control
+    nonce = new_nonce()
+    challenge = (
+        await control(bus, master("auth-start"), {"user": "batch", "client_nonce": nonce})
+    ).data
+    request = JobRequest(command=ArgvCommand(argv=["true"])).model_dump()
+    message = auth_message("batch", nonce, challenge["server_nonce"], job_digest("web-1", request))
+    submit = {
+        "user": "batch",
+        "client_nonce": nonce,
+        "server_nonce": challenge["server_nonce"],
+        "proof": client_proof(hashed, message),
+        "agent": "web-1",
+        "request": request,
+    }
+    assert "job_id" in (await control(bus, master("auth-submit"), submit)).data
+    from bus import FleetError
+
+    with pytest.raises(FleetError, match="authentication failed"):
+        await control(bus, master("auth-submit"), submit)  # the same exchange again
+    other = {
+        **submit,
+        "request": JobRequest(command=ArgvCommand(argv=["rm", "-rf", "/"])).model_dump(),
+    }
+    with pytest.raises(FleetError, match="authentication failed"):
+        await control(bus, master("auth-submit"), other)  # the proof bound to another job
+
+
+async def test_first_use_prompts_on_a_terminal_and_writes_a_0400_hash(fleet: Fleet) -> None:
+    secret = fleet.tmp / "new.secret"
+    leader, follower = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        HEADLESS,
+        "-s",
+        fleet.url.removeprefix("nats://"),
+        *base(secret, "-t", "-1", "-c", "true"),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+    )
+    os.close(follower)
+    seen = b""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(60):
+        while b"password" not in seen:
+            seen += await loop.run_in_executor(None, os.read, leader, 1024)
+    os.write(leader, (PASSWORD + "\n").encode())
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    os.close(leader)
+    assert secret.stat().st_mode & 0o777 == 0o400
+    stored = secret.read_bytes().strip()
+    assert stored.startswith(b"$2b$12$")
+    assert bcrypt.checkpw(PASSWORD.encode(), stored)
+    assert PASSWORD.encode() not in seen  # no echo
+
+
+async def test_nkey_auth_needs_no_master(fleet: Fleet, bus: Bus) -> None:
+    seed = fleet.tmp / "batch.nk"
+    write_seed_file(seed, generate_seed())
+    fleet.master.stop()
+    result = await fleet.run("-a", "nkey", *base(seed, "-t", "-1", "-c", "echo signed"))
+    assert result.returncode == 0, result.stderr
+
+
+async def test_lock_keeps_two_clients_from_overlapping(fleet: Fleet, bus: Bus) -> None:
+    secret = fleet.secret()
+    job = ["--lock", "nightly", "-t", "-1", "-c", "date +%s.%N; sleep 2; date +%s.%N"]
+    first = asyncio.create_task(fleet.run(*base(secret, "-v", *job)))
+    # Once the first holds the lock, a second client without --lock-wait gives up at once.
+    kv = await bus.key_value(bus.subjects.locks_bucket)
+    watcher = await kv.watch("nightly")
+    async with asyncio.timeout(30):
+        async for entry in watcher:
+            if entry is not None and entry.value:
+                break
+    await watcher.stop()
+    refused = await fleet.run(*base(secret, *job))
+    assert refused.returncode == 3
+    assert "held by another client" in refused.stderr.decode()
+    second = await fleet.run(
+        *base(secret, "-v", "--lock-wait", "30", *job[2:4], "--lock", "nightly", *job[4:])
+    )
+    one = await first
+    assert one.returncode == 0, one.stderr
+    assert second.returncode == 0, second.stderr
+    spans = []
+    for result in (one, second):
+        job_id = result.stderr.decode().split("job ")[1].split()[0]
+        start, end = (await finished(bus, "web-1", job_id)).output_tail.split()
+        spans.append((float(start), float(end)))
+    spans.sort()
+    assert spans[0][1] <= spans[1][0]  # the second began after the first ended
