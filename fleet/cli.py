@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Run jobs on a fleet of machines over NATS, and audit what happened. "
-            "Exit codes: 0 ok, 1 connection error, 2 usage error, 3 timeout, 4 a job failed."
+            "Exit codes: 0 ok, 1 connection error, 2 usage error, 3 timeout, 4 a job failed, "
+            "5 verification failed (--verify)."
         ),
     )
     add_version_flag(parser, "-V", "--version")

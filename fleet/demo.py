@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bus import (
     Bus,
@@ -32,6 +33,7 @@ from bus.codec import decode_data, decode_envelope
 from bus.embedded import running_server
 from bus.errors import EXIT_OK, FleetError
 from bus.log import read_log
+from bus.request import control
 from bus.runtime import run
 from fleet.common import publish_signed
 from fleet.follow import JobFollower, OutputPrinter
@@ -86,6 +88,12 @@ def _demo(work: Path) -> int:
             f'nkey_file = "{agent_key}"\n'
             'heartbeat_s = 1.0\nlog_level = "WARNING"\n[labels]\nrole = "demo"\n'
         )
+        master_key = work / "master.nk"
+        write_seed_file(master_key, generate_seed())
+        (work / "master.toml").write_text(
+            f'server = "{server.url}"\ndata_dir = "{work / "master"}"\n'
+            f'nkey_file = "{master_key}"\nlog_level = "WARNING"\n'
+        )
         operator_key = work / "operator.nk"
         write_seed_file(operator_key, generate_seed())
         return run(_round_trip(server.url, config, operator_key, started), use_uvloop=False)
@@ -96,11 +104,24 @@ async def _round_trip(url: str, config: Path, operator_key: Path, started: float
     async with await connect(settings) as bus:
         report = await provision(bus.js, bus.subjects)
         _say(f"created {len(report.created)} streams and buckets: {', '.join(report.created)}")
-        _say("starting an agent (fleet-agentd) as a separate process")
+        master_config = config.with_name("master.toml")
+        _say("starting the master (fleet-master) and an agent (fleet-agentd) as processes")
+        master = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "master",
+            "run",
+            "-c",
+            str(master_config),
+            stdin=subprocess.DEVNULL,
+        )
         agent = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agentd", "-c", str(config), stdin=subprocess.DEVNULL
         )
         try:
+            status = await control(bus, bus.subjects.master_control("status"), attempts=5)
+            config_hash = status.data["config_hash"][:12]
+            _say(f"master up (config hash {config_hash}), folding the log as it grows")
             presence = await _wait_for_agent(bus, "demo")
             p = presence
             _say(f"agent {p.agent} online: version {p.version}, host {p.host}, labels {p.labels}")
@@ -129,17 +150,35 @@ async def _round_trip(url: str, config: Path, operator_key: Path, started: float
                 f"result: {view.status}, exit code {view.exit_code}, "
                 f"{view.duration_s:.3f}s on the agent, {size} bytes of output"
             )
+            known = await _master_view(bus, job_id, follower.projection.seq)
+            _say(
+                f"the master's projection agrees: job {known['status']}, exit {known['exit_code']}"
+            )
             await _print_trail(bus)
         finally:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await agent.wait()
-            except TimeoutError:
-                agent.kill()
-                await agent.wait()
-        _say(f"stopped the agent and the server; the demo took {time.monotonic() - started:.1f}s")
+            for proc in (agent, master):
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(15):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+        elapsed = time.monotonic() - started
+        _say(f"stopped the master, the agent and the server; the demo took {elapsed:.1f}s")
         return EXIT_OK if view.status == "succeeded" else 4
+
+
+async def _master_view(bus: Bus, job_id: str, seq: int) -> dict[str, Any]:
+    """The master's record of the job, once it has folded the log up to ``seq``."""
+    async with asyncio.timeout(15):
+        while True:
+            status = await control(bus, bus.subjects.master_control("status"), attempts=3)
+            if status.data["seq"] >= seq:
+                break
+            await asyncio.sleep(0.05)  # the master is a few events behind: ask again
+    reply = await control(bus, bus.subjects.master_control("job"), {"job_id": job_id})
+    return reply.data
 
 
 async def _wait_for_agent(bus: Bus, agent: str) -> Presence:

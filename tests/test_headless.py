@@ -255,3 +255,32 @@ async def test_lock_keeps_two_clients_from_overlapping(fleet: Fleet, bus: Bus) -
         spans.append((float(start), float(end)))
     spans.sort()
     assert spans[0][1] <= spans[1][0]  # the second began after the first ended
+
+
+def test_user_management_refuses_what_bcrypt_would_weaken(tmp_path: Path) -> None:
+    config = tmp_path / "master.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+
+    def user(*args: str, password: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MASTER, "user", *args, "--password-stdin", "-c", str(config)],
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    long = user("add", "batch", password="x" * 73)
+    assert long.returncode == 2
+    assert "73 bytes; bcrypt uses at most 72" in long.stderr
+    assert user("add", "batch", "--cost", "10", password="pw").returncode == 2
+    assert user("add", "batch", password="pw").returncode == 0
+    assert "exists already" in user("add", "batch", password="pw").stderr
+    assert user("passwd", "batch", password="new").returncode == 0
+    stored = json.loads((tmp_path / "data" / "users.json").read_text())["batch"]
+    assert set(stored) == {"salt", "stored_key", "server_key"}  # no hash, no password
+    assert (tmp_path / "data" / "users.json").stat().st_mode & 0o777 == 0o600
+    assert (
+        subprocess.run([MASTER, "user", "del", "batch", "-c", str(config)], timeout=60).returncode
+        == 0
+    )

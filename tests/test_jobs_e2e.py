@@ -461,6 +461,7 @@ def test_fleet_demo_runs_on_a_fresh_default() -> None:
     out = result.stdout.decode()
     assert "hello from fleetbus" in out
     assert "result: succeeded, exit code 0" in out
+    assert "the master's projection agrees: job succeeded" in out
     for event in ("agent.online", "job.submitted", "job.started", "job.finished"):
         assert event in out
     assert "NOT VERIFIED" not in out
