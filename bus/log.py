@@ -19,7 +19,7 @@ from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
 
 _INACTIVE_S = 60.0
-_BATCH = 256
+_BATCH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class Tail:
         self.subject = subject
         self._sub: nats.js.JetStreamContext.PullSubscription | None = None
         self.last_seq = 0
+        self._behind: int | None = None  # messages after the last one read, as it said
 
     @classmethod
     async def open(cls, bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> Tail:
@@ -84,6 +85,7 @@ class Tail:
         for msg in msgs:
             seq = msg.metadata.sequence.stream
             self.last_seq = seq
+            self._behind = msg.metadata.num_pending
             records.append(LogRecord(seq, msg.subject, msg.data, dict(msg.headers or {})))
         return records
 
@@ -99,8 +101,13 @@ class Tail:
     async def read_available(self) -> list[LogRecord]:
         """Everything stored now that has not been read yet."""
         out: list[LogRecord] = []
-        while await self.pending():
-            out.extend(await self.fetch(timeout=2.0))
+        # Each message says how many follow it; only when that is unknown ask the server.
+        while (self._behind if self._behind is not None else await self.pending()) > 0:
+            batch = await self.fetch(timeout=2.0)
+            if not batch:
+                self._behind = None
+            out.extend(batch)
+        self._behind = None  # later reads must look again: the log may have grown
         return out
 
     async def close(self) -> None:

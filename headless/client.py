@@ -12,7 +12,15 @@ from typing import Any, Literal
 import nats.errors
 from nats.js import api
 
-from bus import AuthError, Bus, FleetError, FleetTimeoutError, decode_event, sign_envelope
+from bus import (
+    AuthError,
+    Bus,
+    ConnectionFailedError,
+    FleetError,
+    FleetTimeoutError,
+    decode_event,
+    sign_envelope,
+)
 from bus.request import control
 from bus.scram import auth_message, check_server_signature, client_proof, job_digest, new_nonce
 from headless.secret import create_hash_file, read_hash, read_nkey
@@ -65,8 +73,9 @@ async def _master(bus: Bus, op: str, args: dict[str, Any]) -> dict[str, Any]:
     _show(logging.DEBUG, f"→ {op}", {k: v for k, v in args.items() if k != "proof"})
     try:
         reply = await control(bus, bus.subjects.master_control(op), args, timeout=10, attempts=2)
-    except FleetTimeoutError:
-        raise
+    except FleetTimeoutError as exc:
+        # Nobody answering is the service being unreachable (1), not a job timeout (3).
+        raise ConnectionFailedError(f"no master answers ({exc}); is fleet-master running?") from exc
     except FleetError as exc:
         if "authentication failed" in str(exc) or "bad request" in str(exc):
             raise AuthError(str(exc)) from None

@@ -225,6 +225,10 @@ async def test_nkey_auth_needs_no_master(fleet: Fleet, bus: Bus) -> None:
     fleet.master.stop()
     result = await fleet.run("-a", "nkey", *base(seed, "-t", "-1", "-c", "echo signed"))
     assert result.returncode == 0, result.stderr
+    # The challenge needs the master: with none answering, that is a connection error.
+    no_master = await fleet.run(*base(fleet.secret(), "-c", "true"))
+    assert no_master.returncode == 1
+    assert "no master answers" in no_master.stderr.decode()
 
 
 async def test_lock_keeps_two_clients_from_overlapping(fleet: Fleet, bus: Bus) -> None:
