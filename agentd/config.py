@@ -86,6 +86,11 @@ class AgentConfig(BaseModel):
         default=None,
         description="which operator keys may run which modules or commands, as which users",
     )
+    replay_window_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a request stored this long after it was signed is refused as a replay",
+    )
     heartbeat_s: float = Field(
         default=5.0, gt=0, le=60, description="seconds between presence heartbeats"
     )

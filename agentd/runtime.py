@@ -37,6 +37,7 @@ from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
 from agentd.supervise import Outcome, StopRequest, supervise
+from agentd.trust import load_trust, refusal
 from bus import (
     BadMessageError,
     Bus,
@@ -144,6 +145,9 @@ class AgentRuntime:
         self._started_at = time.time_ns()
         self._user = effective_user()
         self._tg: asyncio.TaskGroup | None = None
+        self._trust = load_trust(config.trust_file) if config.trust_file else None
+        if self._trust is None:
+            logger.warning("no trust_file: this agent runs any request, signed or not")
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -162,6 +166,7 @@ class AgentRuntime:
         if ignored:
             logger.warning("reload: %s change only on restart", ", ".join(ignored))
             config = config.model_copy(update={k: getattr(self.config, k) for k in ignored})
+        self._trust = load_trust(config.trust_file) if config.trust_file else None
         self.config = config
         self.version = config.version or fleetbus_version()
         self._slot_free.set()  # max_jobs may have grown
@@ -314,11 +319,23 @@ class AgentRuntime:
                 raise BadMessageError(f"envelope subject {envelope.subject} is not {msg.subject}")
             if envelope.type != expected.TYPE:
                 raise BadMessageError(f"{envelope.type} on a {expected.TYPE} subject")
-            if envelope.signed:
-                verify_envelope(envelope, subject=msg.subject)
-        except (BadMessageError, SignatureError) as exc:
+        except BadMessageError as exc:
             await self._malformed(msg, str(exc))
             return None
+        if envelope.signed:
+            try:
+                verify_envelope(envelope, subject=msg.subject)
+            except SignatureError as exc:
+                if (
+                    expected is JobSubmitted
+                    and _valid_job_id(job_id)
+                    and not self._journal.knows(job_id)
+                ):
+                    await self._finish(job_id, "rejected", reason=f"bad signature: {exc}")
+                    await _ack(msg)
+                else:
+                    await self._malformed(msg, str(exc))
+                return None
         try:
             decoded = decode_data(envelope)
         except BadMessageError as exc:
@@ -359,7 +376,23 @@ class AgentRuntime:
             return
         if self._journal.knows(job_id) or job_id in self._jobs:
             self.counters.duplicates_skipped += 1
-            logger.info("job %s was already taken here; not running it again", job_id)
+            logger.warning(
+                "! job %s was already taken here (a replay?); not running it again", job_id
+            )
+            await msg.ack()
+            return
+        stored_ns = (
+            int(msg.metadata.timestamp.timestamp() * 1e9) if msg.metadata.timestamp else None
+        )
+        signed_ns = decoded.envelope.ts
+        if stored_ns is not None and abs(stored_ns - signed_ns) > self.config.replay_window_s * 1e9:
+            lag = (stored_ns - signed_ns) / 1e9
+            await self._finish(
+                job_id,
+                "rejected",
+                reason=f"stored {lag:.0f}s after it was signed, outside the "
+                f"{self.config.replay_window_s:g}s validity window (a replayed request?)",
+            )
             await msg.ack()
             return
         assert isinstance(decoded.data, JobSubmitted)
@@ -376,6 +409,11 @@ class AgentRuntime:
             return
         job_id, decoded = result
         running = self._jobs.get(job_id)
+        signer = decoded.envelope.signer
+        if self._trust is not None and (signer is None or self._trust.for_key(signer) is None):
+            logger.warning("! cancel of job %s ignored: not signed by a trusted key", job_id)
+            await msg.ack()
+            return
         if running is not None and isinstance(decoded, Event):
             data = decoded.data
             detail = f"cancelled by {data.requested_by}" + (
@@ -410,7 +448,7 @@ class AgentRuntime:
     ) -> None:
         command: ResolvedCommand | None = None
         try:
-            command = await self._prepare(msg, job)
+            command = await self._prepare(msg, envelope, job)
             if command is not None:
                 await self._execute(msg, job, command, running)
         except Exception:  # a bug must end this job, not the agent
@@ -423,9 +461,17 @@ class AgentRuntime:
             self._jobs.pop(job.job_id, None)
             self._slot_free.set()
 
-    async def _prepare(self, msg: Msg, job: JobSubmitted) -> ResolvedCommand | None:
+    async def _prepare(
+        self, msg: Msg, envelope: Envelope, job: JobSubmitted
+    ) -> ResolvedCommand | None:
         """Everything that can end a job before it starts. None if it ended."""
         request = job.request
+        if self._trust is not None:
+            reason = refusal(self._trust, envelope, job)
+            if reason is not None:
+                await self._finish(job.job_id, "rejected", reason=reason)
+                await msg.ack()
+                return None
         if request.expires_at is not None and time.time_ns() > request.expires_at:
             waited = (time.time_ns() - id_time_ns(job.job_id)) / 1e9
             await self._finish(
