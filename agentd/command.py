@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,12 @@ class ResolvedCommand:
     def cleanup(self) -> None:
         for path in self.files:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                path.rmdir() if path.is_dir() else path.unlink()
 
 
-def resolve_command(command: Command, config: AgentConfig, job_id: str) -> ResolvedCommand:
+def resolve_command(
+    command: Command, config: AgentConfig, job_id: str, owner: tuple[int, int] | None = None
+) -> ResolvedCommand:
     """Turn a request's command into an argv.
 
     Raises:
@@ -48,12 +51,20 @@ def resolve_command(command: Command, config: AgentConfig, job_id: str) -> Resol
         argv = [*spec.argv, *command.args]
         return ResolvedCommand(argv, f"module {command.module}: {shlex.join(argv)}")
     assert isinstance(command, ScriptCommand)
-    scripts = config.data_dir / "scripts"
-    scripts.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if owner is None:
+        scripts = config.data_dir / "scripts"
+        scripts.mkdir(mode=0o700, parents=True, exist_ok=True)
+    else:
+        # The run-as user must read the script, and nobody else: a private temp dir.
+        scripts = Path(tempfile.mkdtemp(prefix=f"fleet-job-{job_id}-"))
+        os.chown(scripts, *owner)
     path = scripts / f"{job_id}.script"
     # Readable only by the agent's user: a script may hold things others should not read.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o700)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(command.script)
+    if owner is not None:
+        os.chown(path, *owner)
     argv = [*command.interpreter, str(path), *command.args]
-    return ResolvedCommand(argv, f"script via {shlex.join(command.interpreter)}", [path])
+    made = [path] if owner is None else [path, scripts]
+    return ResolvedCommand(argv, f"script via {shlex.join(command.interpreter)}", made)

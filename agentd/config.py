@@ -82,6 +82,10 @@ class AgentConfig(BaseModel):
         description="'self': every job runs as the agent's own user; 'root': a job runs as "
         "the user it asks for, after PAM or an nkey grant",
     )
+    pam_service: str = Field(
+        default="fleet-agentd",
+        description="the PAM service (/etc/pam.d/NAME) that checks run-as passwords in root mode",
+    )
     trust_file: Path | None = Field(
         default=None,
         description="which operator keys may run which modules or commands, as which users",

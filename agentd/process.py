@@ -96,13 +96,25 @@ def kill_leftovers(pgid: int, leader_start_ticks: int | None) -> int:
 
 
 async def spawn(
-    argv: list[str], *, env: Mapping[str, str], cwd: str | None
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    as_user: tuple[int, int, list[int]] | None = None,
 ) -> asyncio.subprocess.Process:
     """Start a job process in a new session, with pipes for stdout and stderr.
+
+    ``as_user`` is ``(uid, gid, groups)``: the child sets its supplementary groups, then
+    its gid, then its uid (the order CPython applies ``extra_groups``, ``group``,
+    ``user``), so it keeps nothing of root; a sane umask and no inherited descriptors.
 
     Raises:
         OSError: the program cannot be started (not found, not executable, bad cwd).
     """
+    drop: dict[str, object] = {}
+    if as_user is not None:
+        uid, gid, groups = as_user
+        drop = {"user": uid, "group": gid, "extra_groups": groups, "umask": 0o022}
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -112,6 +124,7 @@ async def spawn(
         env=dict(env),
         start_new_session=True,
         close_fds=True,
+        **drop,  # type: ignore[arg-type]
     )
 
 

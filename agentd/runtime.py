@@ -36,14 +36,16 @@ from agentd.journal import Journal
 from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
+from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
 from agentd.supervise import Outcome, StopRequest, supervise
-from agentd.trust import load_trust, refusal
+from agentd.trust import grants_user, load_trust, refusal
 from bus import (
     BadMessageError,
     Bus,
     FleetError,
     SignatureError,
     Signer,
+    UsageError,
     decode_envelope,
     decode_model,
     encode_model,
@@ -145,6 +147,8 @@ class AgentRuntime:
         self._started_at = time.time_ns()
         self._user = effective_user()
         self._tg: asyncio.TaskGroup | None = None
+        if config.run_as_mode == "root" and os.geteuid() != 0:
+            raise UsageError("run_as_mode = root needs the agent to run as root")
         self._trust = load_trust(config.trust_file) if config.trust_file else None
         if self._trust is None:
             logger.warning("no trust_file: this agent runs any request, signed or not")
@@ -448,9 +452,10 @@ class AgentRuntime:
     ) -> None:
         command: ResolvedCommand | None = None
         try:
-            command = await self._prepare(msg, envelope, job)
-            if command is not None:
-                await self._execute(msg, job, command, running)
+            prepared = await self._prepare(msg, envelope, job)
+            if prepared is not None:
+                command, identity = prepared
+                await self._execute(msg, job, command, running, identity)
         except Exception:  # a bug must end this job, not the agent
             logger.exception("! job %s failed inside the agent", job.job_id)
             await self._finish(job.job_id, "failed", reason="internal error in the agent")
@@ -463,7 +468,7 @@ class AgentRuntime:
 
     async def _prepare(
         self, msg: Msg, envelope: Envelope, job: JobSubmitted
-    ) -> ResolvedCommand | None:
+    ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         request = job.request
         if self._trust is not None:
@@ -490,32 +495,70 @@ class AgentRuntime:
             )
             await msg.ack()
             return None
+        identity = None
         if request.run_as and request.run_as != self._user and self.config.run_as_mode == "root":
-            await self._finish(
-                job.job_id,
-                "rejected",
-                reason=f"running as {request.run_as} needs PAM or an nkey grant, "
-                "which this agent does not offer yet",
-            )
-            await msg.ack()
-            return None
+            identity = await self._authorize_run_as(envelope, job)
+            if identity is None:
+                await msg.ack()
+                return None
+        owner = (identity.uid, identity.gid) if identity else None
         try:
-            return resolve_command(request.command, self.config, job.job_id)
+            return resolve_command(request.command, self.config, job.job_id, owner), identity
         except CommandRejected as exc:
             await self._finish(job.job_id, "rejected", reason=str(exc))
             await msg.ack()
             return None
 
+    async def _authorize_run_as(self, envelope: Envelope, job: JobSubmitted) -> Identity | None:
+        """The identity to run as, after an nkey grant or PAM; None (and rejected) if not.
+
+        The caller learns only "authentication failed": never whether the user exists.
+        """
+        user = job.request.run_as
+        assert user is not None
+        identity = lookup(user)
+        if identity is not None and grants_user(self._trust, envelope, user):
+            logger.info("job %s runs as %s by an nkey grant", job.job_id, user)
+            return identity
+        password = b""
+        if job.request.credential is not None:
+            try:
+                password = self.signer.open_sealed(job.request.credential)
+            except SignatureError:
+                password = b""
+        # An empty password never reaches PAM (nullok would let it in).
+        if identity is not None and password:
+            try:
+                if await asyncio.to_thread(pam_allows, self.config.pam_service, user, password):
+                    logger.info("job %s runs as %s after PAM", job.job_id, user)
+                    return identity
+            except PamServiceMissing as exc:
+                logger.error("! %s", exc)
+                await self._finish(job.job_id, "rejected", reason=str(exc))
+                return None
+        logger.warning("! job %s: running as %s refused: authentication failed", job.job_id, user)
+        await self._finish(job.job_id, "rejected", reason="authentication failed")
+        return None
+
     async def _execute(
-        self, msg: Msg, job: JobSubmitted, command: ResolvedCommand, running: _RunningJob
+        self,
+        msg: Msg,
+        job: JobSubmitted,
+        command: ResolvedCommand,
+        running: _RunningJob,
+        identity: Identity | None,
     ) -> None:
         request = job.request
         self._journal.record(job.job_id, "starting")
-        env = base_environment(request.env, job.job_id)
+        if identity is None:
+            env, as_user = base_environment(request.env, job.job_id), None
+        else:
+            env = identity.environment(request.env, job.job_id)
+            as_user = (identity.uid, identity.gid, identity.groups)
         cwd = request.cwd or env["HOME"]
         begun = time.monotonic()
         try:
-            proc = await spawn(command.argv, env=env, cwd=cwd)
+            proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
         except OSError as exc:
             await self._finish(
                 job.job_id,
@@ -534,7 +577,7 @@ class AgentRuntime:
                 agent=self.id,
                 pid=proc.pid,
                 run_as=request.run_as,
-                effective_user=self._user,
+                effective_user=identity.name if identity else self._user,
             )
         )
         output = JobOutput(
@@ -642,6 +685,7 @@ class AgentRuntime:
             state="draining" if self._stopping.is_set() else "ready",
             running=sorted(self._jobs),
             max_jobs=self.config.max_jobs,
+            public_key=self.signer.public_key,
             started_at=self._started_at,
             ts=time.time_ns(),
         )

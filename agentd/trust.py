@@ -93,6 +93,15 @@ def refusal(trust: TrustFile, envelope: Envelope, job: JobSubmitted) -> str | No
     elif not grant.commands:
         return f"{who} may run modules only, not commands or scripts"
     run_as = job.request.run_as
-    if run_as is not None and not _any(grant.users, run_as):
+    if run_as is not None and not _any(grant.users, run_as) and job.request.credential is None:
+        # Without a grant for the user, only the user's own password (PAM) can allow it.
         return f"{who} may not run jobs as {run_as}"
     return None
+
+
+def grants_user(trust: TrustFile | None, envelope: Envelope, user: str) -> bool:
+    """Whether the signer holds an nkey grant to run jobs as ``user``."""
+    if trust is None or envelope.signer is None:
+        return False
+    grant = trust.for_key(envelope.signer)
+    return grant is not None and _any(grant.users, user)

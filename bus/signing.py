@@ -13,6 +13,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import nacl.exceptions
+import nacl.public
 import nkeys
 
 from bus.codec import canonical_bytes
@@ -40,8 +41,35 @@ class Signer:
         signature: bytes = self._kp.sign(data)
         return signature
 
+    def open_sealed(self, sealed: bytes) -> bytes:
+        """Open what :func:`seal_for` sealed to this key.
+
+        Raises:
+            SignatureError: not sealed to this key, or altered.
+        """
+        try:
+            private = self._kp._keys.to_curve25519_private_key()
+            opened: bytes = nacl.public.SealedBox(private).decrypt(sealed)
+        except (nacl.exceptions.CryptoError, TypeError, ValueError):
+            raise SignatureError("the sealed credential cannot be opened with this key") from None
+        return opened
+
     def __repr__(self) -> str:
         return f"Signer(public_key={self.public_key!r})"
+
+
+def seal_for(public_key: str, secret: bytes) -> bytes:
+    """Encrypt ``secret`` so that only the holder of ``public_key``'s seed can read it.
+
+    A libsodium sealed box to the curve25519 form of the nkey's ed25519 key: anonymous,
+    and authenticated against tampering.
+
+    Raises:
+        UsageError: not a valid nkey public key.
+    """
+    curve = verify_key_for(public_key).to_curve25519_public_key()
+    sealed: bytes = nacl.public.SealedBox(curve).encrypt(secret)
+    return sealed
 
 
 def sign_envelope(envelope: Envelope, signer: Signer) -> Envelope:

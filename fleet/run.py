@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bus import Bus, Signer, UsageError, check_agent_id, connect
+from bus import Bus, Signer, UsageError, check_agent_id, connect, seal_for
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
 from fleet.common import (
@@ -88,6 +88,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     what.add_argument("--cwd", metavar="DIR", help="working directory on the agent")
     what.add_argument("--user", metavar="USER", help="run as this user (needs the agent's consent)")
+    what.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="with --user: read the user's password from stdin; it is sealed to each "
+        "agent's key and checked there by PAM",
+    )
     what.add_argument(
         "--timeout", type=float, metavar="S", help="the agent stops the job after S seconds"
     )
@@ -217,6 +223,24 @@ class Outcome:
         return doc
 
 
+def sealed_for(
+    request: JobRequest, agent: str, online: dict[str, Presence], password: bytes | None
+) -> JobRequest:
+    """The request with the password sealed to this agent's key, if there is a password.
+
+    Raises:
+        UsageError: the agent is offline or does not publish its key.
+    """
+    if password is None:
+        return request
+    presence = online.get(agent)
+    if presence is None or presence.public_key is None:
+        raise UsageError(
+            f"cannot seal the password for {agent}: it is offline (its key is unknown)"
+        )
+    return request.model_copy(update={"credential": seal_for(presence.public_key, password)})
+
+
 async def submit(
     bus: Bus,
     agent: str,
@@ -235,6 +259,11 @@ async def submit(
 
 async def run_command(args: argparse.Namespace) -> int:
     request = build_request(args)
+    password = None
+    if args.password_stdin:
+        if not args.user:
+            raise UsageError("--password-stdin goes with --user")
+        password = sys.stdin.readline().rstrip("\n").encode()
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     who, signer = operator_signer(args.nkey)
@@ -245,7 +274,8 @@ async def run_command(args: argparse.Namespace) -> int:
             jobs = []
             for agent in targets:
                 job_id = new_id()
-                data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
+                sealed = sealed_for(request, agent, online, password)
+                data = JobSubmitted(job_id=job_id, agent=agent, request=sealed, submitted_by=who)
                 await publish_signed(
                     bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted")
                 )
@@ -257,8 +287,9 @@ async def run_command(args: argparse.Namespace) -> int:
                     print(f"{job['job_id']}\t{job['agent']}")
             return EXIT_OK
         printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
+        requests = {a: sealed_for(request, a, online, password) for a in targets}
         outcomes, timed_out = await _run_batches(
-            bus, args, targets, online, request, who, signer, printer
+            bus, args, targets, online, requests, who, signer, printer
         )
     if args.json:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes]}))
@@ -274,7 +305,7 @@ async def _run_batches(
     args: argparse.Namespace,
     targets: list[str],
     online: dict[str, Presence],
-    request: JobRequest,
+    requests: dict[str, JobRequest],
     who: str,
     signer: Signer,
     printer: OutputPrinter | None,
@@ -290,7 +321,9 @@ async def _run_batches(
                 for a in batch
             ]
             continue
-        followers = [await submit(bus, agent, request, who, signer, printer) for agent in batch]
+        followers = [
+            await submit(bus, agent, requests[agent], who, signer, printer) for agent in batch
+        ]
         for follower in followers:
             if follower.agent not in online and not args.json:
                 note = await offline_since(bus, follower.agent)

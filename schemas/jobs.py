@@ -80,6 +80,8 @@ class JobRequest(BaseModel):
     env: Annotated[dict[str, str], Field(max_length=MAX_ENV), AfterValidator(_check_env)] = {}
     cwd: str | None = None
     run_as: UserName | None = None
+    credential: Annotated[bytes, Field(max_length=512)] | None = None
+    """The run-as user's password, sealed to the agent's key (never in clear)."""
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     expires_at: TimestampNs | None = None
     labels: Labels = {}

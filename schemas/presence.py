@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.fields import AgentId, EventId, Labels, TimestampNs
+from schemas.fields import AgentId, EventId, Labels, PublicKey, TimestampNs
 
 PRESENCE_VERSION = 1
 
@@ -25,5 +25,7 @@ class Presence(BaseModel):
     state: AgentState = "ready"
     running: list[EventId] = []
     max_jobs: int = Field(ge=1)
+    public_key: PublicKey | None = None
+    """The agent's nkey: what operators seal run-as passwords to."""
     started_at: TimestampNs
     ts: TimestampNs

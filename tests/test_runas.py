@@ -1,0 +1,226 @@
+"""Run-as in root mode with real PAM: a throwaway user and PAM service, removed after."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agents import FLEET, AgentProcess, fleet_env, job_events
+from natsserver import NatsServer
+
+from bus import Bus, Signer
+from bus.log import read_log
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="running jobs as other users needs root"),
+    pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd"),
+    pytest.mark.slow,
+]
+Agents = Callable[..., AgentProcess]
+
+
+class Throwaway:
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.name = f"fleett{tag}"
+        self.password = f"pw-{secrets.token_hex(8)}"
+        self.service = f"fleettest-{tag}"
+        self.pam_file = Path("/etc/pam.d") / self.service
+
+
+@pytest.fixture
+def user() -> Iterator[Throwaway]:
+    u = Throwaway()
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", u.name], check=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{u.name}:{u.password}\n", text=True, check=True)
+        u.pam_file.write_text("auth required pam_unix.so\naccount required pam_unix.so\n")
+        yield u
+    finally:
+        u.pam_file.unlink(missing_ok=True)
+        subprocess.run(["userdel", "-r", u.name], capture_output=True, check=False)
+
+
+async def fleet(
+    url: str, key: Path, *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        FLEET,
+        *args,
+        env=fleet_env(url, key),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+async def test_pam_decides_and_privileges_are_dropped(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    operator: tuple[Path, Signer],
+    user: Throwaway,
+    tmp_path: Path,
+) -> None:
+    agent = await agent_factory("web-1", run_as_mode="root", pam_service=user.service).started(bus)
+    url, key = nats_server.url, operator[0]
+    probe = ["sh", "-c", "id -un; id -u; id -G; pwd; umask; echo $HOME $USER"]
+
+    ok = await fleet(
+        url,
+        key,
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        user.name,
+        "--password-stdin",
+        "--",
+        *probe,
+        stdin=user.password + "\n",
+    )
+    assert ok.returncode == 0, ok.stderr
+    name, uid, groups, cwd, umask, env = ok.stdout.decode().splitlines()
+    assert name == user.name
+    assert uid != "0"
+    assert "0" not in groups.split()  # no group of root's left: groups were set first
+    assert cwd == f"/home/{user.name}"
+    assert umask == "0022"
+    assert env == f"/home/{user.name} {user.name}"
+
+    marker = tmp_path / "ran"
+    # Writable by the run-as user: otherwise "nothing ran" would prove nothing.
+    os.chmod(tmp_path, 0o777)  # noqa: S103
+    touch = ["touch", str(marker)]
+    for password, why in ((user.password + "x", "wrong"), ("", "empty")):
+        bad = await fleet(
+            url,
+            key,
+            "run",
+            "-a",
+            "web-1",
+            "--user",
+            user.name,
+            "--password-stdin",
+            "--json",
+            "--",
+            *touch,
+            stdin=password + "\n",
+        )
+        assert bad.returncode == 4, why
+        assert b'"status": "rejected"' in bad.stdout, why
+    assert not marker.exists()
+    stranger = await fleet(
+        url,
+        key,
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        "nosuchuser",
+        "--password-stdin",
+        "--json",
+        "--",
+        "true",
+        stdin="pw\n",
+    )
+    assert b'"note": "authentication failed"' in stranger.stdout  # same words as a wrong password
+
+    await asyncio.to_thread(subprocess.run, ["usermod", "--expiredate", "1", user.name], check=True)
+    expired = await fleet(
+        url,
+        key,
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        user.name,
+        "--password-stdin",
+        "--json",
+        "--",
+        "true",
+        stdin=user.password + "\n",
+    )
+    assert b'"status": "rejected"' in expired.stdout  # the account phase said no
+
+    # The password is nowhere: not in the log, not in the agent's log.
+    records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
+    assert all(user.password.encode() not in r.data for r in records)
+    assert user.password not in agent.log()
+
+
+async def test_missing_pam_service_is_an_error_not_a_fallback(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    operator: tuple[Path, Signer],
+    user: Throwaway,
+) -> None:
+    await agent_factory("web-1", run_as_mode="root", pam_service="fleet-no-such-service").started(
+        bus
+    )
+    result = await fleet(
+        nats_server.url,
+        operator[0],
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        user.name,
+        "--password-stdin",
+        "--json",
+        "--",
+        "true",
+        stdin=user.password + "\n",
+    )
+    assert result.returncode == 4
+    assert b"PAM service fleet-no-such-service is not installed" in result.stdout
+
+
+async def test_an_nkey_grant_runs_as_the_user_without_a_password(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    operator: tuple[Path, Signer],
+    user: Throwaway,
+    tmp_path: Path,
+) -> None:
+    trust = tmp_path / "trust.toml"
+    trust.write_text(
+        f'[[grant]]\nkey = "{operator[1].public_key}"\ncommands = true\nusers = ["{user.name}"]\n'
+    )
+    await agent_factory(
+        "web-1", run_as_mode="root", pam_service=user.service, trust_file=str(trust)
+    ).started(bus)
+    result = await fleet(
+        nats_server.url, operator[0], "run", "-a", "web-1", "--user", user.name, "--", "id", "-un"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == user.name
+    refused = await fleet(
+        nats_server.url,
+        operator[0],
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        "root",
+        "--json",
+        "--",
+        "id",
+        "-un",
+    )
+    assert b"may not run jobs as root" in refused.stdout
+    started = [e for e in await job_events(bus, "*") if e.type == "job.started"]
+    assert started
+    assert started[-1].data["run_as"] == user.name
+    assert started[-1].data["effective_user"] == user.name
