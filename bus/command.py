@@ -57,6 +57,31 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="nkey seed file to authenticate with, mode 0400 (env FLEET_NKEY)",
     )
+    add_tls_args(group)
+
+
+def add_tls_args(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` (env ``FLEET_TLS_CA`` …)."""
+    for name, what in (
+        ("ca", "CA bundle to verify the server"),
+        ("cert", "client certificate"),
+        ("key", "client key"),
+    ):
+        group.add_argument(
+            f"--tls-{name}",
+            type=Path,
+            metavar="FILE",
+            help=f"TLS: {what} (env FLEET_TLS_{name.upper()})",
+        )
+
+
+def tls_settings(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The TLS files from flags, else the environment."""
+    out: dict[str, Path | None] = {}
+    for name in ("ca", "cert", "key"):
+        value = getattr(args, f"tls_{name}", None) or os.environ.get(f"FLEET_TLS_{name.upper()}")
+        out[f"tls_{name}"] = Path(value) if value else None
+    return out
 
 
 def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
@@ -64,7 +89,7 @@ def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
     server = args.server or os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
     nkey = args.nkey or (Path(os.environ["FLEET_NKEY"]) if os.environ.get("FLEET_NKEY") else None)
     servers = [s.strip() for s in server.split(",") if s.strip()]
-    return ConnectSettings(servers=servers, nkey_file=nkey, name=name)
+    return ConnectSettings(servers=servers, nkey_file=nkey, name=name, **tls_settings(args))
 
 
 def configure_logging(level: str | int = "WARNING") -> None:

@@ -144,15 +144,12 @@ class Bus:
             FleetTimeoutError: no such refusal within ``timeout`` seconds.
         """
 
-        def found() -> PermissionDeniedError | None:
-            return next((e for e in self.permission_errors if e.subject == subject), None)
-
         try:
             async with asyncio.timeout(timeout), self._denied:
-                await self._denied.wait_for(lambda: found() is not None)
+                await self._denied.wait_for(lambda: self.denial(subject) is not None)
         except TimeoutError:
             raise FleetTimeoutError(f"{subject} was not refused within {timeout:g}s") from None
-        denial = found()
+        denial = self.denial(subject)
         assert denial is not None
         return denial
 
@@ -178,7 +175,17 @@ class Bus:
             stream=self.subjects.events_stream,
             timeout=timeout,
             max_size=self.settings.max_msg_size,
+            denied=self.denial,
         )
+
+    def denial(self, subject: str) -> PermissionDeniedError | None:
+        """The server's refusal of ``subject`` to this connection, if it refused it."""
+        # nats-py lowercases the server's error text, subject included: compare so.
+        wanted = subject.lower()
+        for refusal in self.permission_errors:
+            if refusal.subject.lower() == wanted:
+                return PermissionDeniedError(refusal.operation, subject)
+        return None
 
     async def key_value(self, bucket: str) -> KeyValue:
         """A provisioned KV bucket (cached)."""

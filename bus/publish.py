@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -19,7 +20,13 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from bus.codec import DEFAULT_MAX_SIZE, HEADER_MSG_ID, encode_envelope, event_headers
-from bus.errors import BadMessageError, ConnectionFailedError, FleetError, PublishTimeoutError
+from bus.errors import (
+    BadMessageError,
+    ConnectionFailedError,
+    FleetError,
+    PermissionDeniedError,
+    PublishTimeoutError,
+)
 from schemas import Envelope
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ async def publish_with_retry(
     attempts: int | None = None,
     backoff_initial_s: float = 0.1,
     backoff_max_s: float = 2.0,
+    denied: Callable[[str], PermissionDeniedError | None] | None = None,
 ) -> PublishResult:
     """Publish and wait for the stream's acknowledgement, retrying with the same id.
 
@@ -65,8 +73,12 @@ async def publish_with_retry(
         timeout: how long to wait for each acknowledgement.
         deadline_s: how long to keep trying in all.
         attempts: an optional cap on the number of tries.
+        denied: looks up a refusal of ``subject`` by the server (see
+            :meth:`bus.connection.Bus.denial`): the server reports those only through
+            the error callback, so without it a forbidden publish looks like a timeout.
 
     Raises:
+        PermissionDeniedError: the server refused this subject to this principal.
         PublishTimeoutError: no acknowledgement before the deadline (or the cap).
         ConnectionFailedError: the connection is closed for good.
         BadMessageError: the server refused the message itself (too large, wrong stream).
@@ -82,6 +94,9 @@ async def publish_with_retry(
         try:
             ack = await js.publish(subject, payload, timeout=timeout, stream=stream, headers=hdrs)
         except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+            refusal = denied(subject) if denied is not None else None
+            if refusal is not None:
+                raise refusal from exc
             # No stream answered: a reconnect or an election in progress. Same id again.
             delay = rng.uniform(0, min(backoff_max_s, backoff_initial_s * 2 ** min(attempt, 30)))
             if attempt == attempts or loop.time() + delay >= give_up_at:
@@ -114,6 +129,7 @@ async def publish_event(
     deadline_s: float = DEFAULT_DEADLINE_S,
     attempts: int | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
+    denied: Callable[[str], PermissionDeniedError | None] | None = None,
 ) -> PublishResult:
     """Encode an envelope and publish it on its own subject, deduplicated by its id.
 
@@ -133,4 +149,5 @@ async def publish_event(
         timeout=timeout,
         deadline_s=deadline_s,
         attempts=attempts,
+        denied=denied,
     )

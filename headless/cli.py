@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bus import ConnectSettings, UsageError, check_agent_id, connect
-from bus.command import add_version_flag, run_command
+from bus.command import add_tls_args, add_version_flag, run_command, tls_settings
 from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT, FleetError
 from bus.lease import Lease
 from headless.client import Submission, submit, wait_finished
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lock", metavar="NAME", help="run only if no other client holds this fleet-wide lock"
     )
+    add_tls_args(parser)
     parser.add_argument(
         "--lock-wait",
         type=float,
@@ -140,7 +141,10 @@ async def _run(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout < -1:
         raise UsageError("-t takes a number of seconds, or -1 to wait for the end")
     settings = ConnectSettings(
-        servers=[_server(args.service)], name=f"{PROG} {args.user}", connect_timeout_s=3
+        servers=[_server(args.service)],
+        name=f"{PROG} {args.user}",
+        connect_timeout_s=3,
+        **tls_settings(args),
     )
     async with await connect(settings) as bus:
         lease = None

@@ -49,6 +49,9 @@ class MasterConfig(BaseModel):
     prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the fleet")
     data_dir: Path = Field(default_factory=default_data_dir, description="key, pid file, log")
     nkey_file: Path | None = Field(default=None, description="the master's nkey seed (0400)")
+    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server")
+    tls_cert: Path | None = Field(default=None, description="client certificate for TLS")
+    tls_key: Path | None = Field(default=None, description="client key for TLS")
     snapshot_every: int = Field(default=10_000, ge=1, description="snapshot after N events")
     snapshot_interval_s: float = Field(default=300.0, gt=0, description="or after T seconds")
     checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint after N events")
@@ -93,6 +96,9 @@ class MasterConfig(BaseModel):
             name="fleet-master",
             prefix=self.prefix,
             nkey_file=self.key_path,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
         )
 
     def trusted_keys(self) -> dict[str, str]:

@@ -268,11 +268,16 @@ class Projection:
     # --- snapshots and comparison ------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        """Plain data (maps, lists, scalars) that :meth:`from_state` turns back into this."""
+        """Plain data (maps, lists, scalars) that :meth:`from_state` turns back into this.
+
+        The records are live views, not copies: encode or compare them, never mutate.
+        """
+        # vars(), not asdict(): a shallow view is enough to encode, and asdict's deep copy
+        # of every record made snapshots of large logs several times slower.
         return {
-            "jobs": {k: asdict(v) for k, v in self.jobs.items()},
-            "agents": {k: asdict(v) for k, v in self.agents.items()},
-            "rollouts": {k: asdict(v) for k, v in self.rollouts.items()},
+            "jobs": {k: vars(v) for k, v in self.jobs.items()},
+            "agents": {k: vars(v) for k, v in self.agents.items()},
+            "rollouts": {k: vars(v) for k, v in self.rollouts.items()},
             "seq": self.seq,
             "events": self.events,
             "unknown": dict(self.unknown),

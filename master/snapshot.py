@@ -60,7 +60,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         ValueError: not a snapshot, or a newer version than this code knows.
     """
     try:
-        doc = unpack(data, max_size=_MAX_SNAPSHOT)
+        doc = unpack(data, max_size=_MAX_SNAPSHOT, check_depth=False)
     except BadMessageError as exc:
         raise ValueError(str(exc)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("v"), int):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,22 @@ def test_readme_starts_with_install_demo_and_tests_and_ci_uses_them() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert install.replace("pip install", "pip install --quiet") in ci
     assert re.search(rf"^{re.escape(test)} \|\| status", ci, re.M)
+
+
+def test_commands_speak_tls_with_a_ca(
+    server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    from tlsutil import make_ca_and_server_cert
+
+    tls = make_ca_and_server_cert(tmp_path / "tls")
+    server = server_factory(
+        config=f'tls {{ cert_file: "{tls.cert}", key_file: "{tls.key}", ca_file: "{tls.ca}" }}'
+    )
+    url = server.url.replace("nats://", "tls://")
+    ok = run(str(BIN / "fleet"), "ops", "init", "-s", url, "--tls-ca", str(tls.ca), "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["created"]) == 8
+    by_env = run(str(BIN / "fleet"), "ops", "init", "-s", url, env={"FLEET_TLS_CA": str(tls.ca)})
+    assert by_env.returncode == 0, by_env.stderr
+    untrusted = run(str(BIN / "fleet"), "ops", "init", "-s", url)
+    assert untrusted.returncode == 1

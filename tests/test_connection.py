@@ -134,3 +134,29 @@ async def test_tls_with_a_ca_made_by_the_test(
     stranger = make_ca_and_server_cert(tmp_path / "other")
     with pytest.raises(ConnectionFailedError):
         await connect(ConnectSettings(servers=[url], tls_ca=stranger.ca, connect_timeout_s=1))
+
+
+async def test_a_refused_publish_says_so_instead_of_timing_out(
+    server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    from samples import sample_data, sample_envelope
+
+    from bus import PermissionDeniedError, provision
+
+    seed = generate_seed()
+    key = tmp_path / "a.nk"
+    write_seed_file(key, seed)
+    pub = Signer(seed).public_key
+    server = server_factory(
+        config=(
+            f'authorization {{ users: [ {{ nkey: "{pub}", '
+            'permissions: { publish: { deny: ["fleet.evt.job.>"] } } } ] }'
+        )
+    )
+    async with await connect(ConnectSettings(servers=[server.url], nkey_file=key)) as b:
+        await provision(b.js)
+        envelope = sample_envelope(sample_data()[0])
+        with pytest.raises(PermissionDeniedError) as info:
+            await b.publish_event(envelope, timeout=1.0)
+        assert str(info.value) == f"permission denied publishing to {envelope.subject!r}"
+        assert info.value.exit_code == 2
