@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bus.embedded import NatsServer, free_port
 
-__all__ = ["NatsCluster", "NatsServer", "free_port"]
+__all__ = ["NatsCluster", "NatsServer", "free_port", "nkey_user_config", "tls_config"]
 
 _LEADER_RE = re.compile(
     r"JetStream cluster new metadata leader|Self is new JetStream cluster metadata leader"
@@ -58,3 +58,14 @@ class NatsCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+def nkey_user_config(public_key: str, permissions: str = "") -> str:
+    """Server config letting one nkey in, with optional ``permissions { … }`` text."""
+    extra = f", permissions: {permissions}" if permissions else ""
+    return f'authorization {{ users: [ {{ nkey: "{public_key}"{extra} }} ] }}'
+
+
+def tls_config(cert: Path, key: Path, ca: Path) -> str:
+    """Server config for TLS on the client port."""
+    return f'tls {{ cert_file: "{cert}", key_file: "{key}", ca_file: "{ca}" }}'

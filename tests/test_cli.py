@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from natsserver import NatsServer, free_port
+from natsserver import NatsServer, free_port, tls_config
 
 from bus import read_seed_file
 from bus.command import fleetbus_version
@@ -127,9 +127,7 @@ def test_commands_speak_tls_with_a_ca(
     from tlsutil import make_ca_and_server_cert
 
     tls = make_ca_and_server_cert(tmp_path / "tls")
-    server = server_factory(
-        config=f'tls {{ cert_file: "{tls.cert}", key_file: "{tls.key}", ca_file: "{tls.ca}" }}'
-    )
+    server = server_factory(config=tls_config(tls.cert, tls.key, tls.ca))
     url = server.url.replace("nats://", "tls://")
     ok = run(str(BIN / "fleet"), "ops", "init", "-s", url, "--tls-ca", str(tls.ca), "--json")
     assert ok.returncode == 0, ok.stderr

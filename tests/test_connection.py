@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from natsserver import NatsServer, free_port
+from natsserver import NatsServer, free_port, nkey_user_config, tls_config
 from tlsutil import make_ca_and_server_cert
 
 from bus import (
@@ -64,7 +64,7 @@ async def test_nkey_authentication(
     key = tmp_path / "op.nk"
     write_seed_file(key, seed)
     pub = Signer(seed).public_key
-    server = server_factory(config=f'authorization {{ users: [ {{ nkey: "{pub}" }} ] }}')
+    server = server_factory(config=nkey_user_config(pub))
 
     async with await connect(ConnectSettings(servers=[server.url], nkey_file=key)) as b:
         assert b.connected
@@ -93,13 +93,8 @@ async def test_permission_violations_are_recorded(
     key = tmp_path / "a.nk"
     write_seed_file(key, seed)
     pub = Signer(seed).public_key
-    server = server_factory(
-        config=(
-            f'authorization {{ users: [ {{ nkey: "{pub}", '
-            'permissions: { publish: { deny: ["secret.>"] }, '
-            'subscribe: { deny: ["secret.>"] } } } ] }'
-        )
-    )
+    deny = '{ publish: { deny: ["secret.>"] }, subscribe: { deny: ["secret.>"] } }'
+    server = server_factory(config=nkey_user_config(pub, deny))
     async with await connect(ConnectSettings(servers=[server.url], nkey_file=key)) as b:
         await b.nc.publish("secret.plans", b"x")
         denial = await b.wait_denied("secret.plans", timeout=5)
@@ -123,9 +118,7 @@ async def test_tls_with_a_ca_made_by_the_test(
     server_factory: Callable[..., NatsServer], tmp_path: Path
 ) -> None:
     tls = make_ca_and_server_cert(tmp_path / "tls")
-    server = server_factory(
-        config=f'tls {{ cert_file: "{tls.cert}", key_file: "{tls.key}", ca_file: "{tls.ca}" }}'
-    )
+    server = server_factory(config=tls_config(tls.cert, tls.key, tls.ca))
     url = server.url.replace("nats://", "tls://")
     async with await connect(ConnectSettings(servers=[url], tls_ca=tls.ca)) as b:
         assert b.connected
@@ -148,10 +141,7 @@ async def test_a_refused_publish_says_so_instead_of_timing_out(
     write_seed_file(key, seed)
     pub = Signer(seed).public_key
     server = server_factory(
-        config=(
-            f'authorization {{ users: [ {{ nkey: "{pub}", '
-            'permissions: { publish: { deny: ["fleet.evt.job.>"] } } } ] }'
-        )
+        config=nkey_user_config(pub, '{ publish: { deny: ["fleet.evt.job.>"] } }')
     )
     async with await connect(ConnectSettings(servers=[server.url], nkey_file=key)) as b:
         await provision(b.js)

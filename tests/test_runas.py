@@ -63,6 +63,27 @@ async def fleet(
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
+async def run_as(
+    url: str, key: Path, user: str, password: str, *cmd: str, json_out: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """``fleet run -a web-1 --user USER --password-stdin [--json] -- CMD``."""
+    flags = ["--json"] if json_out else []
+    return await fleet(
+        url,
+        key,
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        user,
+        "--password-stdin",
+        *flags,
+        "--",
+        *cmd,
+        stdin=password + "\n",
+    )
+
+
 async def test_pam_decides_and_privileges_are_dropped(
     nats_server: NatsServer,
     bus: Bus,
@@ -102,54 +123,15 @@ async def test_pam_decides_and_privileges_are_dropped(
     os.chmod(tmp_path, 0o777)  # noqa: S103
     touch = ["touch", str(marker)]
     for password, why in ((user.password + "x", "wrong"), ("", "empty")):
-        bad = await fleet(
-            url,
-            key,
-            "run",
-            "-a",
-            "web-1",
-            "--user",
-            user.name,
-            "--password-stdin",
-            "--json",
-            "--",
-            *touch,
-            stdin=password + "\n",
-        )
+        bad = await run_as(url, key, user.name, password, *touch)
         assert bad.returncode == 4, why
         assert b'"status": "rejected"' in bad.stdout, why
     assert not marker.exists()
-    stranger = await fleet(
-        url,
-        key,
-        "run",
-        "-a",
-        "web-1",
-        "--user",
-        "nosuchuser",
-        "--password-stdin",
-        "--json",
-        "--",
-        "true",
-        stdin="pw\n",
-    )
+    stranger = await run_as(url, key, "nosuchuser", "pw", "true")
     assert b'"note": "authentication failed"' in stranger.stdout  # same words as a wrong password
 
     await asyncio.to_thread(subprocess.run, ["usermod", "--expiredate", "1", user.name], check=True)
-    expired = await fleet(
-        url,
-        key,
-        "run",
-        "-a",
-        "web-1",
-        "--user",
-        user.name,
-        "--password-stdin",
-        "--json",
-        "--",
-        "true",
-        stdin=user.password + "\n",
-    )
+    expired = await run_as(url, key, user.name, user.password, "true")
     assert b'"status": "rejected"' in expired.stdout  # the account phase said no
 
     # The password is nowhere: not in the log, not in the agent's log.
