@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 NONCE_TTL_S = 60.0
 FAILURES_BEFORE_THROTTLE = 3
 THROTTLE_CAP_S = 300.0
+_FAILURES_KEPT = 10_000  # invented user names must not grow the table without bound
 GENERIC_FAILURE = "authentication failed"
 
 
@@ -96,6 +97,9 @@ class AuthService:
         return count >= FAILURES_BEFORE_THROTTLE and time.monotonic() < until
 
     async def _deny(self, user: str, why: str) -> None:
+        if len(self._failures) >= _FAILURES_KEPT:
+            now = time.monotonic()
+            self._failures = {u: f for u, f in self._failures.items() if f[1] > now}
         count, _ = self._failures.get(user, (0, 0.0))
         count += 1
         pause = (

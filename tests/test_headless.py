@@ -288,3 +288,16 @@ def test_user_management_refuses_what_bcrypt_would_weaken(tmp_path: Path) -> Non
         subprocess.run([MASTER, "user", "del", "batch", "-c", str(config)], timeout=60).returncode
         == 0
     )
+
+
+async def test_repeated_failures_are_throttled(fleet: Fleet, bus: Bus) -> None:
+    wrong = fleet.secret("wrong", password="guess")
+    for _ in range(3):
+        assert (await fleet.run(*base(wrong, "-c", "true"))).returncode == 2
+    # The right password is refused too while the user is throttled.
+    right = await fleet.run(*base(fleet.secret(), "-c", "true"))
+    assert right.returncode == 2
+    assert right.stderr.decode().strip() == "fleet-headless: error: authentication failed"
+    denied = await read_log(bus, bus.subjects.events_stream, bus.subjects.auth_event("denied"))
+    assert len(denied) == 4
+    assert "throttled" in fleet.master.log()
