@@ -184,6 +184,7 @@ class AgentConfig(BaseModel):
             name=f"fleet-agentd {self.id}",
             prefix=self.prefix,
             nkey_file=self.key_path,
+            inbox_prefix=f"_INBOX_{self.id}",
             tls_ca=self.tls_ca,
             tls_cert=self.tls_cert,
             tls_key=self.tls_key,

@@ -434,7 +434,7 @@ class AgentRuntime:
     async def _cancelled_before_start(self, job: JobSubmitted) -> JobCancelRequested | None:
         subject = self._subjects.job_event(self.id, job.job_id, "cancel_requested")
         try:
-            raw = await self.bus.js.get_last_msg(self._subjects.events_stream, subject)
+            raw = await self.bus.js.get_last_msg(self._subjects.events_stream, subject, direct=True)
         except nats.js.errors.NotFoundError:
             return None
         try:
@@ -660,7 +660,7 @@ class AgentRuntime:
     async def _already_finished(self, job_id: str) -> bool:
         subject = self._subjects.job_event(self.id, job_id, "finished")
         try:
-            await self.bus.js.get_last_msg(self._subjects.events_stream, subject)
+            await self.bus.js.get_last_msg(self._subjects.events_stream, subject, direct=True)
         except nats.js.errors.NotFoundError:
             return False
         return True

@@ -8,8 +8,10 @@ and a one-line message on stderr. Logs go to stderr; stdout is for results.
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
+import re
 import sys
 from collections.abc import Coroutine
 from importlib import metadata
@@ -84,12 +86,28 @@ def tls_settings(args: argparse.Namespace) -> dict[str, Path | None]:
     return out
 
 
+def principal_name() -> str:
+    """Who is acting: ``FLEET_USER``, else the login name, made a safe token."""
+    raw = os.environ.get("FLEET_USER") or getpass.getuser()
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", raw).strip("-_") or "operator"
+    return name[:64]
+
+
 def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
-    """Settings from the connection flags, falling back to the environment, then defaults."""
+    """Settings from the connection flags, falling back to the environment, then defaults.
+
+    Replies come to ``_INBOX_<principal>``: least-privilege servers allow no other inbox.
+    """
     server = args.server or os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
     nkey = args.nkey or (Path(os.environ["FLEET_NKEY"]) if os.environ.get("FLEET_NKEY") else None)
     servers = [s.strip() for s in server.split(",") if s.strip()]
-    return ConnectSettings(servers=servers, nkey_file=nkey, name=name, **tls_settings(args))
+    return ConnectSettings(
+        servers=servers,
+        nkey_file=nkey,
+        name=name,
+        inbox_prefix=f"_INBOX_{principal_name()}",
+        **tls_settings(args),
+    )
 
 
 def configure_logging(level: str | int = "WARNING") -> None:

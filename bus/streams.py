@@ -132,6 +132,9 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
                 # An audit log nobody can rewrite: no deleting or purging events.
                 "deny_delete": True,
                 "deny_purge": True,
+                # Direct gets put the subject in the API subject, so permissions can limit
+                # an agent to reading its own events.
+                "allow_direct": True,
             },
         ),
         StreamSpec(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-import getpass
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from bus import (
     write_seed_file,
 )
 from bus.codec import decode_data
+from bus.command import principal_name
 from bus.keys import SEED_FILE_SUFFIX, default_key_dir
 from bus.log import LogRecord, read_log
 from master.projection import Projection, iso
@@ -34,13 +33,6 @@ from schemas import EventData, Presence, make_envelope
 from schemas.events import event_name
 
 logger = logging.getLogger(__name__)
-
-
-def principal_name() -> str:
-    """Who is acting: ``FLEET_USER``, else the login name, made a safe token."""
-    raw = os.environ.get("FLEET_USER") or getpass.getuser()
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", raw).strip("-_") or "operator"
-    return name[:64]
 
 
 def operator_signer(nkey: Path | None) -> tuple[str, Signer]:

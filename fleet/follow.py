@@ -83,6 +83,7 @@ class JobFollower:
             self._subs.append(
                 await self.bus.js.subscribe(
                     s.job_events(self.agent, self.job_id),
+                    stream=s.events_stream,
                     cb=self._on_event,
                     ordered_consumer=True,
                     deliver_policy=api.DeliverPolicy.ALL,
@@ -92,6 +93,7 @@ class JobFollower:
                 self._subs.append(
                     await self.bus.js.subscribe(
                         s.output(self.agent, self.job_id),
+                        stream=s.output_stream,
                         cb=self._on_output,
                         ordered_consumer=True,
                         deliver_policy=api.DeliverPolicy.ALL,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bus import StorageSettings, connect, provision
 from bus.command import add_connection_args, connect_settings
+from fleet.permissions import load_registry, render
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,6 +30,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     init.add_argument("--json", action="store_true", help="print a JSON document")
     add_connection_args(init)
     init.set_defaults(handler=init_storage, is_async=True)
+
+    config = ops_sub.add_parser(
+        "server-config",
+        help="render least-privilege nats-server permissions from a registry",
+        description=(
+            "Render the nats-server `authorization` block for a registry (TOML) of "
+            "principals: [master], [agents.ID], [operators.NAME], [headless.NAME], "
+            "[admins.NAME], each with public_key. Only these keys may connect; each may "
+            "publish and subscribe only what its role needs."
+        ),
+    )
+    config.add_argument("--registry", type=Path, required=True, metavar="FILE")
+    config.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    config.set_defaults(handler=server_config)
+
+
+def server_config(args: argparse.Namespace) -> int:
+    text = render(load_registry(args.registry))
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
 
 
 async def init_storage(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,6 +126,15 @@ def _request(args: argparse.Namespace) -> JobRequest:
     return JobRequest(command=ScriptCommand(script=args.py_code, interpreter=interpreter))
 
 
+def _connection_key(args: argparse.Namespace) -> Path | None:
+    """The key the connection authenticates with on a server that requires one: the
+    user's own nkey with ``-a nkey``, else ``FLEET_NKEY`` if set."""
+    if args.auth_type == "nkey":
+        return Path(args.secret)
+    env = os.environ.get("FLEET_NKEY")
+    return Path(env) if env else None
+
+
 def _server(service: str) -> str:
     return service if "://" in service else f"nats://{service}"
 
@@ -144,6 +154,8 @@ async def _run(args: argparse.Namespace) -> int:
         servers=[_server(args.service)],
         name=f"{PROG} {args.user}",
         connect_timeout_s=3,
+        inbox_prefix=f"_INBOX_{args.user}",
+        nkey_file=_connection_key(args),
         **tls_settings(args),
     )
     async with await connect(settings) as bus:

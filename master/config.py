@@ -96,6 +96,7 @@ class MasterConfig(BaseModel):
             name="fleet-master",
             prefix=self.prefix,
             nkey_file=self.key_path,
+            inbox_prefix="_INBOX_master",
             tls_ca=self.tls_ca,
             tls_cert=self.tls_cert,
             tls_key=self.tls_key,
