@@ -374,15 +374,15 @@ class AgentRuntime:
         if result is None:
             return
         job_id, decoded = result
-        if isinstance(decoded, UnknownEvent):
-            await self._finish(job_id, "rejected", reason=decoded.describe())
-            await msg.ack()
-            return
         if self._journal.knows(job_id) or job_id in self._jobs:
             self.counters.duplicates_skipped += 1
             logger.warning(
                 "! job %s was already taken here (a replay?); not running it again", job_id
             )
+            await msg.ack()
+            return
+        if isinstance(decoded, UnknownEvent):
+            await self._finish(job_id, "rejected", reason=decoded.describe())
             await msg.ack()
             return
         stored_ns = (
@@ -438,9 +438,21 @@ class AgentRuntime:
         except nats.js.errors.NotFoundError:
             return None
         try:
-            event = decode_data(decode_envelope(raw.data or b""))
+            envelope = decode_envelope(raw.data or b"")
+            event = decode_data(envelope)
         except BadMessageError:
             return None
+        if self._trust is not None:
+            # The same rule as a live cancel: only a trusted key may stop a job.
+            try:
+                signer = verify_envelope(envelope, subject=subject)
+            except SignatureError:
+                return None
+            if self._trust.for_key(signer) is None:
+                logger.warning(
+                    "! cancel of job %s ignored: not signed by a trusted key", job.job_id
+                )
+                return None
         return (
             event.data
             if isinstance(event, Event) and isinstance(event.data, JobCancelRequested)

@@ -181,3 +181,21 @@ def test_the_example_trust_file_is_valid() -> None:
 
     example = Path(__file__).resolve().parent.parent / "ops" / "trust.toml"
     assert load_trust(example).grant == []  # every grant is commented out
+
+
+async def test_an_untrusted_cancel_waiting_in_the_log_does_not_stop_a_job(
+    bus: Bus, agent_factory: Agents, operator: tuple[Path, Signer], tmp_path: Path
+) -> None:
+    trust = trust_file(tmp_path / "trust.toml", grant(operator[1].public_key, commands=True))
+    agent = agent_factory("late", trust_file=str(trust))
+    job = await submit(bus, operator[1], "late", job_request(["echo", "ran"]))
+    subject = bus.subjects.job_event("late", job, "cancel_requested")
+    mallory = Signer(generate_seed())
+    data = JobCancelRequested(job_id=job, agent="late", requested_by="mallory")
+    await bus.publish_event(
+        sign_envelope(make_envelope(data, source="mallory", subject=subject), mallory)
+    )
+    await agent.started(bus)  # finds the job and, before starting it, the stranger's cancel
+    done = await finished(bus, "late", job)
+    assert done.status == "succeeded"
+    assert done.output_tail == "ran\n"
