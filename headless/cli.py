@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--agent", required=True, metavar="ID", help="the agent to run on")
     parser.add_argument(
-        "--lock", metavar="NAME", help="run only if no other client holds this fleet-wide lock"
+        "--lock",
+        metavar="NAME",
+        help="run only if no other client holds this fleet-wide lock; the client then "
+        "waits for the job's end (or -t) to hold it that long",
     )
     add_tls_args(parser)
     parser.add_argument(
@@ -177,6 +181,8 @@ async def _run(args: argparse.Namespace) -> int:
         finally:
             if keeper is not None:
                 keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
             if lease is not None:
                 await asyncio.shield(lease.release())
     if finished is None:

@@ -18,6 +18,7 @@ NONCE_TTL_S = 60.0
 FAILURES_BEFORE_THROTTLE = 3
 THROTTLE_CAP_S = 300.0
 _FAILURES_KEPT = 10_000  # invented user names must not grow the table without bound
+_PENDING_KEPT = 10_000  # nor may a flood of auth-start requests grow the nonces
 GENERIC_FAILURE = "authentication failed"
 
 
@@ -49,6 +50,8 @@ class AuthService:
     def start(self, request: AuthStart) -> AuthChallenge:
         now = time.monotonic()
         self._pending = {n: p for n, p in self._pending.items() if p.expires > now}
+        while len(self._pending) >= _PENDING_KEPT:  # the oldest challenge goes first
+            self._pending.pop(next(iter(self._pending)))
         nonce = request.client_nonce + new_nonce()
         self._pending[nonce] = _Pending(request.user, request.client_nonce, now + NONCE_TTL_S)
         return AuthChallenge(server_nonce=nonce, salt=self.users.salt_for(request.user))

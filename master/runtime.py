@@ -159,9 +159,13 @@ class MasterRuntime:
         if not self.ready.is_set() and msg.metadata.num_pending == 0:
             self.ready.set()
         if self.ready.is_set():
+            # Counters reset here, not in the tasks: events folded before a task runs
+            # must not spawn a second one.
             if self._since_checkpoint >= self.config.checkpoint_every:
+                self._since_checkpoint = 0
                 self._spawn(self._checkpoint())
             if self._since_snapshot >= self.config.snapshot_every:
+                self._since_snapshot = 0
                 self._spawn(self._snapshot())
 
     def _verify(self, seq: int, envelope: Any, subject: str) -> None:
