@@ -313,7 +313,7 @@ class Auditor:
         ours = self.chain.at(cp.count) if cp.count <= before else None
         if ours is None:
             text = f"checkpoint covers {cp.count} events, the log has {before} before it"
-            self.findings.add("chain", f"seq {record.seq}: {text}")
+            self.findings.add("chain", f"seq {record.seq}: {text}: events were removed or added")
         elif ours.hex() != cp.chain:
             text = f"checkpoint of {cp.count} events does not match the log"
             self.findings.add(
