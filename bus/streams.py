@@ -40,6 +40,7 @@ DAY = 86_400.0
 PROVISION_DEADLINE_S = 30.0
 """How long provisioning keeps asking an unanswering server (longer than an election)."""
 
+_ERR_NO_SUITABLE_PEERS = 10005  # replicas cannot be placed (yet)
 # The server answers this when a stream name is taken by a different configuration.
 _ERR_STREAM_NAME_IN_USE = 10058
 
@@ -282,9 +283,14 @@ async def ensure_stream(
         except nats.errors.ConnectionClosedError as exc:
             raise ConnectionFailedError(f"cannot provision {spec.name}: connection closed") from exc
         except nats.js.errors.APIError as exc:
-            raise FleetError(
-                f"JetStream refused {spec.kind} {spec.name}: {exc.description}"
-            ) from exc
+            # A cluster that is starting, or has a peer restarting, cannot place replicas
+            # for a moment: that passes, so it is retried like an unanswered request.
+            if exc.err_code != _ERR_NO_SUITABLE_PEERS or loop.time() >= give_up_at:
+                raise FleetError(
+                    f"JetStream refused {spec.kind} {spec.name}: {exc.description}"
+                ) from exc
+            logger.warning("↻ provisioning %s: %s; retrying", spec.name, exc.description)
+            await asyncio.sleep(min(2.0, 0.25 * attempt))
     if info is None:
         logger.info("created %s %s", spec.kind, spec.name)
         return True

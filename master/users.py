@@ -67,14 +67,28 @@ class UserStore:
         self._pepper = self._secret()
 
     def _secret(self) -> bytes:
-        # A per-master secret for the fake salts of unknown users.
+        # A per-master secret for the fake salts of unknown users. Made atomically: the
+        # master and `fleet-master user add` may both create it at the same moment, and
+        # neither may see it half-written.
         path = self.path.with_suffix(".secret")
         if not path.exists():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(32))
-        return path.read_bytes()
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+            finally:
+                tmp.unlink()
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise UsageError(f"{path} is not a 32-byte secret")
+        return secret
 
     def _load(self) -> dict[str, dict[str, str]]:
         try:
