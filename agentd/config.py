@@ -129,6 +129,16 @@ class AgentConfig(BaseModel):
     tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server")
     tls_cert: Path | None = Field(default=None, description="client certificate for TLS")
     tls_key: Path | None = Field(default=None, description="client key for TLS")
+    release_keys: list[str] = Field(
+        default_factory=list,
+        description="public nkeys of the release signers whose update bundles this agent "
+        "accepts (fleet keys gen release NAME); empty: no self-update",
+    )
+    update_rate_bytes_s: int = Field(
+        default=0,
+        ge=0,
+        description="limit bundle downloads to this many bytes per second; 0: no limit",
+    )
     version: str | None = Field(
         default=None,
         description="report this version instead of the installed one (tests, staging)",
@@ -161,6 +171,14 @@ class AgentConfig(BaseModel):
             problem = ids.token_problem(name, "module name")
             if problem is not None:
                 raise ValueError(problem)
+        return value
+
+    @field_validator("release_keys")
+    @classmethod
+    def _valid_release_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Z2-7]{56}", key):
+                raise ValueError(f"{key!r} is not a public nkey (56 characters, e.g. U…)")
         return value
 
     # --- derived paths -------------------------------------------------------------------

@@ -22,6 +22,8 @@ from bus.daemon import (
     report_ready,
     wait_for_storage,
 )
+from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
+from updater.install import InstallRoot
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +85,32 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
         presence = bus.subjects.presence_bucket
         if not await wait_for_storage(bus, stop, lambda b: b.key_value(presence)):
             return False
-        runtime = AgentRuntime(bus, config, signer, on_restart=on_restart)
+        root = install_root_from_env()
+        installed = InstallRoot(root) if root is not None else None
+        runtime = AgentRuntime(
+            bus,
+            config,
+            signer,
+            on_restart=on_restart,
+            install_root=root,
+            version=installed.version_of(installed.current_dir()) if installed else None,
+        )
         if stop.is_set():
             return False
-        await runtime.run()
+        notifier = asyncio.create_task(_notify_when_ready(runtime.ready), name="ready")
+        try:
+            await runtime.run()
+        finally:
+            notifier.cancel()
+            await asyncio.gather(notifier, return_exceptions=True)
     return restart
+
+
+async def _notify_when_ready(ready: asyncio.Event) -> None:
+    """Tell the launcher (if one runs us) that this agent is healthy."""
+    await ready.wait()
+    if notify_ready():
+        logger.info("reported healthy to the launcher")
 
 
 def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
@@ -112,6 +135,10 @@ def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int
     finally:
         pidfile.release()
     if restart:
+        if install_root_from_env() is not None:
+            # The launcher restarts us, into whatever version `current` names now.
+            logger.warning("exiting to be restarted by the launcher")
+            return RESTART_EXIT
         logger.warning("restarting on request")
         argv = [a for a in sys.argv[1:] if a not in ("-d", "--daemon")]
         os.execv(sys.executable, [sys.executable, "-m", "agentd", *argv])  # noqa: S606 - re-exec ourselves

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -73,6 +74,8 @@ from schemas import (
     make_envelope,
 )
 from schemas.ids import id_time_ns
+from schemas.presence import AgentState
+from updater.agent import Updater, UpdaterOptions
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +131,15 @@ class AgentRuntime:
         signer: Signer,
         *,
         on_restart: Callable[[], None] | None = None,
+        install_root: Path | None = None,
+        version: str | None = None,
     ) -> None:
         self.bus = bus
         self.config = config
         self.signer = signer
         self.id = config.id
-        self.version = config.version or fleetbus_version()
+        self._installed_version = version
+        self.version = config.version or version or fleetbus_version()
         self.host = socket.gethostname()
         self.counters = Counters()
         self.ready = asyncio.Event()
@@ -152,6 +158,34 @@ class AgentRuntime:
         self._trust = load_trust(config.trust_file) if config.trust_file else None
         if self._trust is None:
             logger.warning("no trust_file: this agent runs any request, signed or not")
+        self._update_state: AgentState = "ready"
+        self._update_text: str | None = None
+        self._presence_changed = asyncio.Event()
+        self._install_root = install_root
+        self.updater = Updater(
+            bus,
+            self.id,
+            self._updater_options(),
+            emit=self._emit,
+            show=self._show_update,
+            restart=on_restart,
+        )
+
+    def _updater_options(self) -> UpdaterOptions:
+        return UpdaterOptions(
+            version=self.version,
+            stamped=self.config.version is not None,
+            auto_update=self.config.auto_update,
+            release_keys=frozenset(self.config.release_keys),
+            data_dir=self.config.data_dir,
+            root=self._install_root,
+            rate_bytes_s=self.config.update_rate_bytes_s,
+        )
+
+    def _show_update(self, state: AgentState, text: str | None) -> None:
+        if (state, text) != (self._update_state, self._update_text):
+            self._update_state, self._update_text = state, text
+            self._presence_changed.set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -172,7 +206,9 @@ class AgentRuntime:
             config = config.model_copy(update={k: getattr(self.config, k) for k in ignored})
         self._trust = load_trust(config.trust_file) if config.trust_file else None
         self.config = config
-        self.version = config.version or fleetbus_version()
+        self.version = config.version or self._installed_version or fleetbus_version()
+        self.updater.options = self._updater_options()
+        self.updater.nudge()
         self._slot_free.set()  # max_jobs may have grown
         logger.info("configuration reloaded")
 
@@ -201,9 +237,11 @@ class AgentRuntime:
                 consumers = [
                     tg.create_task(self._consume_jobs(jobs_sub), name="jobs"),
                     tg.create_task(self._consume_cancels(cancels_sub), name="cancels"),
+                    tg.create_task(self.updater.run(), name="updater"),
                 ]
                 self.ready.set()
                 await self._stopping.wait()
+                self.updater.stop()
                 for task in consumers:
                     task.cancel()
                 await self._drain_jobs()
@@ -295,7 +333,7 @@ class AgentRuntime:
                     await self._accept(msg)
             except (FleetError, nats.errors.Error, OSError) as exc:
                 # The bus is down or busy; the consumer keeps our place. Try again soon.
-                logger.warning("fetching jobs: %s", exc)
+                logger.warning("fetching jobs: %s", exc or repr(exc))
                 await asyncio.sleep(_ERROR_PAUSE_S)
 
     async def _consume_cancels(self, sub: Any) -> None:
@@ -304,7 +342,7 @@ class AgentRuntime:
                 for msg in await self._fetch(sub, 16):
                     await self._cancel(msg)
             except (FleetError, nats.errors.Error, OSError) as exc:
-                logger.warning("fetching cancels: %s", exc)
+                logger.warning("fetching cancels: %s", exc or repr(exc))
                 await asyncio.sleep(_ERROR_PAUSE_S)
 
     async def _decode(
@@ -683,6 +721,8 @@ class AgentRuntime:
         name = event_name(data.TYPE)
         if data.TYPE.startswith("job."):
             subject = self._subjects.job_event(self.id, data.job_id, name)  # type: ignore[attr-defined]
+        elif data.TYPE.startswith("update."):
+            subject = self._subjects.update_event(data.version, name, agent=self.id)  # type: ignore[attr-defined]
         else:
             subject = self._subjects.agent_event(self.id, name)
         envelope = make_envelope(data, source=self.id, subject=subject)
@@ -694,12 +734,13 @@ class AgentRuntime:
             version=self.version,
             host=self.host,
             labels=self.config.labels,
-            state="draining" if self._stopping.is_set() else "ready",
+            state="draining" if self._stopping.is_set() else self._update_state,
             running=sorted(self._jobs),
             max_jobs=self.config.max_jobs,
             public_key=self.signer.public_key,
             started_at=self._started_at,
             ts=time.time_ns(),
+            update=self._update_text,
         )
 
     async def _heartbeat(self) -> None:
@@ -709,11 +750,20 @@ class AgentRuntime:
                 await kv.put(self.id, encode_model(self.presence()))
             except (FleetError, nats.errors.Error, OSError) as exc:
                 logger.warning("heartbeat: %s", exc)
+            # Next beat after heartbeat_s, or at once when the update state changed.
+            self._presence_changed.clear()
+            idle = asyncio.ensure_future(self._idle.wait())
+            changed = asyncio.ensure_future(self._presence_changed.wait())
             try:
-                async with asyncio.timeout(self.config.heartbeat_s):
-                    await self._idle.wait()
-            except TimeoutError:
-                pass
+                await asyncio.wait(
+                    {idle, changed},
+                    timeout=self.config.heartbeat_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for task in (idle, changed):
+                    task.cancel()
+                await asyncio.gather(idle, changed, return_exceptions=True)
 
     def status(self) -> dict[str, Any]:
         """What ``status`` answers: presence plus counters."""

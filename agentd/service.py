@@ -26,10 +26,13 @@ Wants=network-online.target
 
 [Service]
 Type=exec
-ExecStart={sys.executable} -m agentd -c {config_path}
+# The launcher runs the agent of the version /opt/fleetbus/current names, restarts it
+# into a new version when it updates itself, and rolls back one that is not healthy.
+ExecStart={sys.executable} -m updater.launcher --root /opt/fleetbus -- -c {config_path}
 ExecReload=/bin/kill -HUP $MAINPID
-# SIGTERM to the agent only: it stops taking jobs, lets running ones finish within its
-# shutdown_grace_s, and records the rest as abandoned. Then systemd kills what is left.
+# SIGTERM (and SIGHUP) to the launcher only, which passes it to the agent: it stops taking
+# jobs, lets running ones finish within its shutdown_grace_s, and records the rest as
+# abandoned. Then systemd kills what is left.
 KillMode=mixed
 TimeoutStopSec=90
 Restart=on-failure

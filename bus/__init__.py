@@ -17,6 +17,7 @@ from bus.connection import Bus, ConnectSettings, backoff_delay, connect
 from bus.errors import (
     AuthError,
     BadMessageError,
+    BundleError,
     ConnectionFailedError,
     FleetError,
     FleetTimeoutError,
@@ -44,6 +45,7 @@ __all__ = [
     "KEY_KINDS",
     "AuthError",
     "BadMessageError",
+    "BundleError",
     "Bus",
     "ConnectSettings",
     "ConnectionFailedError",

@@ -147,6 +147,18 @@ class VerificationError(FleetError):
     exit_code = EXIT_VERIFICATION
 
 
+class BundleError(VerificationError):
+    """An update bundle is unsigned, tampered with, untrusted, or cannot be installed.
+
+    ``stage`` says where it failed, as ``update.failed`` records it.
+    """
+
+    def __init__(self, reason: str, stage: str = "verify") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stage = stage
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The process exit code for an exception that ended a command.
 

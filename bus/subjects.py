@@ -136,6 +136,10 @@ class Subjects:
             middle = f"{middle}.{check_agent_id(agent)}"
         return f"{self.prefix}.evt.update.{middle}.{check_token(event, 'event name')}"
 
+    def settings_event(self, event: str) -> str:
+        """``<prefix>.evt.settings.<event>``: fleet-wide settings changes."""
+        return f"{self.prefix}.evt.settings.{check_token(event, 'event name')}"
+
     def auth_event(self, event: str) -> str:
         """``<prefix>.evt.auth.<event>``: logins of headless users."""
         return f"{self.prefix}.evt.auth.{check_token(event, 'event name')}"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from bus.command import add_version_flag, configure_logging, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import audit, demo, jobs, keys, ops, run
+from fleet import audit, demo, jobs, keys, ops, run, update
 
 PROG = "fleet"
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser(sub)
     ops.add_parser(sub)
     demo.add_parser(sub)
+    update.add_parser(sub)
     return parser
 
 

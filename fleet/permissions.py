@@ -69,6 +69,33 @@ def _reader(s: Subjects) -> list[str]:
     ]
 
 
+def _update_reader(s: Subjects) -> list[str]:
+    """What an agent needs to follow updates: read the settings, take download slots,
+    read bundles. (It hears settings change by subscribing to ``$KV.<config>.>``.)"""
+    config, tokens, bundles = (
+        f"KV_{s.config_bucket}",
+        f"KV_{s.tokens_bucket}",
+        (f"OBJ_{s.bundles_bucket}"),
+    )
+    return [
+        f"$JS.API.STREAM.INFO.{config}",
+        f"$JS.API.DIRECT.GET.{config}.>",
+        f"$JS.API.STREAM.MSG.GET.{config}",
+        f"$JS.API.STREAM.INFO.{tokens}",
+        f"$JS.API.STREAM.MSG.GET.{tokens}",
+        f"$JS.API.DIRECT.GET.{tokens}.>",
+        f"$KV.{s.tokens_bucket}.>",
+        f"$JS.API.STREAM.INFO.{bundles}",
+        f"$JS.API.STREAM.MSG.GET.{bundles}",
+        f"$JS.API.DIRECT.GET.{bundles}.>",
+        f"$JS.API.CONSUMER.CREATE.{bundles}",
+        f"$JS.API.CONSUMER.CREATE.{bundles}.>",
+        f"$JS.API.CONSUMER.INFO.{bundles}.>",
+        f"$JS.API.CONSUMER.DELETE.{bundles}.>",
+        f"$JS.FC.{bundles}.>",
+    ]
+
+
 def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
     """``(role, id, permissions)`` for every principal."""
     s = Subjects(registry.prefix)
@@ -103,10 +130,18 @@ def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
                             f"{p}.evt.job.{agent}.*.started",
                             f"{p}.evt.job.{agent}.*.finished",
                             f"{p}.evt.agent.{agent}.>",
+                            f"{p}.evt.update.*.{agent}.*",
                             f"{p}.out.{agent}.>",
+                            *_update_reader(s),
                         ]
                     },
-                    "subscribe": {"allow": [f"{inbox_prefix(agent)}.>", f"{p}.ctl.{agent}.*"]},
+                    "subscribe": {
+                        "allow": [
+                            f"{inbox_prefix(agent)}.>",
+                            f"{p}.ctl.{agent}.*",
+                            f"$KV.{s.config_bucket}.>",
+                        ]
+                    },
                     "allow_responses": True,
                 },
             )
@@ -130,6 +165,8 @@ def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
                             f"{p}.evt.auth.>",
                             f"{p}.evt.job.*.*.submitted",
                             f"{p}.evt.job.*.*.finished",
+                            f"{p}.evt.update.*.rollout_halted",
+                            f"{p}.evt.settings.changed",
                         ]
                     },
                     "subscribe": {"allow": [f"{inbox_prefix('master')}.>", s.master_control_all]},
@@ -149,6 +186,12 @@ def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
                             f"{p}.evt.job.*.*.submitted",
                             f"{p}.evt.job.*.*.cancel_requested",
                             f"{p}.ctl.>",
+                            # fleet update: bundles, settings and their events.
+                            f"$O.{s.bundles_bucket}.>",
+                            f"$KV.{s.config_bucket}.>",
+                            f"{p}.evt.update.*.published",
+                            f"{p}.evt.update.*.announced",
+                            f"{p}.evt.settings.changed",
                         ]
                     },
                     "subscribe": {"allow": [f"{inbox_prefix(name)}.>"]},

@@ -105,6 +105,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--async", dest="detach", action="store_true", help="print the job ids and return at once"
     )
     how.add_argument(
+        "--force",
+        action="store_true",
+        help="run on agents marked unsupported (off the target version, may not update)",
+    )
+    how.add_argument(
         "--wait",
         type=float,
         metavar="S",
@@ -203,6 +208,23 @@ def resolve_targets(args: argparse.Namespace, online: dict[str, Presence]) -> li
     return chosen
 
 
+def refuse_unsupported(targets: list[str], online: dict[str, Presence], *, force: bool) -> None:
+    """Refuse agents off the fleet's target version that may not update (RHQ's rule).
+
+    Raises:
+        UsageError: a target is ``unsupported`` and ``force`` is not set.
+    """
+    bad = [a for a in targets if a in online and online[a].state == "unsupported"]
+    if not bad or force:
+        for agent in bad:
+            print(
+                f"fleet: warning: {agent} is unsupported: {online[agent].update}", file=sys.stderr
+            )
+        return
+    why = "; ".join(f"{a}: {online[a].update or 'unsupported version'}" for a in bad)
+    raise UsageError(f"refusing unsupported agents ({why}); --force runs there anyway")
+
+
 @dataclass
 class Outcome:
     agent: str
@@ -270,6 +292,7 @@ async def run_command(args: argparse.Namespace) -> int:
     async with await connect(connect_settings(args, "fleet run")) as bus:
         online = await presence(bus)
         targets = resolve_targets(args, online)
+        refuse_unsupported(targets, online, force=args.force)
         if args.detach:
             jobs = []
             for agent in targets:

@@ -21,6 +21,7 @@ from schemas import (
     AgentOffline,
     AgentOnline,
     AgentRegistered,
+    AgentUnsupported,
     ArgvCommand,
     Command,
     Event,
@@ -30,6 +31,7 @@ from schemas import (
     JobStarted,
     JobSubmitted,
     ModuleCommand,
+    SettingsChanged,
     UnknownEvent,
     UpdateAnnounced,
     UpdateApplied,
@@ -38,6 +40,7 @@ from schemas import (
     UpdateRolledBack,
     UpdateRolloutHalted,
     UpdateTokenAcquired,
+    UpdateTokenReleased,
 )
 
 
@@ -110,6 +113,8 @@ class AgentView:
     last_seen: int | None = None
     public_key: str | None = None
     configured: bool = False
+    unsupported: str | None = None
+    """Why the agent runs a version other than the target and may not update, if so."""
     running: list[str] = field(default_factory=list)
     transitions: list[tuple[int, bool]] = field(default_factory=list)
     """The last online/offline changes, ``(ts, online)``, newest last."""
@@ -123,6 +128,7 @@ class AgentView:
             "labels": self.labels,
             "last_seen": iso(self.last_seen),
             "running": sorted(self.running),
+            "unsupported": self.unsupported,
         }
 
 
@@ -139,10 +145,17 @@ class RolloutView:
     announced_at: int | None = None
     canary: int = 0
     max_failures: int = 0
+    canaries: list[str] = field(default_factory=list)
     agents: dict[str, str] = field(default_factory=dict)
-    """Agent id → ``token``, ``applied``, ``failed`` or ``rolled_back``."""
+    """Agent id → ``token``, ``downloaded``, ``applied``, ``failed`` or ``rolled_back``."""
     failures: int = 0
+    failures_before_resume: int = 0
+    """Failures counted before the last ``resume``; the halt limit applies to the rest."""
     halted: str | None = None
+
+    @property
+    def failures_since_resume(self) -> int:
+        return self.failures - self.failures_before_resume
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -157,6 +170,8 @@ class Projection:
     jobs: dict[str, JobView] = field(default_factory=dict)
     agents: dict[str, AgentView] = field(default_factory=dict)
     rollouts: dict[str, RolloutView] = field(default_factory=dict)
+    target: str | None = None
+    """The version last announced."""
     seq: int = 0
     events: int = 0
     unknown: dict[str, int] = field(default_factory=dict)
@@ -204,6 +219,7 @@ class Projection:
             self._transition(agent, ts, online=True)
             agent.version, agent.host = data.version, data.host
             agent.labels, agent.last_seen = dict(data.labels), ts
+            agent.unsupported = None
         elif isinstance(data, AgentOffline):
             agent = self._agent(data.agent)
             self._transition(agent, ts, online=False)
@@ -218,14 +234,30 @@ class Projection:
             rollout = self._rollout(data.version)
             rollout.sha256, rollout.published_at = data.sha256, ts
         elif isinstance(data, UpdateAnnounced):
+            # A new announcement is a new attempt: earlier failures no longer count.
             rollout = self._rollout(data.version)
             rollout.announced_at, rollout.canary = ts, data.canary
             rollout.max_failures, rollout.halted = data.max_failures, None
+            rollout.canaries = list(data.canaries)
+            rollout.failures = rollout.failures_before_resume = 0
+            rollout.agents = {a: s for a, s in rollout.agents.items() if s == "applied"}
+            self.target = data.version
         elif isinstance(data, UpdateTokenAcquired):
             self._rollout(data.version).agents[data.agent] = "token"
+        elif isinstance(data, UpdateTokenReleased):
+            agents = self._rollout(data.version).agents
+            if agents.get(data.agent) == "token":
+                agents[data.agent] = "downloaded"
         elif isinstance(data, UpdateApplied):
             self._rollout(data.version).agents[data.agent] = "applied"
-            self._agent(data.agent).version = data.version
+            agent = self._agent(data.agent)
+            agent.version, agent.unsupported = data.version, None
+        elif isinstance(data, AgentUnsupported):
+            self._agent(data.agent).unsupported = data.reason
+        elif isinstance(data, SettingsChanged):
+            if data.key == "update.paused" and data.value is False and data.version:
+                rollout = self._rollout(data.version)
+                rollout.failures_before_resume, rollout.halted = rollout.failures, None
         elif isinstance(data, UpdateFailed | UpdateRolledBack):
             rollout = self._rollout(data.version)
             rollout.agents[data.agent] = (
@@ -278,6 +310,7 @@ class Projection:
             "jobs": {k: vars(v) for k, v in self.jobs.items()},
             "agents": {k: vars(v) for k, v in self.agents.items()},
             "rollouts": {k: vars(v) for k, v in self.rollouts.items()},
+            "target": self.target,
             "seq": self.seq,
             "events": self.events,
             "unknown": dict(self.unknown),
@@ -300,6 +333,7 @@ class Projection:
                 jobs={k: JobView(**v) for k, v in state["jobs"].items()},
                 agents=agents,
                 rollouts={k: RolloutView(**v) for k, v in state["rollouts"].items()},
+                target=state.get("target"),
                 seq=int(state["seq"]),
                 events=int(state["events"]),
                 unknown={str(k): int(v) for k, v in state["unknown"].items()},

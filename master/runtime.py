@@ -38,6 +38,7 @@ from master.auth import AuthFailed, AuthService
 from master.chain import Chain
 from master.config import MasterConfig
 from master.projection import Projection, RolloutView
+from master.rollout import next_step
 from master.snapshot import load_snapshot, save_snapshot
 from master.users import UserStore
 from schemas import (
@@ -49,11 +50,14 @@ from schemas import (
     ControlRequest,
     EventData,
     JobFinished,
+    UpdateRolloutHalted,
     make_envelope,
 )
 from schemas.auth import AuthStart, AuthSubmit
 from schemas.events import event_name
 from schemas.registry import summarize_validation_error
+from schemas.update import RolloutStage
+from updater.settings import read_settings, write_setting
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class MasterRuntime:
         self._grace_timers: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[Any]] = set()
         self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
+        self._rollout_changed = asyncio.Event()
 
     def stop(self) -> None:
         """Snapshot and stop. Safe from a signal handler."""
@@ -124,8 +129,10 @@ class MasterRuntime:
             async with asyncio.TaskGroup() as tg:
                 watcher = tg.create_task(self._watch_presence(), name="presence")
                 ticker = tg.create_task(self._tick(), name="tick")
+                steer = tg.create_task(self._steer_rollouts(), name="rollouts")
+                self._rollout_changed.set()
                 await self._stopping.wait()
-                for task in (watcher, ticker):
+                for task in (watcher, ticker, steer):
                     task.cancel()
         finally:
             for sub_ in (sub, control):
@@ -154,6 +161,8 @@ class MasterRuntime:
             if self.ready.is_set():
                 self._verify(seq, envelope, msg.subject)
             self.projection.apply(seq, event)
+            if envelope.type.startswith(("update.", "settings.")):
+                self._rollout_changed.set()
         self._since_snapshot += 1
         self._since_checkpoint += 1
         if not self.ready.is_set() and msg.metadata.num_pending == 0:
@@ -216,6 +225,51 @@ class MasterRuntime:
                 and now - self._last_snapshot >= self.config.snapshot_interval_s
             ):
                 await self._snapshot()
+
+    async def _steer_rollouts(self) -> None:
+        """Promote canary rollouts and halt failing ones, whenever an update event lands."""
+        while True:
+            await self._rollout_changed.wait()
+            self._rollout_changed.clear()
+            try:
+                await self._steer_once()
+            except FleetError as exc:
+                logger.error("! rollout: %s", exc)
+                self._rollout_changed.set()
+                await asyncio.sleep(1.0)  # a pause before retrying, not a synchronisation
+
+    async def _steer_once(self) -> None:
+        settings = await read_settings(self.bus)
+        target = settings.target
+        if target is None:
+            return
+        stage = settings.stage_of(target.version)
+        rollout = self.projection.rollouts.get(target.version)
+        step = next_step(target, stage, rollout)
+        if step is None:
+            return
+        if step.halt_reason is not None and rollout is not None:
+            logger.warning("! rollout of %s halted: %s", target.version, step.halt_reason)
+            await self._emit(
+                UpdateRolloutHalted(
+                    version=target.version,
+                    failures=rollout.failures_since_resume,
+                    max_failures=target.max_failures,
+                    reason=step.halt_reason,
+                ),
+                self._subjects.update_event(target.version, "rollout_halted"),
+            )
+        else:
+            logger.info("→ canaries of %s are healthy; rolling out to all", target.version)
+        await write_setting(
+            self.bus,
+            "release.stage",
+            RolloutStage(version=target.version, stage=step.stage),
+            signer=self.signer,
+            source=self.config.id,
+            version=target.version,
+            shown=step.stage,
+        )
 
     async def _emit(self, data: EventData, subject: str) -> None:
         envelope = make_envelope(data, source=self.config.id, subject=subject)

@@ -179,6 +179,8 @@ class UpdateAnnounced(EventData):
     version: Version
     canary: Count = 0
     max_failures: Count = 0
+    canaries: list[AgentId] = []
+    """The agents that update first; the rest wait until these are healthy."""
 
 
 class UpdateTokenAcquired(EventData):
@@ -238,6 +240,23 @@ class UpdateRolloutHalted(EventData):
     reason: Text
 
 
+# --- settings: fleet.evt.settings.<event> ---------------------------------------------
+
+
+class SettingsChanged(EventData):
+    """A fleet-wide setting in KV ``fleet-config`` changed (pause, disable, stage …).
+
+    The KV bucket is what agents act on; this event is the audit trail of who set what.
+    """
+
+    TYPE = "settings.changed"
+    key: Annotated[str, Field(pattern=r"^[a-z_]+\.[a-z_]+$")]
+    value: str | int | float | bool | None
+    changed_by: PrincipalId
+    version: Version | None = None
+    """The release the change concerns, when it concerns one (stage, resume)."""
+
+
 # --- audit: fleet.evt.audit.<event> ----------------------------------------------------
 
 
@@ -288,7 +307,10 @@ UPDATE_EVENTS: tuple[type[EventData], ...] = (
     UpdateRolloutHalted,
 )
 AUDIT_EVENTS: tuple[type[EventData], ...] = (AuditCheckpoint, AuthDenied)
-ALL_EVENTS: tuple[type[EventData], ...] = JOB_EVENTS + AGENT_EVENTS + UPDATE_EVENTS + AUDIT_EVENTS
+SETTINGS_EVENTS: tuple[type[EventData], ...] = (SettingsChanged,)
+ALL_EVENTS: tuple[type[EventData], ...] = (
+    JOB_EVENTS + AGENT_EVENTS + UPDATE_EVENTS + SETTINGS_EVENTS + AUDIT_EVENTS
+)
 
 AnyEventData = (
     JobSubmitted
@@ -309,6 +331,7 @@ AnyEventData = (
     | UpdateFailed
     | UpdateRolledBack
     | UpdateRolloutHalted
+    | SettingsChanged
     | AuditCheckpoint
     | AuthDenied
 )

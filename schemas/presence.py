@@ -29,3 +29,5 @@ class Presence(BaseModel):
     """The agent's nkey: what operators seal run-as passwords to."""
     started_at: TimestampNs
     ts: TimestampNs
+    update: str | None = Field(default=None, max_length=512)
+    """What stands between this agent and the fleet's target version, if anything."""

@@ -160,10 +160,13 @@ async def wait_event(
     bus: Bus, agent: str, job_id: str, name: str, timeout: float = 30.0
 ) -> Event[Any]:
     """The job's first event named ``name`` (waiting for it if need be)."""
+    return await first_event(bus, bus.subjects.job_event(agent, job_id, name), timeout)
+
+
+async def first_event(bus: Bus, subject: str, timeout: float = 30.0) -> Event[Any]:
+    """The log's first event on ``subject`` (waiting for it if need be)."""
     sub = await bus.js.subscribe(
-        bus.subjects.job_event(agent, job_id, name),
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.ALL,
+        subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
     )
     try:
         msg = await sub.next_msg(timeout=timeout)
@@ -192,6 +195,19 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def stop_all(agents: list[Any], request: Any) -> None:
+    """Stop (or kill) every agent a test made; print their logs if the test failed."""
+    for agent in agents:
+        try:
+            agent.stop(timeout=30)
+        except Exception:
+            agent.kill()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for agent in agents:
+            print(f"--- log of agent {agent.id} ---\n{agent.log()[-8000:]}")
 
 
 def fleet_env(url: str, key: Path) -> dict[str, str]:

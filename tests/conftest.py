@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from agents import AgentProcess
+from agents import AgentProcess, stop_all
 from natsserver import NatsCluster, NatsServer
 
 from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
@@ -92,15 +92,7 @@ def agent_factory(
         return agent
 
     yield make
-    for agent in made:
-        try:
-            agent.stop(timeout=30)
-        except Exception:
-            agent.kill()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for agent in made:
-            print(f"--- log of agent {agent.id} ---\n{agent.log()[-8000:]}")
+    stop_all(made, request)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -20,6 +20,7 @@ from schemas import (
     JobRequest,
     JobStarted,
     JobSubmitted,
+    SettingsChanged,
     UpdateAnnounced,
     UpdateApplied,
     UpdateFailed,
@@ -84,6 +85,7 @@ def sample_data() -> list[EventData]:
         UpdateFailed(version=VERSION, agent=AGENT, stage="verify", reason="bad digest"),
         UpdateRolledBack(version=VERSION, agent=AGENT, restored="0.1.0", reason="no heartbeat"),
         UpdateRolloutHalted(version=VERSION, failures=3, max_failures=2, reason="too many"),
+        SettingsChanged(key="update.paused", value=True, changed_by="alice", version=VERSION),
         AuditCheckpoint(count=10, through_seq=12, last_id=JOB, chain="cd" * 32),
         AuthDenied(user="batch", reason="authentication failed"),
     ]
@@ -102,6 +104,8 @@ def subject_for(data: EventData, subjects: Subjects | None = None) -> str:
         return s.audit_event(name)
     if data.TYPE.startswith("auth."):
         return s.auth_event(name)
+    if data.TYPE.startswith("settings."):
+        return s.settings_event(name)
     return s.update_event(data.version, name, agent)  # type: ignore[attr-defined]
 
 

@@ -67,7 +67,7 @@ def test_pam_file_has_auth_and_account_only() -> None:
 
 def test_service_file(tmp_path: Path) -> None:
     unit = agentd("-S", "-", "-c", str(tmp_path / "a.toml")).stdout
-    assert f"-m agentd -c {tmp_path / 'a.toml'}" in unit
+    assert f"-m updater.launcher --root /opt/fleetbus -- -c {tmp_path / 'a.toml'}" in unit
     assert "KillMode=mixed" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
 
@@ -123,6 +123,6 @@ def test_ops_files_match_what_the_agent_generates() -> None:
     ops = Path(__file__).resolve().parent.parent / "ops"
     assert (ops / "pam" / "fleet-agentd").read_text() == pam_service()
     generated = systemd_unit(Path("/etc/fleetbus/agentd.toml")).replace(
-        f"{sys.executable} -m agentd", "/usr/local/bin/fleet-agentd"
+        f"{sys.executable} -m updater.launcher", "/usr/bin/python3 -m updater.launcher"
     )
     assert (ops / "systemd" / "fleet-agentd.service").read_text() == generated

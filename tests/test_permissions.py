@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -148,3 +149,46 @@ async def test_each_principal_gets_only_what_its_role_needs(
         await connect(
             ConnectSettings(servers=[server.url], nkey_file=stranger, connect_timeout_s=1)
         )
+
+
+@pytest.mark.timeout(180)
+async def test_self_update_works_under_least_privilege(
+    server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    from updates import LaunchedAgent, fleet, make_release, wait_update_event
+
+    release = make_release(tmp_path / "release")
+    keys = {n: key(tmp_path, n) for n in ("admin", "tester", "web-1", "master")}
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        f'[master]\npublic_key = "{keys["master"][1]}"\n'
+        f'[agents.web-1]\npublic_key = "{keys["web-1"][1]}"\n'
+        f'[operators.tester]\npublic_key = "{keys["tester"][1]}"\n'
+        f'[admins.admin]\npublic_key = "{keys["admin"][1]}"\n'
+    )
+    rendered = fleet(dict(os.environ), "ops", "server-config", "--registry", str(registry))
+    server = server_factory(config=rendered.stdout)
+    fleet(fleet_env(server.url, keys["admin"][0]), "ops", "init")
+    operator = fleet_env(server.url, keys["tester"][0])
+    admin = ConnectSettings(
+        servers=[server.url], nkey_file=keys["admin"][0], inbox_prefix="_INBOX_admin"
+    )
+    agent = LaunchedAgent(
+        tmp_path,
+        server.url,
+        "web-1",
+        nkey_file=str(keys["web-1"][0]),
+        release_keys=[release.public_key],
+    ).install(release.bundle("1.0.0"), release.public_key)
+    async with await connect(admin) as admin_bus:
+        await agent.started(admin_bus)
+        try:
+            fleet(operator, "update", "publish", str(release.bundle("1.1.0")))
+            fleet(operator, "update", "announce", "1.1.0")
+            try:
+                await wait_update_event(admin_bus, "1.1.0", "web-1", "applied", timeout=60)
+            except Exception:
+                raise AssertionError(agent.log()[-4000:]) from None
+            assert "denied" not in agent.log(), agent.log()[-3000:]
+        finally:
+            agent.stop()
