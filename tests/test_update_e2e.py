@@ -342,3 +342,35 @@ async def test_a_version_that_never_reports_healthy_is_rolled_back_at_the_deadli
     presence = await wait_presence(bus, agent.id, lambda p: p.state == "unsupported")
     assert presence.version == A
     assert agent.root.joinpath("current").resolve().name == A
+
+
+async def test_canaries_first_then_the_master_lets_everyone_update(
+    bus: Bus,
+    launched: Callable[..., LaunchedAgent],
+    release: Release,
+    env: dict[str, str],
+    tmp_path: Path,
+    nats_server: NatsServer,
+) -> None:
+    master = MasterProcess(tmp_path, nats_server.url).start()
+    try:
+        await master.wait_ready(bus)
+        agents = [launched(f"c{i}") for i in range(3)]
+        await start_all(bus, agents)
+        fleet(env, "update", "publish", str(release.bundles[B]))
+        fleet(env, "update", "announce", B, "--canary", "1")
+        for agent in agents:
+            await wait_update_event(bus, B, agent.id, "applied", timeout=90)
+        events = await update_events(bus)
+        order = [
+            (type(e.data).__name__, e.data.agent)
+            for e in events
+            if isinstance(e.data, UpdateTokenAcquired | UpdateApplied)
+        ]
+        canary_applied = order.index(("UpdateApplied", "c0"))
+        others_started = min(order.index(("UpdateTokenAcquired", a)) for a in ("c1", "c2"))
+        assert canary_applied < others_started, order
+        stage = json.loads(fleet(env, "update", "status", "--json").stdout)["stage"]
+        assert stage == "all"
+    finally:
+        master.stop()

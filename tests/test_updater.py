@@ -295,3 +295,17 @@ def _decoded(data: Any) -> Any:
     from bus.codec import decode_data
 
     return decode_data(sample_envelope(data))
+
+
+async def test_a_dead_agents_download_token_expires_by_itself(bus: Any) -> None:
+    from bus.lease import Lease
+
+    bucket = bus.subjects.tokens_bucket
+    dead = Lease(bus, bucket, "slot-0", "dead-agent", ttl_s=1)
+    assert await dead.try_acquire()
+    alive = Lease(bus, bucket, "slot-0", "alive-agent", ttl_s=30)
+    assert not await alive.try_acquire()
+    # Nobody renews the dead agent's lease: the server's TTL frees the slot.
+    assert await alive.acquire(wait_s=15)
+    assert not await dead.renew()
+    await alive.release()

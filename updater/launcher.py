@@ -93,7 +93,8 @@ class Launcher:
             if code == RESTART_EXIT and not self.stopping:
                 logger.info("the agent asked to be restarted")
                 continue
-            return code
+            # A child killed by a signal: exit as a shell would report it.
+            return code if code >= 0 else 128 - code
 
     def _start(self, version_dir: Path | None, version: str) -> int:
         ready_r, ready_w = os.pipe()
