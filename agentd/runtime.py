@@ -16,6 +16,7 @@ exactly one ``job.finished`` with a named status, including the ones it refuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
@@ -237,7 +238,7 @@ class AgentRuntime:
                 consumers = [
                     tg.create_task(self._consume_jobs(jobs_sub), name="jobs"),
                     tg.create_task(self._consume_cancels(cancels_sub), name="cancels"),
-                    tg.create_task(self.updater.run(), name="updater"),
+                    tg.create_task(self._run_updater(), name="updater"),
                 ]
                 self.ready.set()
                 await self._stopping.wait()
@@ -250,6 +251,20 @@ class AgentRuntime:
         finally:
             await self._withdraw(jobs_sub, cancels_sub, control)
         logger.info("← agent %s stopped", self.id)
+
+    async def _run_updater(self) -> None:
+        """The updater, kept from taking the agent down with it: a bug there stops
+        updates for a while, never jobs."""
+        while not self._stopping.is_set():
+            try:
+                await self.updater.run()
+                return
+            except Exception:
+                logger.exception("! the updater failed; updates resume in 30s")
+                self._show_update("ready", "the updater failed; see the agent's log")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await self._stopping.wait()
 
     async def _withdraw(self, *subs: Any) -> None:
         for sub in subs:

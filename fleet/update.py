@@ -13,6 +13,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.js.api import ObjectMeta
+from pydantic import ValidationError
 
 from bus import Bus, ConnectionFailedError, Signer, UsageError, connect
 from bus.command import add_connection_args, connect_settings
@@ -22,6 +23,7 @@ from bus.subjects import version_token
 from fleet.common import fold, operator_signer, presence, publish_signed
 from master.projection import RolloutView
 from schemas import UpdateAnnounced, UpdatePublished
+from schemas.registry import summarize_validation_error
 from schemas.update import ReleaseTarget, RolloutStage, UpdateSettings
 from updater.bundle import build_bundle, inspect_bundle, open_bundle, sha256_hex
 from updater.install import InstallRoot
@@ -257,8 +259,8 @@ async def announce_cmd(args: argparse.Namespace) -> int:
         canaries = behind[: args.canary]
         if args.canary > len(canaries):
             print(
-                f"fleet: only {len(canaries)} online agents are not on {version}; "
-                f"they are the canaries",
+                f"fleet: {len(canaries)} online agents are not on {version}, fewer than "
+                f"--canary {args.canary}; canaries: {', '.join(canaries) or 'none'}",
                 file=sys.stderr,
             )
         event = UpdateAnnounced(
@@ -331,7 +333,9 @@ async def switch_cmd(args: argparse.Namespace) -> int:
             )
         t = settings.target
         if command == "resume" and t is not None and settings.stage_of(t.version) == "halted":
-            stage = "canary" if t.canaries else "all"
+            # An operator resuming a halted rollout means "go on": to every agent, even
+            # if a canary failed (it stays on its version until a new announcement).
+            stage = "all"
             await write_setting(
                 bus,
                 "release.stage",
@@ -350,8 +354,10 @@ async def set_cmd(args: argparse.Namespace) -> int:
     try:
         value = kind(args.value)
         UpdateSettings.model_validate({args.key: value})
-    except ValueError as exc:
-        raise UsageError(f"{args.key}: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:
+        raise UsageError(summarize_validation_error(exc)) from None
+    except ValueError:
+        raise UsageError(f"{args.key} must be a {kind.__name__}, not {args.value!r}") from None
     source, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet update")) as bus:
         await write_setting(bus, f"update.{args.key}", value, signer=signer, source=source)

@@ -165,11 +165,18 @@ async def wait_event(
 
 async def first_event(bus: Bus, subject: str, timeout: float = 30.0) -> Event[Any]:
     """The log's first event on ``subject`` (waiting for it if need be)."""
+    return await nth_event(bus, subject, 1, timeout)
+
+
+async def nth_event(bus: Bus, subject: str, n: int, timeout: float = 30.0) -> Event[Any]:
+    """The log's ``n``-th event on ``subject`` (waiting for it if need be)."""
     sub = await bus.js.subscribe(
         subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
     )
     try:
-        msg = await sub.next_msg(timeout=timeout)
+        async with asyncio.timeout(timeout):
+            for _ in range(n):
+                msg = await sub.next_msg(timeout=timeout)
     finally:
         await sub.unsubscribe()
     event = decode_event(msg.data)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import AgentProcess, MasterProcess, fleet_env, stop_all
+from agents import AgentProcess, MasterProcess, fleet_env, nth_event, stop_all
 from updates import (
     LaunchedAgent,
     Release,
@@ -71,6 +71,17 @@ def launched(
 
     yield make
     stop_all(made, request)
+
+
+@pytest.fixture
+async def master(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[MasterProcess]:
+    """A running master: it promotes canary rollouts and halts failing ones."""
+    process = MasterProcess(tmp_path, nats_server.url).start()
+    try:
+        await process.wait_ready(bus)
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture
@@ -189,43 +200,47 @@ async def test_a_bundle_that_cannot_start_is_rolled_back_and_halts_the_rollout(
     launched: Callable[..., LaunchedAgent],
     release: Release,
     env: dict[str, str],
-    tmp_path: Path,
-    nats_server: NatsServer,
+    master: MasterProcess,
 ) -> None:
-    master = MasterProcess(tmp_path, nats_server.url).start()
-    try:
-        await master.wait_ready(bus)
-        canary, other = launched("canary-a", health_timeout=20), launched("canary-b")
-        await start_all(bus, [canary, other])
-        fleet(env, "update", "publish", str(release.bundles[BROKEN]))
-        fleet(env, "update", "announce", BROKEN, "--canary", "1", "--max-failures", "0")
+    canary, other = launched("canary-a", health_timeout=20), launched("canary-b")
+    await start_all(bus, [canary, other])
+    fleet(env, "update", "publish", str(release.bundles[BROKEN]))
+    fleet(env, "update", "announce", BROKEN, "--canary", "1", "--max-failures", "0")
 
-        rolled = await wait_update_event(bus, BROKEN, canary.id, "rolled_back", timeout=90)
-        assert isinstance(rolled.data, UpdateRolledBack)
-        assert rolled.data.restored == A
-        assert "exited with code 1 before it was healthy" in rolled.data.reason
-        back = await wait_presence(bus, canary.id, lambda p: p.state == "unsupported")
-        assert back.version == A
-        assert "failed here" in (back.update or "")
+    rolled = await wait_update_event(bus, BROKEN, canary.id, "rolled_back", timeout=90)
+    assert isinstance(rolled.data, UpdateRolledBack)
+    assert rolled.data.restored == A
+    assert "exited with code 1 before it was healthy" in rolled.data.reason
+    back = await wait_presence(bus, canary.id, lambda p: p.state == "unsupported")
+    assert back.version == A
+    assert "failed here" in (back.update or "")
 
-        halted = await wait_update_event(bus, BROKEN, None, "rollout_halted", timeout=30)
-        assert isinstance(halted.data, UpdateRolloutHalted)
-        assert halted.data.failures == 1
-        waiting = await wait_presence(bus, other.id, lambda p: "halted" in (p.update or ""))
-        assert waiting.version == A
-        events = await update_events(bus)
-        assert not [e for e in events if getattr(e.data, "agent", None) == other.id], (
-            "the rollout must not reach beyond the canary"
-        )
-        # The restored agent works, and does not loop on the bad version.
-        result = fleet(env, "run", "-a", canary.id, "--force", "--json", "--", "true")
-        assert json.loads(result.stdout)["jobs"][0]["status"] == "succeeded"
-        rollbacks = [e for e in await update_events(bus) if isinstance(e.data, UpdateRolledBack)]
-        assert len(rollbacks) == 1
-        assert canary.proc is not None
-        assert canary.proc.poll() is None, "the launcher keeps running"
-    finally:
-        master.stop()
+    halted = await wait_update_event(bus, BROKEN, None, "rollout_halted", timeout=30)
+    assert isinstance(halted.data, UpdateRolloutHalted)
+    assert halted.data.failures == 1
+    waiting = await wait_presence(bus, other.id, lambda p: "halted" in (p.update or ""))
+    assert waiting.version == A
+    events = await update_events(bus)
+    assert not [e for e in events if getattr(e.data, "agent", None) == other.id], (
+        "the rollout must not reach beyond the canary"
+    )
+    # The restored agent works, and does not loop on the bad version.
+    result = fleet(env, "run", "-a", canary.id, "--force", "--json", "--", "true")
+    assert json.loads(result.stdout)["jobs"][0]["status"] == "succeeded"
+    rollbacks = [e for e in await update_events(bus) if isinstance(e.data, UpdateRolledBack)]
+    assert len(rollbacks) == 1
+    assert canary.proc is not None
+    assert canary.proc.poll() is None, "the launcher keeps running"
+
+    # Resumed on command: the rest of the fleet tries, fails the same way, and the
+    # rollout halts again; the failed canary does not try a second time.
+    fleet(env, "update", "resume")
+    again = await wait_update_event(bus, BROKEN, other.id, "rolled_back", timeout=90)
+    assert again.data.restored == A
+    subject = bus.subjects.update_event(BROKEN, "rollout_halted")
+    second = await nth_event(bus, subject, 2, timeout=30)
+    assert "canary-b" in second.data.reason
+    assert len([e for e in await update_events(bus) if isinstance(e.data, UpdateRolledBack)]) == 2
 
 
 async def test_server_restart_during_download_still_ends_on_b(
@@ -349,28 +364,22 @@ async def test_canaries_first_then_the_master_lets_everyone_update(
     launched: Callable[..., LaunchedAgent],
     release: Release,
     env: dict[str, str],
-    tmp_path: Path,
-    nats_server: NatsServer,
+    master: MasterProcess,
 ) -> None:
-    master = MasterProcess(tmp_path, nats_server.url).start()
-    try:
-        await master.wait_ready(bus)
-        agents = [launched(f"c{i}") for i in range(3)]
-        await start_all(bus, agents)
-        fleet(env, "update", "publish", str(release.bundles[B]))
-        fleet(env, "update", "announce", B, "--canary", "1")
-        for agent in agents:
-            await wait_update_event(bus, B, agent.id, "applied", timeout=90)
-        events = await update_events(bus)
-        order = [
-            (type(e.data).__name__, e.data.agent)
-            for e in events
-            if isinstance(e.data, UpdateTokenAcquired | UpdateApplied)
-        ]
-        canary_applied = order.index(("UpdateApplied", "c0"))
-        others_started = min(order.index(("UpdateTokenAcquired", a)) for a in ("c1", "c2"))
-        assert canary_applied < others_started, order
-        stage = json.loads(fleet(env, "update", "status", "--json").stdout)["stage"]
-        assert stage == "all"
-    finally:
-        master.stop()
+    agents = [launched(f"c{i}") for i in range(3)]
+    await start_all(bus, agents)
+    fleet(env, "update", "publish", str(release.bundles[B]))
+    fleet(env, "update", "announce", B, "--canary", "1")
+    for agent in agents:
+        await wait_update_event(bus, B, agent.id, "applied", timeout=90)
+    events = await update_events(bus)
+    order = [
+        (type(e.data).__name__, e.data.agent)
+        for e in events
+        if isinstance(e.data, UpdateTokenAcquired | UpdateApplied)
+    ]
+    canary_applied = order.index(("UpdateApplied", "c0"))
+    others_started = min(order.index(("UpdateTokenAcquired", a)) for a in ("c1", "c2"))
+    assert canary_applied < others_started, order
+    stage = json.loads(fleet(env, "update", "status", "--json").stdout)["stage"]
+    assert stage == "all"

@@ -285,7 +285,7 @@ class Updater:
         lease, slot = taken
         v = target.version
         await self._say(UpdateTokenAcquired(version=v, agent=self.agent_id, slot=slot))
-        keeper = asyncio.create_task(lease.keep(), name="update-token")
+        keeper = asyncio.create_task(self._keep(lease), name="update-token")
         try:
             data = await self._download(target)
         except BundleError as exc:
@@ -314,6 +314,9 @@ class Updater:
             version_dir = await asyncio.to_thread(self.root.install, bundle)
         except BundleError as exc:
             await self._fail(target, exc.stage, exc.reason)
+            return False
+        except OSError as exc:
+            await self._fail(target, "install", f"cannot install: {exc}")
             return False
         previous = self.root.current_dir()
         pending = Pending(
@@ -360,6 +363,18 @@ class Updater:
             self._show("updating", text)
             await self._wait_change(delay)
         return None
+
+    async def _keep(self, lease: Lease) -> None:
+        """Renew the slot's lease every third of its TTL while the download runs; an
+        outage only delays renewals (the lease outlives a short one)."""
+        while True:
+            await asyncio.sleep(lease.ttl_s / 3)  # a renewal timer, not a synchronisation
+            try:
+                if not await lease.renew():
+                    logger.warning("download slot %s was lost (expired)", lease.key)
+                    return
+            except FleetError as exc:
+                logger.warning("renewing download slot %s: %s", lease.key, exc)
 
     async def _download(self, target: ReleaseTarget) -> bytes | None:
         """The bundle, retried with backoff (capped at 60 s) while the bus is down; None
