@@ -21,8 +21,8 @@ from bus.errors import EXIT_OK, BundleError
 from bus.log import read_log
 from bus.subjects import version_token
 from fleet.common import fold, operator_signer, presence, publish_signed
-from master.projection import RolloutView
-from schemas import UpdateAnnounced, UpdatePublished
+from master.projection import AgentView, RolloutView
+from schemas import Presence, UpdateAnnounced, UpdatePublished
 from schemas.registry import summarize_validation_error
 from schemas.update import ReleaseTarget, RolloutStage, UpdateSettings
 from updater.bundle import build_bundle, inspect_bundle, open_bundle, sha256_hex
@@ -372,13 +372,17 @@ async def status_cmd(args: argparse.Namespace) -> int:
     async with await connect(connect_settings(args, "fleet update")) as bus:
         settings = await read_settings(bus)
         online = await presence(bus)
+        # Agents that are not online: their last known version, from their own events.
+        known = fold(
+            await read_log(bus, bus.subjects.events_stream, f"{bus.subjects.prefix}.evt.agent.>")
+        ).agents
         rollout: RolloutView | None = None
         if settings.target is not None:
             v = settings.target.version
             subject = f"{bus.subjects.prefix}.evt.update.{version_token(v)}.>"
             projection = fold(await read_log(bus, bus.subjects.events_stream, subject))
             rollout = projection.rollouts.get(v)
-    doc = _status_doc(settings, online, rollout)
+    doc = _status_doc(settings, online, known, rollout)
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
@@ -400,23 +404,31 @@ async def status_cmd(args: argparse.Namespace) -> int:
     print(f"{'AGENT':<20} {'VERSION':<12} {'STATE':<12} NOTE")
     for agent in doc["agents"]:
         note = agent["update"] or agent["rollout"] or ""
-        print(f"{agent['id']:<20} {agent['version']:<12} {agent['state']:<12} {note}")
+        version = agent["version"] or "?"
+        print(f"{agent['id']:<20} {version:<12} {agent['state']:<12} {note}")
     return EXIT_OK
 
 
 def _status_doc(
-    settings: UpdateSettings, online: dict[str, Any], rollout: RolloutView | None
+    settings: UpdateSettings,
+    online: dict[str, Presence],
+    known: dict[str, AgentView],
+    rollout: RolloutView | None,
 ) -> dict[str, Any]:
     target = settings.target
     agents = []
-    for agent_id, p in sorted(online.items()):
+    for agent_id in sorted(set(online) | set(known)):
+        p = online.get(agent_id)
+        view = known.get(agent_id)
+        version = p.version if p else (view.version if view else None)
         agents.append(
             {
                 "id": agent_id,
-                "version": p.version,
-                "state": p.state,
-                "update": p.update,
-                "on_target": target is not None and p.version == target.version,
+                "online": p is not None,
+                "version": version,
+                "state": p.state if p else "offline",
+                "update": p.update if p else (view.unsupported if view else None),
+                "on_target": target is not None and version == target.version,
                 "rollout": rollout.agents.get(agent_id) if rollout else None,
             }
         )

@@ -58,7 +58,11 @@ class _Daemon:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()  # never leave a process running behind a failed test
+            raise
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

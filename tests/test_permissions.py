@@ -181,8 +181,8 @@ async def test_self_update_works_under_least_privilege(
         release_keys=[release.public_key],
     ).install(release.bundle("1.0.0"), release.public_key)
     async with await connect(admin) as admin_bus:
-        await agent.started(admin_bus)
         try:
+            await agent.started(admin_bus)
             fleet(operator, "update", "publish", str(release.bundle("1.1.0")))
             fleet(operator, "update", "announce", "1.1.0")
             try:

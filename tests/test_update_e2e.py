@@ -149,6 +149,12 @@ async def test_five_agents_update_with_two_tokens(
     result = fleet(env, "run", "-a", "u0", "--json", "--", "echo", "hello from B")
     assert json.loads(result.stdout)["jobs"][0]["status"] == "succeeded"
 
+    # An agent that is down is still listed, with the version it last ran.
+    agents[4].stop()
+    status = json.loads(fleet(env, "update", "status", "--json").stdout)
+    gone = next(a for a in status["agents"] if a["id"] == "u4")
+    assert (gone["online"], gone["state"], gone["version"]) == (False, "offline", B)
+
 
 async def test_tampered_and_unsigned_bundles_are_rejected(
     bus: Bus,
