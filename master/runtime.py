@@ -87,6 +87,7 @@ class MasterRuntime:
         self._work: set[asyncio.Task[Any]] = set()
         self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
         self._rollout_changed = asyncio.Event()
+        self._presence_watcher: Any = None
 
     def stop(self) -> None:
         """Snapshot and stop. Safe from a signal handler."""
@@ -132,6 +133,10 @@ class MasterRuntime:
                 steer = tg.create_task(self._steer_rollouts(), name="rollouts")
                 self._rollout_changed.set()
                 await self._stopping.wait()
+                if self._presence_watcher is not None:
+                    # Ends its `async for` even if a cancellation gets lost (see above).
+                    with contextlib.suppress(nats.errors.Error, OSError):
+                        await self._presence_watcher.stop()
                 for task in (watcher, ticker, steer):
                     task.cancel()
         finally:
@@ -210,10 +215,31 @@ class MasterRuntime:
         except (FleetError, nats.errors.Error) as exc:
             logger.error("! checkpoint failed: %s", exc)
 
+    async def _until_stopping(
+        self, timeout: float | None = None, other: asyncio.Event | None = None
+    ) -> None:
+        """Wait for ``timeout`` seconds, or ``other`` to be set, ending early on stop.
+
+        Every loop of the master ends on the stop flag, not only on cancellation: on
+        Python 3.11 a cancellation that lands as a nats-py request completes can be
+        swallowed by ``asyncio.wait_for``, and the task group would then wait forever.
+        """
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if other is not None:
+            waits.append(asyncio.ensure_future(other.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
     async def _tick(self) -> None:
         period = min(self.config.snapshot_interval_s, self.config.checkpoint_interval_s)
-        while True:
-            await asyncio.sleep(period)
+        while not self._stopping.is_set():
+            await self._until_stopping(period)
+            if self._stopping.is_set():
+                return
             now = time.monotonic()
             if (
                 self._since_checkpoint
@@ -228,15 +254,17 @@ class MasterRuntime:
 
     async def _steer_rollouts(self) -> None:
         """Promote canary rollouts and halt failing ones, whenever an update event lands."""
-        while True:
-            await self._rollout_changed.wait()
+        while not self._stopping.is_set():
+            await self._until_stopping(other=self._rollout_changed)
+            if self._stopping.is_set():
+                return
             self._rollout_changed.clear()
             try:
                 await self._steer_once()
             except FleetError as exc:
                 logger.error("! rollout: %s", exc)
                 self._rollout_changed.set()
-                await asyncio.sleep(1.0)  # a pause before retrying, not a synchronisation
+                await self._until_stopping(1.0)  # a pause before retrying
 
     async def _steer_once(self) -> None:
         settings = await read_settings(self.bus)
@@ -303,7 +331,7 @@ class MasterRuntime:
 
     async def _watch_presence(self) -> None:
         kv = await self.bus.key_value(self._subjects.presence_bucket)
-        watcher = await kv.watchall()
+        watcher = self._presence_watcher = await kv.watchall()
         initial: set[str] = set()
         caught_up = False
         try:
