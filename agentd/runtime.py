@@ -16,7 +16,6 @@ exactly one ``job.finished`` with a named status, including the ones it refuses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import pwd
@@ -56,6 +55,7 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.command import fleetbus_version
+from bus.runtime import wait_any
 from schemas import (
     AgentConfigChanged,
     AgentOffline,
@@ -262,9 +262,7 @@ class AgentRuntime:
             except Exception:
                 logger.exception("! the updater failed; updates resume in 30s")
                 self._show_update("ready", "the updater failed; see the agent's log")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(30):
-                    await self._stopping.wait()
+            await wait_any(self._stopping, timeout=30)
 
     async def _withdraw(self, *subs: Any) -> None:
         for sub in subs:
@@ -767,18 +765,7 @@ class AgentRuntime:
                 logger.warning("heartbeat: %s", exc)
             # Next beat after heartbeat_s, or at once when the update state changed.
             self._presence_changed.clear()
-            idle = asyncio.ensure_future(self._idle.wait())
-            changed = asyncio.ensure_future(self._presence_changed.wait())
-            try:
-                await asyncio.wait(
-                    {idle, changed},
-                    timeout=self.config.heartbeat_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                for task in (idle, changed):
-                    task.cancel()
-                await asyncio.gather(idle, changed, return_exceptions=True)
+            await wait_any(self._idle, self._presence_changed, timeout=self.config.heartbeat_s)
 
     def status(self) -> dict[str, Any]:
         """What ``status`` answers: presence plus counters."""

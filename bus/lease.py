@@ -100,12 +100,19 @@ class Lease:
         return self.revision is not None
 
     async def keep(self) -> None:
-        """Renew every third of the TTL until cancelled."""
+        """Renew every third of the TTL until cancelled, or until the lease is lost.
+
+        A renewal the server cannot take (an outage) is logged and tried again at the
+        next tick: the lease outlives a short outage, and expires by itself after a long one.
+        """
         while True:
             await asyncio.sleep(self.ttl_s / 3)  # a timer, not a wait for an event
-            if not await self.renew():
-                logger.error("lease %s was lost", self.key)
-                return
+            try:
+                if not await self.renew():
+                    logger.error("lease %s was lost", self.key)
+                    return
+            except ConnectionFailedError as exc:
+                logger.warning("renewing lease %s: %s", self.key, exc)
 
     async def release(self) -> None:
         if self.revision is not None:

@@ -71,7 +71,7 @@ def _reader(s: Subjects) -> list[str]:
 
 def _update_reader(s: Subjects) -> list[str]:
     """What an agent needs to follow updates: read the settings, take download slots,
-    read bundles. (It hears settings change by subscribing to ``$KV.<config>.>``.)"""
+    read bundles. (It hears them change by subscribing to their keys' subjects.)"""
     config, tokens, bundles = (
         f"KV_{s.config_bucket}",
         f"KV_{s.tokens_bucket}",
@@ -139,7 +139,8 @@ def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
                         "allow": [
                             f"{inbox_prefix(agent)}.>",
                             f"{p}.ctl.{agent}.*",
-                            f"$KV.{s.config_bucket}.>",
+                            f"$KV.{s.config_bucket}.release.>",
+                            f"$KV.{s.config_bucket}.update.>",
                         ]
                     },
                     "allow_responses": True,

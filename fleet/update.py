@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import tempfile
@@ -26,9 +25,10 @@ from schemas import Presence, UpdateAnnounced, UpdatePublished
 from schemas.registry import summarize_validation_error
 from schemas.update import ReleaseTarget, RolloutStage, UpdateSettings
 from updater.bundle import build_bundle, inspect_bundle, open_bundle, sha256_hex
+from updater.download import store_digest
 from updater.install import InstallRoot
 from updater.launcher import default_root
-from updater.settings import read_settings, write_setting
+from updater.settings import put_setting, read_settings, write_setting
 from updater.wheel import build_wheel, normalized_version
 
 _SETTABLE = {"max_concurrent": int, "retry_after_s": float}
@@ -197,7 +197,8 @@ async def publish_cmd(args: argparse.Namespace) -> int:
     source, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet update")) as bus:
         store = await bus.object_store(bus.subjects.bundles_bucket)
-        existing = await _object_sha256(bus, name)
+        stored = await _stored(bus, name)
+        existing = stored[0] if stored else None
         if existing is not None and existing != digest:
             raise UsageError(
                 f"{bundle.version} is already published with other content; releases are "
@@ -228,7 +229,8 @@ async def publish_cmd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _object_sha256(bus: Bus, name: str) -> str | None:
+async def _stored(bus: Bus, name: str) -> tuple[str, int] | None:
+    """SHA-256 (hex) and size of a stored bundle; None if there is none by that name."""
     store = await bus.object_store(bus.subjects.bundles_bucket)
     try:
         info = await store.get_info(name)
@@ -236,8 +238,10 @@ async def _object_sha256(bus: Bus, name: str) -> str | None:
         return None
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"object store: {exc}") from exc
-    value = (info.digest or "").split("=", 1)[-1]
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+    digest = store_digest(info.digest or "")
+    if digest is None:
+        raise ConnectionFailedError(f"object store: {name} has an unreadable digest")
+    return digest.hex(), info.size or 0
 
 
 async def announce_cmd(args: argparse.Namespace) -> int:
@@ -249,11 +253,10 @@ async def announce_cmd(args: argparse.Namespace) -> int:
     name = object_name(version)
     source, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet update")) as bus:
-        sha = await _object_sha256(bus, name)
-        if sha is None:
+        stored = await _stored(bus, name)
+        if stored is None:
             raise UsageError(f"{version} is not published (fleet update publish BUNDLE first)")
-        store = await bus.object_store(bus.subjects.bundles_bucket)
-        size = (await store.get_info(name)).size or 0
+        sha, size = stored
         online = await presence(bus)
         behind = sorted(a for a, p in online.items() if p.version != version)
         canaries = behind[: args.canary]
@@ -296,11 +299,8 @@ async def announce_cmd(args: argparse.Namespace) -> int:
             version=version,
             shown=stage.stage,
         )
-        kv = await bus.key_value(bus.subjects.config_bucket)
-        try:
-            await kv.put("release.target", target.model_dump_json().encode())
-        except (nats.errors.Error, OSError) as exc:
-            raise ConnectionFailedError(f"setting release.target: {exc}") from exc
+        # Recorded by the update.announced event above.
+        await put_setting(bus, "release.target", target)
     if args.json:
         print(target.model_dump_json())
     else:

@@ -34,6 +34,7 @@ from bus import (
     verify_envelope,
 )
 from bus.codec import decode_data, pack
+from bus.runtime import wait_any
 from master.auth import AuthFailed, AuthService
 from master.chain import Chain
 from master.config import MasterConfig
@@ -215,29 +216,12 @@ class MasterRuntime:
         except (FleetError, nats.errors.Error) as exc:
             logger.error("! checkpoint failed: %s", exc)
 
-    async def _until_stopping(
-        self, timeout: float | None = None, other: asyncio.Event | None = None
-    ) -> None:
-        """Wait for ``timeout`` seconds, or ``other`` to be set, ending early on stop.
-
-        Every loop of the master ends on the stop flag, not only on cancellation: on
-        Python 3.11 a cancellation that lands as a nats-py request completes can be
-        swallowed by ``asyncio.wait_for``, and the task group would then wait forever.
-        """
-        waits = [asyncio.ensure_future(self._stopping.wait())]
-        if other is not None:
-            waits.append(asyncio.ensure_future(other.wait()))
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-
     async def _tick(self) -> None:
         period = min(self.config.snapshot_interval_s, self.config.checkpoint_interval_s)
+        # This loop and the next end on the stop flag, not only on cancellation (see
+        # bus.runtime.wait_any).
         while not self._stopping.is_set():
-            await self._until_stopping(period)
+            await wait_any(self._stopping, timeout=period)
             if self._stopping.is_set():
                 return
             now = time.monotonic()
@@ -255,7 +239,7 @@ class MasterRuntime:
     async def _steer_rollouts(self) -> None:
         """Promote canary rollouts and halt failing ones, whenever an update event lands."""
         while not self._stopping.is_set():
-            await self._until_stopping(other=self._rollout_changed)
+            await wait_any(self._stopping, self._rollout_changed)
             if self._stopping.is_set():
                 return
             self._rollout_changed.clear()
@@ -264,7 +248,7 @@ class MasterRuntime:
             except FleetError as exc:
                 logger.error("! rollout: %s", exc)
                 self._rollout_changed.set()
-                await self._until_stopping(1.0)  # a pause before retrying
+                await wait_any(self._stopping, timeout=1.0)  # a pause before retrying
 
     async def _steer_once(self) -> None:
         settings = await read_settings(self.bus)

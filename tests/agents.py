@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,26 +122,39 @@ class AgentProcess(_Daemon):
 
     async def wait_online(self, bus: Bus, timeout: float = 20.0) -> Presence:
         """Until this incarnation's heartbeat is in the presence bucket."""
-        kv = await bus.key_value(bus.subjects.presence_bucket)
-        watcher = await kv.watch(self.id)
         try:
-            async with asyncio.timeout(timeout):
-                async for entry in watcher:
-                    if entry is None or not entry.value:
-                        continue
-                    presence = decode_model(entry.value, Presence)
-                    if presence.started_at >= self.started_ns:
-                        return presence
-        except TimeoutError:
+            return await wait_presence(
+                bus, self.id, lambda p: p.started_at >= self.started_ns, timeout
+            )
+        except AssertionError:
             raise AssertionError(f"agent {self.id} not online:\n{self.log()}") from None
-        finally:
-            await watcher.stop()
-        raise AssertionError("watch ended")
 
     async def started(self, bus: Bus, timeout: float = 20.0) -> AgentProcess:
         self.start()
         await self.wait_online(bus, timeout)
         return self
+
+
+async def wait_presence(
+    bus: Bus, agent: str, check: Callable[[Presence], bool], timeout: float = 60.0
+) -> Presence:
+    """Until the agent's heartbeat satisfies ``check``."""
+    kv = await bus.key_value(bus.subjects.presence_bucket)
+    watcher = await kv.watch(agent)
+    last: Presence | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            async for entry in watcher:
+                if entry is None or not entry.value:
+                    continue
+                last = decode_model(entry.value, Presence)
+                if check(last):
+                    return last
+    except TimeoutError:
+        raise AssertionError(f"{agent}: presence never matched; last: {last}") from None
+    finally:
+        await watcher.stop()
+    raise AssertionError("watch ended")
 
 
 def job_request(argv: list[str] | None = None, script: str | None = None, **kw: Any) -> JobRequest:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import AgentProcess, MasterProcess, fleet_env, nth_event, stop_all
+from agents import AgentProcess, MasterProcess, fleet_env, nth_event, stop_all, wait_presence
 from updates import (
     LaunchedAgent,
     Release,
@@ -23,7 +23,6 @@ from updates import (
     put_raw_bundle,
     tamper,
     update_events,
-    wait_presence,
     wait_update_event,
 )
 
@@ -171,29 +170,29 @@ async def test_tampered_and_unsigned_bundles_are_rejected(
     assert refused.returncode == 5, refused.stderr
     assert "digest" in refused.stderr
 
-    # An attacker with write access to the store gets past the CLI; the agent still says no.
-    await put_raw_bundle(bus, "1.3.0", tampered.read_bytes())
-    fleet(env, "update", "announce", "1.3.0")
-    failed = await wait_update_event(bus, "1.3.0", agent.id, "failed")
-    assert isinstance(failed.data, UpdateFailed)
-    assert failed.data.stage == "verify"
-    assert "does not match its digest" in failed.data.reason
+    async def offer(version: str, bundle: Path) -> UpdateFailed:
+        """Store and announce a bundle past the CLI's checks (an attacker with write
+        access to the store); the agent's answer."""
+        await put_raw_bundle(bus, version, bundle)
+        fleet(env, "update", "announce", version)
+        failed = await wait_update_event(bus, version, agent.id, "failed")
+        assert isinstance(failed.data, UpdateFailed)
+        return failed.data
+
+    failed = await offer("1.3.0", tampered)
+    assert failed.stage == "verify"
+    assert "does not match its digest" in failed.reason
     presence = await wait_presence(bus, agent.id, lambda p: p.state == "unsupported")
     assert presence.version == A
     assert "1.3.0 failed here" in (presence.update or "")
 
-    unsigned = release.bundle("1.4.0", signed=False)
-    await put_raw_bundle(bus, "1.4.0", unsigned.read_bytes())
-    fleet(env, "update", "announce", "1.4.0")
-    failed = await wait_update_event(bus, "1.4.0", agent.id, "failed")
-    assert failed.data.reason == "bundle is unsigned"
+    failed = await offer("1.4.0", release.bundle("1.4.0", signed=False))
+    assert failed.reason == "bundle is unsigned"
 
     # Signed, but by a key the agent does not trust.
     stranger = make_release(tmp_path / "stranger")
-    await put_raw_bundle(bus, "1.5.0", stranger.bundle("1.5.0").read_bytes())
-    fleet(env, "update", "announce", "1.5.0")
-    failed = await wait_update_event(bus, "1.5.0", agent.id, "failed")
-    assert "not a trusted release key" in failed.data.reason
+    failed = await offer("1.5.0", stranger.bundle("1.5.0"))
+    assert "not a trusted release key" in failed.reason
 
     presence = await wait_presence(bus, agent.id, lambda p: "1.5.0" in (p.update or ""))
     assert presence.version == A

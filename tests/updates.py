@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,9 @@ from typing import Any
 from agents import FLEET, AgentProcess, first_event
 from nats.js.api import ObjectMeta
 
-from bus import Bus, Signer, decode_event, decode_model, generate_seed, write_seed_file
+from bus import Bus, Signer, decode_event, generate_seed, write_seed_file
 from bus.log import read_log
-from schemas import Event, Presence
+from schemas import Event
 from updater.bundle import build_bundle, open_bundle
 from updater.install import InstallRoot
 from updater.wheel import build_wheel
@@ -98,8 +98,6 @@ class LaunchedAgent(AgentProcess):
         return self
 
     def start(self) -> LaunchedAgent:
-        import time
-
         self.started_ns = time.time_ns()
         self._spawn(
             [
@@ -116,37 +114,6 @@ class LaunchedAgent(AgentProcess):
             ]
         )
         return self
-
-
-async def presence_of(bus: Bus, agent: str) -> Presence | None:
-    kv = await bus.key_value(bus.subjects.presence_bucket)
-    try:
-        entry = await kv.get(agent)
-    except Exception:
-        return None
-    return decode_model(entry.value, Presence) if entry.value else None
-
-
-async def wait_presence(
-    bus: Bus, agent: str, check: Callable[[Presence], bool], timeout: float = 60.0
-) -> Presence:
-    """Until the agent's heartbeat satisfies ``check``."""
-    kv = await bus.key_value(bus.subjects.presence_bucket)
-    watcher = await kv.watch(agent)
-    last: Presence | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            async for entry in watcher:
-                if entry is None or not entry.value:
-                    continue
-                last = decode_model(entry.value, Presence)
-                if check(last):
-                    return last
-    except TimeoutError:
-        raise AssertionError(f"{agent}: presence never matched; last: {last}") from None
-    finally:
-        await watcher.stop()
-    raise AssertionError("watch ended")
 
 
 async def update_events(bus: Bus) -> list[Event[Any]]:
@@ -169,11 +136,12 @@ async def wait_update_event(
     return await first_event(bus, bus.subjects.update_event(version, name, agent=agent), timeout)
 
 
-async def put_raw_bundle(bus: Bus, version: str, data: bytes) -> None:
+async def put_raw_bundle(bus: Bus, version: str, bundle: Path) -> None:
     """Store a bundle bypassing ``fleet update publish``'s checks (what an attacker with
     write access to the object store could do)."""
     store = await bus.object_store(bus.subjects.bundles_bucket)
     name = f"fleetbus-{version}.bundle"
+    data = await asyncio.to_thread(bundle.read_bytes)
     await store.put(name, data, meta=ObjectMeta(name=name))
 
 

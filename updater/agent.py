@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 from collections.abc import Callable, Collection, Coroutine
@@ -31,6 +30,7 @@ from packaging.version import InvalidVersion, Version
 from bus.connection import Bus
 from bus.errors import BundleError, FleetError
 from bus.lease import Lease
+from bus.runtime import wait_any
 from schemas import (
     AgentUnsupported,
     EventData,
@@ -78,7 +78,10 @@ class Decision:
     state: AgentState
     text: str | None = None
     go: bool = False
-    unsupported: bool = False
+
+    @property
+    def unsupported(self) -> bool:
+        return self.state == "unsupported"
 
 
 def _older(a: str, b: str) -> bool:
@@ -144,7 +147,7 @@ class Updater:
         v = t.version
 
         def unsupported(why: str) -> Decision:
-            return Decision("unsupported", f"runs {o.version}, target is {v}: {why}", False, True)
+            return Decision("unsupported", f"runs {o.version}, target is {v}: {why}")
 
         failed = self.root.failed().get(v) if self.root is not None else None
         if failed is not None and failed.get("announcement") == t.announcement:
@@ -179,12 +182,15 @@ class Updater:
     async def run(self) -> None:
         """Report what happened across the last restart, then follow the settings."""
         await self._report_restart()
-        # A plain subscription to the bucket's subjects: every put is also a message
-        # there. Unlike a KV watcher (an ordered consumer) it needs no consumer, survives
-        # reconnects, and is cancelled cleanly.
-        changes = await self.bus.nc.subscribe(
-            f"$KV.{self.bus.subjects.config_bucket}.>", cb=self._on_change
-        )
+        # Plain subscriptions to the update keys' subjects: every put is also a message
+        # there. Unlike a KV watcher (an ordered consumer) they need no consumer, survive
+        # reconnects and are cancelled cleanly; the bucket's other keys (the master's
+        # checkpoints) do not wake every agent.
+        bucket = self.bus.subjects.config_bucket
+        changes = [
+            await self.bus.nc.subscribe(f"$KV.{bucket}.{group}.>", cb=self._on_change)
+            for group in ("release", "update")
+        ]
         try:
             while not self._stopped.is_set():
                 try:
@@ -201,8 +207,9 @@ class Updater:
                     continue
                 await self._wait_change(_RECHECK_S)
         finally:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await changes.unsubscribe()
+            for sub in changes:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await sub.unsubscribe()
 
     async def _on_change(self, _msg: Any) -> None:
         self._changed.set()
@@ -229,9 +236,7 @@ class Updater:
     async def _wait_change(self, timeout: float) -> None:
         if self._stopped.is_set():
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
+        await wait_any(self._changed, self._stopped, timeout=timeout)
         self._changed.clear()
 
     async def _say(self, data: EventData) -> None:
@@ -268,7 +273,9 @@ class Updater:
                     previous=pending.previous_version,
                 )
             )
-            removed = purge(self.options.data_dir, _purge_globs(self.root.current_dir()))
+            manifest = self.root.manifest_of(self.root.current_dir()) or {}
+            globs = [g for g in manifest.get("purge", []) if isinstance(g, str)]
+            removed = purge(self.options.data_dir, globs)
             if removed:
                 logger.info("purged what %s no longer wants: %s", pending.version, removed)
             self.root.prune()
@@ -285,7 +292,7 @@ class Updater:
         lease, slot = taken
         v = target.version
         await self._say(UpdateTokenAcquired(version=v, agent=self.agent_id, slot=slot))
-        keeper = asyncio.create_task(self._keep(lease), name="update-token")
+        keeper = asyncio.create_task(lease.keep(), name="update-token")
         try:
             data = await self._download(target)
         except BundleError as exc:
@@ -364,18 +371,6 @@ class Updater:
             await self._wait_change(delay)
         return None
 
-    async def _keep(self, lease: Lease) -> None:
-        """Renew the slot's lease every third of its TTL while the download runs; an
-        outage only delays renewals (the lease outlives a short one)."""
-        while True:
-            await asyncio.sleep(lease.ttl_s / 3)  # a renewal timer, not a synchronisation
-            try:
-                if not await lease.renew():
-                    logger.warning("download slot %s was lost (expired)", lease.key)
-                    return
-            except FleetError as exc:
-                logger.warning("renewing download slot %s: %s", lease.key, exc)
-
     async def _download(self, target: ReleaseTarget) -> bytes | None:
         """The bundle, retried with backoff (capped at 60 s) while the bus is down; None
         if the announcement changed meanwhile."""
@@ -396,19 +391,13 @@ class Updater:
                 attempt += 1
                 logger.warning("download of %s: %s; again in %.1fs", target.version, exc, delay)
                 self._show("updating", f"download of {target.version} interrupted; retrying")
-            await self._wait_stopped(delay)
+            await wait_any(self._stopped, timeout=delay)  # backoff, ended early by a stop
             try:
                 if (await read_settings(self.bus)).target != target:
                     return None
             except FleetError:
                 pass
         return None
-
-    async def _wait_stopped(self, timeout: float) -> None:
-        """A backoff pause that ends early when the agent stops."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._stopped.wait()
 
     async def _fail(self, target: ReleaseTarget, stage: str, reason: str) -> None:
         assert self.root is not None
@@ -422,14 +411,3 @@ class Updater:
                 reason=reason[:4000],
             )
         )
-
-
-def _purge_globs(version_dir: Path | None) -> list[str]:
-    if version_dir is None:
-        return []
-    try:
-        doc = json.loads((version_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return []
-    globs = doc.get("purge", [])
-    return [g for g in globs if isinstance(g, str)]

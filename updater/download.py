@@ -82,7 +82,7 @@ async def download(
                 await sub.unsubscribe()
     if received != size:
         raise ConnectionFailedError(f"downloading {name}: got {received} of {size} bytes")
-    if info.digest and _store_digest(info.digest) != digest.digest():
+    if info.digest and store_digest(info.digest) != digest.digest():
         raise BundleError(f"{name} does not match the object store's digest", "download")
     if digest.hexdigest() != expected_sha256:
         raise BundleError(
@@ -93,7 +93,7 @@ async def download(
     return b"".join(parts)
 
 
-def _store_digest(text: str) -> bytes | None:
+def store_digest(text: str) -> bytes | None:
     """The bytes of an object store digest (``SHA-256=<base64url>``, padded or not)."""
     value = text.split("=", 1)[1] if text.upper().startswith(_DIGEST_PREFIX) else text
     try:

@@ -101,11 +101,13 @@ class InstallRoot:
     def site_of(self, version_dir: Path | None) -> Path | None:
         return None if version_dir is None else version_dir / "site"
 
+    def manifest_of(self, version_dir: Path | None) -> dict[str, Any] | None:
+        """The manifest installed with ``version_dir`` (None for the base installation)."""
+        return None if version_dir is None else _read_json(version_dir / "manifest.json")
+
     def version_of(self, version_dir: Path | None) -> str | None:
         """The version installed in ``version_dir`` (None for the base installation)."""
-        if version_dir is None:
-            return None
-        manifest = _read_json(version_dir / "manifest.json")
+        manifest = self.manifest_of(version_dir)
         return str(manifest["version"]) if manifest and "version" in manifest else None
 
     # --- installing -------------------------------------------------------------------

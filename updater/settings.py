@@ -42,6 +42,21 @@ async def read_settings(bus: Bus) -> UpdateSettings:
     return settings
 
 
+async def put_setting(bus: Bus, key: str, value: BaseModel | str | int | float | bool) -> None:
+    """Set one key, with no event (for a write another event already records).
+
+    Raises:
+        ConnectionFailedError: the bucket refused the write.
+    """
+    if key not in SETTING_KEYS:
+        raise ValueError(f"unknown setting {key}")
+    kv = await bus.key_value(bus.subjects.config_bucket)
+    try:
+        await kv.put(key, encode_setting(value))
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"setting {key}: {exc}") from exc
+
+
 async def write_setting(
     bus: Bus,
     key: str,
@@ -58,13 +73,7 @@ async def write_setting(
     Raises:
         ConnectionFailedError: the bucket or the log refused the write.
     """
-    if key not in SETTING_KEYS:
-        raise ValueError(f"unknown setting {key}")
-    kv = await bus.key_value(bus.subjects.config_bucket)
-    try:
-        await kv.put(key, encode_setting(value))
-    except (nats.errors.Error, OSError) as exc:
-        raise ConnectionFailedError(f"setting {key}: {exc}") from exc
+    await put_setting(bus, key, value)
     event_value = shown if isinstance(value, BaseModel) else value
     data = SettingsChanged(key=key, value=event_value, changed_by=source, version=version)
     subject = bus.subjects.settings_event("changed")
