@@ -167,8 +167,18 @@ class Bus:
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
-    async def publish_event(self, envelope: Envelope, *, timeout: float = 2.0) -> PublishResult:
-        """Store an event in the event log, deduplicated by its id (see :mod:`bus.publish`)."""
+    async def publish_event(
+        self,
+        envelope: Envelope,
+        *,
+        timeout: float = 2.0,
+        expected_last_subject_seq: int | None = None,
+    ) -> PublishResult:
+        """Store an event in the event log, deduplicated by its id (see :mod:`bus.publish`).
+
+        With ``expected_last_subject_seq=0`` the event is stored only as the first on its
+        subject; otherwise :class:`~bus.errors.SubjectTakenError` says who was first.
+        """
         return await publish_event(
             self.js,
             envelope,
@@ -176,6 +186,7 @@ class Bus:
             timeout=timeout,
             max_size=self.settings.max_msg_size,
             denied=self.denial,
+            expected_last_subject_seq=expected_last_subject_seq,
         )
 
     def denial(self, subject: str) -> PermissionDeniedError | None:
