@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors
-
 from bus import (
     BadMessageError,
     Bus,
@@ -37,10 +35,10 @@ from bus.request import control
 from ledger.chain import CHECKPOINT_KEY, Chain
 from ledger.driver import Entry, Problem, RecordDriver, fold_records
 from ledger.projection import Projection, differences
+from ledger.snapshot import load_snapshot
 from ledger.verify import CheckpointCheck, check_end, signature_check
 from ledger.views import iso
 from master.config import MasterConfig, default_config_path, load_master_config
-from master.snapshot import load_snapshot
 from schemas import AuditCheckpoint
 
 _MASTER_TIMEOUT_S = 5.0
@@ -338,11 +336,13 @@ async def audit_command(args: argparse.Namespace) -> int:
 
 async def _recorded_checkpoint(bus: Bus) -> AuditCheckpoint | None:
     try:
-        kv = await bus.key_value(bus.subjects.config_bucket)
+        kv = await bus.kv(bus.subjects.config_bucket)
         entry = await kv.get(CHECKPOINT_KEY)
-    except (nats.js.errors.KeyNotFoundError, FleetError):
+    except FleetError:
+        return None
+    if entry is None:
         return None
     try:
-        return AuditCheckpoint.model_validate(unpack(entry.value or b""))
+        return AuditCheckpoint.model_validate(unpack(entry.value))
     except (BadMessageError, ValueError):
         return None
