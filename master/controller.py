@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from bus import Bus, FleetError, Signer, sign_envelope
 from bus.log import LogRecord
 from bus.publish import PublishResult
+from bus.retry import Backoff
 from bus.tasks import TaskOwner, first_of, wait_any
 from ledger.chain import Chain
 from ledger.driver import UNDECODABLE, Entry, Problem, RecordDriver
@@ -32,7 +33,7 @@ from master.auth import AuthService
 from master.config import MasterConfig
 from master.durability import Durability
 from master.ingest import follow_log
-from master.presence import watch_presence
+from master.presence import GraceTimers, watch_presence
 from master.queries import serve_queries
 from master.registry import register_configured
 from master.rollouts import steer_rollouts
@@ -40,6 +41,8 @@ from master.users import UserStore
 from schemas import EventData, make_envelope
 
 logger = logging.getLogger(__name__)
+
+_RESTART = Backoff(initial=1.0, cap=30.0)
 
 FoldListener = Callable[[Entry], None]
 """Called with every record the master folds, in log order, from the fold's task."""
@@ -64,6 +67,7 @@ class Master:
         self.unverified = 0
         self.tasks = TaskOwner("master")
         self.durability = Durability(self)
+        self.grace_timers = GraceTimers(self)
         self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
         self.rollout_changed = asyncio.Event()
         self._listeners: list[FoldListener] = [self._note_rollout_change]
@@ -101,7 +105,10 @@ class Master:
         safe from a signal handler)."""
         self.config = config
         if self.ready.is_set() and not self.stopping.is_set():
-            self.tasks.spawn(self._reload(config), "reload")
+            try:
+                self.tasks.spawn(self._reload(config), "reload")
+            except RuntimeError:
+                logger.warning("not reloading: the master is stopping")
 
     async def _reload(self, config: MasterConfig) -> None:
         try:
@@ -133,11 +140,13 @@ class Master:
         try:
             async with self.tasks:
                 fold = self.tasks.spawn(follow_log(self), "fold")
+                # Queries are answered while catching up too (``status`` says not ready).
+                queries = self.tasks.spawn(self._keep_running("queries", serve_queries), "queries")
                 await first_of(self.ready.wait(), self.stopping.wait(), asyncio.shield(fold))
                 if fold.done():
                     fold.result()  # the fold failed: say why
                 if not self.stopping.is_set():
-                    await self._serve(fold)
+                    await self._serve(fold, queries)
         finally:
             try:
                 await save_snapshot(self.bus, self.projection, self.chain)
@@ -145,27 +154,50 @@ class Master:
                 logger.error("! final snapshot failed: %s", exc)
         logger.info("← master stopped at seq %d", self.projection.seq)
 
-    async def _serve(self, fold: asyncio.Task[None]) -> None:
+    async def _serve(self, *started: asyncio.Task[None]) -> None:
         logger.info(
             "→ master ready at seq %d (%d events)", self.projection.seq, self.projection.events
         )
         await register_configured(self)
         parts = [
-            self.tasks.spawn(serve_queries(self), "queries"),
-            self.tasks.spawn(watch_presence(self), "presence"),
+            *started,
+            self.tasks.spawn(self._keep_running("presence", self._watch_presence), "presence"),
             self.tasks.spawn(steer_rollouts(self), "rollouts"),
             self.tasks.spawn(self.durability.tick(), "durability"),
-            fold,
         ]
         for period, action, name in self._periodic:
             parts.append(self.tasks.spawn(self._repeat(period, action, name), name))
         self.rollout_changed.set()
-        # Runs until told to stop; a part that ends early (it failed: the owner logged
-        # why) stops the master rather than leave it half working.
+        # Runs until told to stop. Parts outlive the bus's troubles (they are restarted);
+        # one that ends anyway has a bug: the master stops rather than run half working,
+        # and says why.
         ended = await first_of(self.stopping.wait(), *(asyncio.shield(p) for p in parts))
         if ended is not None and not self.stopping.is_set():
             logger.error("! a part of the master ended; stopping")
             self.stopping.set()
+            ended.result()
+
+    async def _keep_running(self, name: str, part: Callable[[Master], Awaitable[None]]) -> None:
+        """Run ``part`` until the master stops, again after a pause whenever the bus fails
+        it (a lost connection, a timeout)."""
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                await part(self)
+            except FleetError as exc:
+                why = str(exc)
+            else:
+                why = "it ended"
+            if self.stopping.is_set():
+                return
+            delay = _RESTART.delay(attempt)
+            attempt += 1
+            logger.error("! %s: %s; again in %.1fs", name, why, delay)
+            await wait_any(self.stopping, timeout=delay)
+
+    @staticmethod
+    async def _watch_presence(master: Master) -> None:
+        await watch_presence(master, master.grace_timers)
 
     async def _repeat(
         self, period: float, action: Callable[[], Awaitable[None]], name: str

@@ -83,9 +83,8 @@ class GraceTimers:
             )
 
 
-async def watch_presence(master: Master) -> None:
-    """Follow presence until the master stops."""
-    timers = GraceTimers(master)
+async def watch_presence(master: Master, timers: GraceTimers) -> None:
+    """Follow presence until the master stops (or the bus fails the watch)."""
     kv = await master.bus.kv(master.subjects.presence_bucket)
     initial: set[str] = set()
     caught_up = False
