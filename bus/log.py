@@ -145,6 +145,29 @@ async def read_log(bus: Bus, stream: str, subject: str) -> list[LogRecord]:
         return await tail.read_available()
 
 
+async def last_message(
+    bus: Bus, stream: str, subject: str, *, timeout: float = 5.0
+) -> LogRecord | None:
+    """The last message stored on ``subject`` (a direct get), or None if there is none.
+
+    Raises:
+        FleetTimeoutError: no answer in ``timeout`` seconds (a server outage, an election).
+        ConnectionFailedError: the stream does not exist or the connection is gone.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await bus.js.get_last_msg(stream, subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        raise FleetTimeoutError(f"no answer reading the last of {subject}") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"reading the last of {subject}: {exc}") from exc
+    return LogRecord(
+        int(raw.seq or 0), raw.subject or subject, raw.data or b"", dict(raw.headers or {})
+    )
+
+
 async def last_seq(bus: Bus, stream: str) -> int:
     """The sequence of the newest message in ``stream`` (0 when it is empty).
 
@@ -163,25 +186,6 @@ async def last_seq(bus: Bus, stream: str) -> int:
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
     return int(info.state.last_seq)
-
-
-async def last_record(bus: Bus, stream: str, subject: str) -> LogRecord | None:
-    """The newest message stored on ``subject`` (a direct get), None if there is none.
-
-    Raises:
-        ConnectionFailedError: the bus is down.
-        FleetTimeoutError: the server did not answer.
-    """
-    try:
-        msg = await bus.js.get_last_msg(stream, subject, direct=True)
-    except nats.js.errors.NotFoundError:
-        return None
-    except nats.errors.TimeoutError as exc:
-        raise FleetTimeoutError(f"no answer reading {subject}") from exc
-    except (nats.errors.Error, OSError) as exc:
-        raise ConnectionFailedError(f"cannot read {subject}: {exc}") from exc
-    headers = dict(msg.headers or {})
-    return LogRecord(int(msg.seq or 0), msg.subject or subject, msg.data or b"", headers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,87 +1,78 @@
-"""Answering requests: a subscription read as a stream of :class:`Request` in a task.
-
-A service reads its requests in a loop it owns (``async for request in requests``) and
-answers each with :meth:`Requests.respond`, so its handling runs in the service's own
-task, not in a nats-py callback, and only fleetbus errors come out.
-"""
+"""Answering requests on a subject (control operations): the serving side of request/reply."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import logging
+from collections.abc import Awaitable, Callable
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.connection import Bus
-from bus.errors import ConnectionFailedError, FleetError
+from bus.errors import ConnectionFailedError
 
-_NATS_ERRORS = (nats.errors.Error, OSError)
+logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request: where it was sent, its body, and where the answer goes ("" for none)."""
-
-    subject: str
-    data: bytes
-    reply: str
-
-    @property
-    def op(self) -> str:
-        """The subject's last token (``fleet.ctl.master.<op>``)."""
-        return self.subject.rsplit(".", 1)[-1]
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+"""Takes the subject a request came on and its payload; returns the reply's payload."""
 
 
-class Requests:
-    """The requests sent to one subject (wildcards allowed), in arrival order."""
+class Service:
+    """A subscription answering requests until :meth:`stop`."""
 
-    def __init__(self, bus: Bus, subject: str, sub: Subscription) -> None:
-        self._bus = bus
-        self.subject = subject
+    def __init__(self, sub: Subscription) -> None:
         self._sub = sub
 
-    @classmethod
-    async def open(cls, bus: Bus, subject: str) -> Requests:
-        """Subscribe to ``subject``.
-
-        Raises:
-            ConnectionFailedError: the bus is down.
-        """
+    async def stop(self) -> None:
+        """Stop answering; requests then go unanswered (callers retry)."""
         try:
-            sub = await bus.nc.subscribe(subject)
-        except _NATS_ERRORS as exc:
-            raise ConnectionFailedError(f"cannot serve {subject}: {exc}") from exc
-        return cls(bus, subject, sub)
-
-    async def __aiter__(self) -> AsyncIterator[Request]:
-        try:
-            async for msg in self._sub.messages:
-                yield Request(msg.subject, msg.data, msg.reply or "")
-        except _NATS_ERRORS as exc:
-            raise ConnectionFailedError(f"serving {self.subject}: {exc}") from exc
-
-    async def respond(self, request: Request, data: bytes) -> None:
-        """Answer ``request`` (nothing happens if it asked for no answer).
-
-        Raises:
-            FleetError: the answer could not be sent.
-        """
-        if not request.reply:
-            return
-        try:
-            await self._bus.nc.publish(request.reply, data)
-        except _NATS_ERRORS as exc:
-            raise FleetError(f"cannot answer on {request.subject}: {exc}") from exc
-
-    async def close(self) -> None:
-        """Stop receiving; the iteration ends."""
-        with contextlib.suppress(*_NATS_ERRORS):
             await self._sub.unsubscribe()
+        except (nats.errors.Error, OSError) as exc:
+            logger.debug("unsubscribe: %s", exc)
 
-    async def __aenter__(self) -> Requests:
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+async def serve(bus: Bus, subject: str, handler: Handler) -> Service:
+    """Answer every request on ``subject`` (wildcards allowed) with ``handler``.
+
+    The handler must not raise: it answers errors as data. A reply the connection cannot
+    send is logged (the caller retries).
+
+    Raises:
+        ConnectionFailedError: the subscription could not be made.
+    """
+
+    async def on_request(msg: Msg) -> None:
+        reply = await handler(msg.subject, msg.data)
+        if msg.reply:
+            try:
+                await msg.respond(reply)
+            except (nats.errors.Error, OSError) as exc:
+                logger.warning("%s: cannot reply: %s", msg.subject, exc)
+
+    try:
+        sub = await bus.nc.subscribe(subject, cb=on_request)
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot subscribe to {subject}: {exc}") from exc
+    return Service(sub)
+
+
+async def listen(bus: Bus, subject: str, on_message: Callable[[], None]) -> Service:
+    """Call ``on_message`` whenever anything is published on ``subject`` (a doorbell:
+    the message itself is not read).
+
+    A plain subscription needs no consumer, survives reconnects and ends cleanly, so
+    it suits "something changed, look again" (e.g. on a KV key's subject).
+
+    Raises:
+        ConnectionFailedError: the subscription could not be made.
+    """
+
+    async def on_msg(_msg: Msg) -> None:
+        on_message()
+
+    try:
+        sub = await bus.nc.subscribe(subject, cb=on_msg)
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot subscribe to {subject}: {exc}") from exc
+    return Service(sub)

@@ -23,7 +23,7 @@ from bus import (
 )
 from bus.command import principal_name
 from bus.keys import SEED_FILE_SUFFIX, default_key_dir
-from bus.log import last_record, read_log
+from bus.log import last_message, read_log
 from ledger.driver import fold
 from ledger.projection import Projection
 from ledger.views import iso
@@ -96,7 +96,7 @@ async def offline_since(bus: Bus, agent: str) -> str:
     """When an agent was last seen leaving, for "queued (agent offline since …)"."""
     subject = bus.subjects.agent_event(agent, event_name("agent.offline"))
     try:
-        record = await last_record(bus, bus.subjects.events_stream, subject)
+        record = await last_message(bus, bus.subjects.events_stream, subject)
     except FleetError:
         record = None
     if record is None:

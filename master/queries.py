@@ -1,7 +1,7 @@
 """What the master answers on ``fleet.ctl.master.<op>``: queries of the projection and
 the headless users' challenge (``auth-*``).
 
-Requests are read and answered one at a time in the master's own task, as they come.
+Requests are answered one at a time, as they come; the serving stops with the master.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bus import FleetError, decode_model, encode_model
 from bus.codec import pack
-from bus.serve import Request, Requests
+from bus.serve import serve
 from ledger.views import RolloutView
 from master.auth import AuthFailed
 from schemas import ControlReply, ControlRequest
@@ -31,28 +31,32 @@ QUERIES = ("jobs", "job", "agents", "rollouts", "state", "status")
 
 
 async def serve_queries(master: Master) -> None:
-    """Answer control requests until the master stops (the owner cancels this task)."""
-    async with await Requests.open(master.bus, master.subjects.master_control_all) as requests:
-        async for request in requests:
-            reply = await answer(master, request)
-            try:
-                await requests.respond(
-                    request, encode_model(reply, max_size=master.bus.settings.max_msg_size)
-                )
-            except FleetError as exc:
-                logger.warning("cannot answer %s: %s", request.subject, exc)
+    """Answer control requests until the master stops."""
+    max_size = master.bus.settings.max_msg_size
 
+    async def handle(subject: str, data: bytes) -> bytes:
+        try:
+            return encode_model(await answer(master, subject, data), max_size=max_size)
+        except FleetError as exc:  # the answer is too large to send
+            return encode_model(ControlReply(ok=False, error=str(exc)))
 
-async def answer(master: Master, request: Request) -> ControlReply:
-    """The reply to one request; an error reply for anything that goes wrong."""
-    op = request.op
+    service = await serve(master.bus, master.subjects.master_control_all, handle)
     try:
-        control = decode_model(request.data, ControlRequest) if request.data else ControlRequest()
+        await master.stopping.wait()
+    finally:
+        await service.stop()
+
+
+async def answer(master: Master, subject: str, data: bytes) -> ControlReply:
+    """The reply to one request; an error reply for anything that goes wrong."""
+    op = subject.rsplit(".", 1)[-1]
+    try:
+        control = decode_model(data, ControlRequest) if data else ControlRequest()
         if op.startswith("auth-"):
-            data = await authenticate(master, op, control.args)
+            reply = await authenticate(master, op, control.args)
         else:
-            data = query(master, op, control.args)
-        return ControlReply(ok=True, data=data)
+            reply = query(master, op, control.args)
+        return ControlReply(ok=True, data=reply)
     except AuthFailed as exc:
         return ControlReply(ok=False, error=str(exc))
     except ValidationError as exc:

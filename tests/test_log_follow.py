@@ -7,7 +7,7 @@ import asyncio
 from natsserver import NatsServer
 
 from bus import Bus
-from bus.log import Batch, LogRecord, follow, last_record, last_seq
+from bus.log import Batch, LogRecord, follow, last_message, last_seq
 
 
 async def _publish(bus: Bus, n: int, first: int) -> None:
@@ -52,10 +52,10 @@ async def test_follow_reads_in_order_says_when_caught_up_and_survives_a_restart(
     assert [r.seq for r in seen] == [1, 2, 3, 4, 5]
 
 
-async def test_last_record_of_a_subject(bus: Bus) -> None:
-    assert await last_record(bus, bus.subjects.events_stream, "fleet.evt.test.none") is None
+async def test_last_message_of_a_subject(bus: Bus) -> None:
+    assert await last_message(bus, bus.subjects.events_stream, "fleet.evt.test.none") is None
     await _publish(bus, 2, 0)
     await bus.js.publish("fleet.evt.test.e0", b"again", stream="FLEET_EVENTS")
-    record = await last_record(bus, bus.subjects.events_stream, "fleet.evt.test.e0")
+    record = await last_message(bus, bus.subjects.events_stream, "fleet.evt.test.e0")
     assert record is not None
     assert (record.seq, record.data) == (3, b"again")
