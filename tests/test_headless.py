@@ -96,8 +96,9 @@ async def test_success_is_quiet_and_waits_as_asked(fleet: Fleet, bus: Bus) -> No
     fired = await fleet.run(*base(secret, "-v", "-c", wait_then_print))
     assert fired.returncode == 0
     job_id = fired.stderr.decode().split("job ")[1].split()[0]
-    assert [e.type for e in await job_events(bus, job_id)][:1] == ["job.submitted"]
-    assert "job.finished" not in [e.type for e in await job_events(bus, job_id)]
+    so_far = [e.type for e in await job_events(bus, job_id)]
+    assert so_far[0] == "job.submitted"
+    assert "job.finished" not in so_far
     release.touch()
     assert (await finished(bus, "web-1", job_id)).output_tail == "late\n"
     submitted = (await job_events(bus, job_id))[0]
@@ -295,16 +296,12 @@ def test_user_management_refuses_what_bcrypt_would_weaken(tmp_path: Path) -> Non
 
 async def test_repeated_failures_are_throttled(fleet: Fleet, bus: Bus) -> None:
     wrong = fleet.secret("wrong", password="guess")
-    # The pause doubles with each failure past the third (1 s, 2 s … after the 3rd, 4th
-    # …): seven failures leave a 16 s pause, so the right password below meets it even
-    # on a machine so loaded that starting fleet-headless takes seconds.
-    failures = 7
-    for _ in range(failures):
+    for _ in range(3):
         assert (await fleet.run(*base(wrong, "-c", "true"))).returncode == 2
     # The right password is refused too while the user is throttled.
     right = await fleet.run(*base(fleet.secret(), "-c", "true"))
     assert right.returncode == 2
     assert right.stderr.decode().strip() == "fleet-headless: error: authentication failed"
     denied = await read_log(bus, bus.subjects.events_stream, bus.subjects.auth_event("denied"))
-    assert len(denied) == failures + 1
+    assert len(denied) == 4
     assert "throttled" in fleet.master.log()
