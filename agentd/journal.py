@@ -51,15 +51,12 @@ class Journal:
         torn = self._load()
         if self.path.exists() and self.path.stat().st_size > _COMPACT_BYTES:
             self.compact()
-        else:
-            self._open()
-            if torn:
-                # End the torn line, or the next entry would be glued to it and lost too.
-                self._file.write("\n")
-                self._file.flush()
-
-    def _open(self) -> None:
+            torn = False  # compaction wrote whole lines only
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with us
+        if torn:
+            # End the torn line, or the next entry would be glued to it and lost too.
+            self._file.write("\n")
+            self._file.flush()
 
     def _load(self) -> bool:
         """Read every entry; True when the file ends in a line without its newline."""
@@ -125,10 +122,9 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)  # atomic: the old file or the new one, never half
         self.jobs = {e.job_id: e for e in keep}
-        # Appends must go to the new file, not the replaced one.
-        if getattr(self, "_file", None) is not None:
+        if hasattr(self, "_file"):  # an open journal: append to the new file, not the old
             self._file.close()
-        self._open()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         self._file.close()
