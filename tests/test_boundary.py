@@ -121,6 +121,32 @@ def test_bus_imports_no_fleetbus_package_but_schemas() -> None:
     assert not offenders, "bus/ may import only schemas/ of fleetbus:\n  " + "\n  ".join(offenders)
 
 
+# Who may import whom among fleetbus's packages: docs/protocol.md, "Parts". The agent
+# hosts the updater; the master reads and writes the update settings through it.
+ALLOWED: dict[str, set[str]] = {
+    "schemas": set(),
+    "bus": {"schemas"},
+    "ledger": {"schemas", "bus"},
+    "updater": {"schemas", "bus"},
+    "headless": {"schemas", "bus"},
+    "agentd": {"schemas", "bus", "updater"},
+    "master": {"schemas", "bus", "ledger", "updater"},
+    "fleet": set(PACKAGES),
+}
+
+
+def test_packages_import_only_what_the_protocol_allows() -> None:
+    assert set(ALLOWED) == set(PACKAGES)
+    offenders = []
+    for package, allowed in ALLOWED.items():
+        forbidden = set(PACKAGES) - allowed - {package}
+        offenders += _offenders((package,), forbidden)
+    assert not offenders, (
+        "imports the protocol's package table does not allow (change docs/protocol.md "
+        "and ALLOWED together if the design changed):\n  " + "\n  ".join(offenders)
+    )
+
+
 def test_schemas_imports_no_other_fleetbus_package() -> None:
     offenders = _offenders(("schemas",), set(PACKAGES) - {"schemas"})
     assert not offenders, "schemas/ imports only pydantic and the stdlib:\n  " + "\n  ".join(
