@@ -83,23 +83,34 @@ def _module_attribute_docs(module: types.ModuleType) -> dict[str, str]:
 _ALIASES = _named_aliases()
 
 
-def _constraints(metadata: Iterable[Any]) -> list[str]:
-    out: list[str] = []
-    # pydantic keeps each limit as an annotated_types object with one attribute.
-    limits = (
-        ("ge", "≥ {}"),
-        ("gt", "> {}"),
-        ("le", "≤ {}"),
-        ("lt", "< {}"),
-        ("min_length", "len ≥ {}"),
-        ("max_length", "len ≤ {}"),
-        ("pattern", "`{}`"),
-    )
+_LIMITS = (
+    ("ge", "≥ {}"),
+    ("gt", "> {}"),
+    ("le", "≤ {}"),
+    ("lt", "< {}"),
+    ("min_length", "len ≥ {}"),
+    ("max_length", "len ≤ {}"),
+    ("pattern", "`{}`"),
+)
+
+
+def _flatten(metadata: Iterable[Any]) -> list[Any]:
+    items: list[Any] = []
     for item in metadata:
-        if isinstance(item, FieldInfo):
-            out += _constraints(item.metadata)
-            continue
-        for attr, template in limits:
+        items += _flatten(item.metadata) if isinstance(item, FieldInfo) else [item]
+    return items
+
+
+def _constraints(metadata: Iterable[Any]) -> list[str]:
+    """The limits in ``metadata``, always in the order of :data:`_LIMITS`.
+
+    pydantic keeps each limit as an ``annotated_types`` object with one attribute; the
+    fixed order keeps the generated text the same whatever order pydantic lists them in.
+    """
+    items = _flatten(metadata)
+    out: list[str] = []
+    for attr, template in _LIMITS:
+        for item in items:
             value = getattr(item, attr, None)
             if value is not None and not callable(value):
                 out.append(template.format(value).replace("|", "\\|"))
