@@ -228,12 +228,16 @@ async def follow(
                 tail = await Tail.open(bus, stream, subject, start_seq=next_seq)
             async with tail:
                 attempt = 0
+                if await tail.caught_up():
+                    yield Batch([], True)  # nothing stored past the start: say so now
                 while stop is None or not stop.is_set():
                     records = await tail.fetch(batch=batch, timeout=wait_s)
                     if records:
                         next_seq = records[-1].seq + 1
                     yield Batch(records, await tail.caught_up())
         except (ConnectionFailedError, FleetTimeoutError) as exc:
+            if stop is not None and stop.is_set():
+                return  # a read cut short by stopping is no failure
             delay = _FOLLOW_BACKOFF.delay(attempt)
             attempt += 1
             logger.warning(

@@ -75,6 +75,7 @@ class JobFollower:
         self.started = asyncio.Event()
         self._chunks = 0
         self._tasks = TaskOwner(f"follow {job_id}")
+        self._closing = asyncio.Event()
 
     @property
     def projection(self) -> Projection:
@@ -114,7 +115,8 @@ class JobFollower:
         return self
 
     async def _read(self, tail: Tail, handle: Callable[[LogRecord], None]) -> None:
-        async for batch in follow(self.bus, tail.stream, tail.subject, opened=tail):
+        reading = follow(self.bus, tail.stream, tail.subject, opened=tail, stop=self._closing)
+        async for batch in reading:
             for record in batch.records:
                 handle(record)
 
@@ -146,4 +148,6 @@ class JobFollower:
 
     async def close(self) -> None:
         """Stop reading (cancels and awaits the readers)."""
+        # The flag ends the readers even if the client library swallows a cancellation.
+        self._closing.set()
         await self._tasks.close()
