@@ -217,7 +217,7 @@ class Master:
         entry = self.driver.feed(record)
         for listener in self._listeners:
             listener(entry)
-        self.durability.folded()
+        self.durability.folded(entry)
 
     def caught_up(self) -> None:
         """The fold has read everything stored when it started: serve from now on."""

@@ -21,6 +21,7 @@ from ledger.snapshot import save_snapshot
 from schemas import AuditCheckpoint
 
 if TYPE_CHECKING:
+    from ledger.driver import Entry
     from master.controller import Master
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ class Durability:
         self.since_checkpoint = 0
         self._last_snapshot = self._last_checkpoint = time.monotonic()
 
-    def folded(self) -> None:
+    def folded(self, entry: Entry) -> None:
         """One more event folded (called by the fold, in log order)."""
         self.since_snapshot += 1
-        self.since_checkpoint += 1
+        if entry.record.subject != self.master.subjects.audit_event("checkpoint"):
+            # A checkpoint anchors itself; counting it would checkpoint an idle log forever.
+            self.since_checkpoint += 1
         master, config = self.master, self.master.config
         if not master.ready.is_set() or master.stopping.is_set():
             return

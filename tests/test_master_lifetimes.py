@@ -79,3 +79,39 @@ async def test_stop_before_ready_still_ends_cleanly(bus: Bus, tmp_path: Path) ->
     master.stop()
     await asyncio.wait_for(master.run(), 30)
     assert master.tasks.running == 0
+
+
+async def test_an_idle_log_is_checkpointed_once(
+    bus: Bus, tmp_path: Path, operator: tuple[Path, Signer]
+) -> None:
+    await submit(bus, operator[1], "web-1", job_request(["true"]))
+    config = MasterConfig(
+        data_dir=tmp_path / "master", checkpoint_interval_s=0.1, snapshot_interval_s=0.1
+    )
+    master = Master(bus, config, Signer(generate_seed()))
+    checkpoints: list[int] = []
+    master.on_folded(
+        lambda e: (
+            checkpoints.append(e.seq)
+            if e.record.subject == bus.subjects.audit_event("checkpoint")
+            else None
+        )
+    )
+    ticks = 0
+    many_periods = asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+        if ticks >= 10 and checkpoints:
+            many_periods.set()
+
+    master.every(0.1, tick, "count periods")
+    running = asyncio.create_task(master.run())
+    try:
+        await asyncio.wait_for(many_periods.wait(), 60)
+    finally:
+        master.stop()
+        await asyncio.wait_for(running, 30)
+    # The checkpoint event itself is not news: ten periods later there is still one.
+    assert len(checkpoints) == 1
