@@ -18,6 +18,7 @@ from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
 from bus.paths import config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
+from ledger.policy import Principals
 from schemas import ids
 from schemas.fields import Labels, PublicKey
 from schemas.registry import summarize_validation_error
@@ -68,6 +69,10 @@ class MasterConfig(BaseModel):
     pid_file: Path | None = None
     agents: dict[str, Principal] = Field(default_factory=dict, description="[agents.ID]")
     operators: dict[str, Principal] = Field(default_factory=dict, description="[operators.NAME]")
+    headless: dict[str, Principal] = Field(
+        default_factory=dict,
+        description="[headless.NAME]: users whose fleet-headless -a nkey jobs they sign themselves",
+    )
 
     @field_validator("agents")
     @classmethod
@@ -106,7 +111,25 @@ class MasterConfig(BaseModel):
         """Public key → principal, for checking who signed what."""
         keys = {p.public_key: agent for agent, p in self.agents.items()}
         keys.update({p.public_key: name for name, p in self.operators.items()})
+        keys.update({p.public_key: name for name, p in self.headless.items()})
         return keys
+
+    def principals(self, master_key: str | None = None, *, strict: bool = False) -> Principals:
+        """The registry :mod:`ledger.policy` checks events against.
+
+        Args:
+            master_key: the master's public key, when known.
+            strict: refuse every signer the configuration does not name.
+        """
+        return Principals(
+            master_id=self.id,
+            master_keys=frozenset({master_key} if master_key else ()),
+            agents={a: p.public_key for a, p in self.agents.items()},
+            operators={n: p.public_key for n, p in self.operators.items()},
+            headless={n: p.public_key for n, p in self.headless.items()},
+            strict=strict,
+            prefix=self.prefix,
+        )
 
     def config_hash(self) -> str:
         """sha256 of the configuration's canonical JSON (defaults included)."""

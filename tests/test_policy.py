@@ -75,6 +75,7 @@ ALLOWED = {
     "job.cancel_requested": {"master", "operator", "headless"},
     "job.started": {"agent"},
     "job.finished": {"agent"},  # the sample's status is "failed": not the master's to say
+    "job.late_result": {"agent", "master"},
     "agent.registered": {"master"},
     "agent.deregistered": {"master"},
     "agent.online": {"agent"},
