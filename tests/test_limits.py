@@ -56,10 +56,10 @@ def test_event_fields_have_maxima() -> None:
 async def test_audit_and_replay_read_events_near_the_max_payload(
     nats_server: NatsServer, bus: Bus, operator: tuple[Path, Signer]
 ) -> None:
-    # 60 submissions of ~900 KB each: more than a reader may buffer in one go.
+    # 120 submissions of ~900 KB each: more than a server lets a reader fall behind by.
     big = ArgvCommand(argv=["echo", *(["x" * MAX_ARG_CHARS] * 7)])
     jobs = set()
-    for _ in range(60):
+    for _ in range(120):
         jobs.add(await submit(bus, operator[1], "web-1", JobRequest(command=big)))
     env = fleet_env(nats_server.url, operator[0])
 
