@@ -37,6 +37,9 @@ from bus.command import add_connection_args, connect_settings
 from bus.keys import public_key_of, read_seed_file
 from bus.log import LogRecord, Tail
 from bus.request import control
+from ledger.anchoring import Anchoring, WitnessEntry, read_witness
+from ledger.gate import Gate
+from ledger.policy import Principals
 from master.chain import Chain
 from master.config import MasterConfig, default_config_path, load_master_config
 from master.projection import Projection, differences, iso
@@ -83,6 +86,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=Path,
         metavar="FILE",
         help=f"master config whose keys are trusted (default {default_config_path()} if present)",
+    )
+    audit.add_argument(
+        "--witness",
+        type=Path,
+        metavar="FILE",
+        help="the master's witness file (<data_dir>/witness): with --verify, a log cut "
+        "short of its last checkpoint fails",
     )
     audit.add_argument("--json", action="store_true", help="one JSON document per event")
     audit.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
@@ -249,58 +259,62 @@ class Findings:
         self.problems.append(text)
 
 
-def trusted_keys(path: Path | None) -> dict[str, str] | None:
-    """Public key → principal from a master config, or None when there is none."""
+def registry(path: Path | None) -> Principals:
+    """The principals of a master config (strict: only they may sign), or, with no
+    config, an open registry that learns agents' keys from the log."""
     if path is None:
         default = default_config_path()
         if not default.exists():
-            return None
+            return Principals()
         path = default
     config: MasterConfig = load_master_config(path)
-    keys = config.trusted_keys()
     # Without the master's key file here, its events show as by an unknown signer.
+    master_key = None
     with contextlib.suppress(FleetError):
-        keys[public_key_of(read_seed_file(config.key_path))] = config.id
-    return keys
+        master_key = public_key_of(read_seed_file(config.key_path))
+    return config.principals(master_key, strict=True)
 
 
 class Auditor:
-    """Checks events in log order: signatures, trust, and the chain at checkpoints."""
+    """Checks events in log order: signatures, who may say what (:mod:`ledger.policy`,
+    :mod:`ledger.gate`), the chain at checkpoints, gaps and the witness."""
 
-    def __init__(self, trusted: dict[str, str] | None) -> None:
-        self.trusted = trusted
+    def __init__(self, principals: Principals, witness: WitnessEntry | None = None) -> None:
+        self.gate = Gate(principals)
+        self.projection = Projection()
         self.chain = Chain()
+        self.anchoring = Anchoring(witness)
         self.findings = Findings()
 
     def check(self, record: LogRecord, envelope: Envelope | None) -> bool | None:
         """Verify one record (in order); True/False for signed events, None if undecodable."""
         before = self.chain.count
         self.chain.add(record.data)
+        checkpoint = envelope is not None and envelope.type == AuditCheckpoint.TYPE
+        self.anchoring.saw(record.seq, self.chain.count, self.chain.value, checkpoint=checkpoint)
         if envelope is None:
             self.findings.add("undecodable", f"seq {record.seq}: cannot be decoded")
             return None
-        ok = True
+        where = f"seq {record.seq} {envelope.type} by {envelope.source}"
         try:
             signer = verify_envelope(envelope, subject=record.subject)
+            event = decode_data(envelope)
         except SignatureError as exc:
             kind = "unsigned" if not envelope.signed else "forged"
-            self.findings.add(kind, f"seq {record.seq} {envelope.type} by {envelope.source}: {exc}")
-            ok = False
-        else:
-            if self.trusted is not None and signer not in self.trusted:
-                where = f"seq {record.seq} {envelope.type} by {envelope.source}"
-                self.findings.add("unknown signer", f"{where}: {signer[:12]}… is not trusted")
-                ok = False
-            elif self.trusted is not None and self.trusted[signer] != envelope.source:
-                owner = self.trusted[signer]
-                where = f"seq {record.seq} {envelope.type}"
-                self.findings.add(
-                    "impersonation", f"{where}: claims {envelope.source}, signed by {owner}"
-                )
-                ok = False
-        if envelope.type == AuditCheckpoint.TYPE:
+            self.findings.add(kind, f"{where}: {exc}")
+            return False
+        except BadMessageError as exc:
+            self.findings.add("undecodable", f"{where}: {exc}")
+            return False
+        verdict = self.gate.admit(envelope, signer, self.projection.jobs)
+        if verdict.problem is not None:
+            self.findings.add(verdict.problem.kind, f"{where}: {verdict.problem.text}")
+            return False
+        self.projection.apply(record.seq, event)
+        self.gate.admitted(envelope, verdict)
+        if checkpoint:
             self._check_checkpoint(record, envelope, before)
-        return ok
+        return True
 
     def _check_checkpoint(self, record: LogRecord, envelope: Envelope, before: int) -> None:
         try:
@@ -321,7 +335,11 @@ class Auditor:
             )
 
     def check_end(self, recorded: AuditCheckpoint | None) -> None:
-        """Compare the log's length with the master's latest checkpoint outside the log."""
+        """Compare the log's length with the master's latest checkpoint outside the log
+        (in the settings bucket and, if given, the witness file)."""
+        self.anchoring.end()
+        for kind, text in self.anchoring.problems:
+            self.findings.add(kind, text)
         if recorded is not None and recorded.count > self.chain.count:
             held = self.chain.count
             text = f"the master checkpointed {recorded.count} events, the log holds {held}"
@@ -391,7 +409,13 @@ def _print(
 async def audit_command(args: argparse.Namespace) -> int:
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
-    auditor = Auditor(trusted_keys(args.trust)) if args.verify else None
+    witness = None
+    if args.witness is not None:
+        if not args.verify:
+            raise UsageError("--witness needs --verify")
+        entries = read_witness(args.witness)
+        witness = entries[-1] if entries else None
+    auditor = Auditor(registry(args.trust), witness) if args.verify else None
     async with await connect(connect_settings(args, "fleet audit")) as bus:
         tail = await Tail.open(bus, bus.subjects.events_stream, bus.subjects.all_events)
         async with tail:
@@ -412,6 +436,18 @@ async def audit_command(args: argparse.Namespace) -> int:
         raise VerificationError(f"the log does not verify: {summary}")
     count = auditor.chain.count
     print(f"fleet: verified {count} events: signatures trusted, hash chain intact", file=sys.stderr)
+    if auditor.anchoring.unanchored:
+        print(
+            f"fleet: warning: {auditor.anchoring.unanchored} events after the newest "
+            "checkpoint are not anchored yet (no signed hash covers them)",
+            file=sys.stderr,
+        )
+    if not auditor.gate.principals.registered:
+        print(
+            "fleet: warning: no registry (--trust): signers are checked only against "
+            "each other, not against configured keys",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -157,7 +157,8 @@ def authorise(
     speaker = principals.owner(signer)
     if speaker is None:
         if principals.strict:
-            return _no("unknown signer", f"{signer[:12]}… (claiming {source}) is not registered")
+            text = f"{signer[:12]}… (claiming {source}) is not trusted: not in the registry"
+            return _no("unknown signer", text)
         claimed = principals.key_of(source)
         if claimed is not None:
             return _no(

@@ -48,15 +48,26 @@ class MasterConfig(BaseModel):
     id: str = Field(default="master", description="the master's principal id")
     server: str = Field(default=DEFAULT_SERVER, description="NATS server URL(s), comma-separated")
     prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the fleet")
-    data_dir: Path = Field(default_factory=default_data_dir, description="key, pid file, log")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="key, pid file, log, witness file"
+    )
     nkey_file: Path | None = Field(default=None, description="the master's nkey seed (0400)")
     tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server")
     tls_cert: Path | None = Field(default=None, description="client certificate for TLS")
     tls_key: Path | None = Field(default=None, description="client key for TLS")
     snapshot_every: int = Field(default=10_000, ge=1, description="snapshot after N events")
     snapshot_interval_s: float = Field(default=300.0, gt=0, description="or after T seconds")
-    checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint after N events")
-    checkpoint_interval_s: float = Field(default=60.0, gt=0, description="or after T seconds")
+    checkpoint_every: int = Field(
+        default=100,
+        ge=1,
+        description="sign a checkpoint of the log's hash chain after N events: events after "
+        "the newest checkpoint are what `fleet audit --verify` reports as unanchored",
+    )
+    checkpoint_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="or T seconds after the first event it does not cover yet (never when idle)",
+    )
     offline_grace_s: float = Field(
         default=60.0, ge=0, description="an agent offline this long has its jobs abandoned"
     )

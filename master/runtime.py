@@ -42,6 +42,7 @@ from master.projection import Projection, RolloutView
 from master.rollout import next_step
 from master.snapshot import load_snapshot, save_snapshot
 from master.users import UserStore
+from master.witness import Witness
 from schemas import (
     AgentDeregistered,
     AgentOffline,
@@ -86,6 +87,7 @@ class MasterRuntime:
         self._abandoned: set[str] = set()
         self._grace_timers: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[Any]] = set()
+        self.witness = Witness(config.data_dir)
         self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
         self._rollout_changed = asyncio.Event()
         self._presence_watcher: Any = None
@@ -170,7 +172,9 @@ class MasterRuntime:
             if envelope.type.startswith(("update.", "settings.")):
                 self._rollout_changed.set()
         self._since_snapshot += 1
-        self._since_checkpoint += 1
+        if msg.subject != self._subjects.audit_event("checkpoint"):
+            # A checkpoint anchors itself; counting it would checkpoint an idle log forever.
+            self._since_checkpoint += 1
         if not self.ready.is_set() and msg.metadata.num_pending == 0:
             self.ready.set()
         if self.ready.is_set():
@@ -209,8 +213,12 @@ class MasterRuntime:
         data = AuditCheckpoint(
             count=self.chain.count, through_seq=self.projection.seq, chain=self.chain.hex
         )
+        envelope = make_envelope(
+            data, source=self.config.id, subject=self._subjects.audit_event("checkpoint")
+        )
         try:
-            await self._emit(data, self._subjects.audit_event("checkpoint"))
+            stored = await self.bus.publish_event(sign_envelope(envelope, self.signer))
+            await self.witness.record(data, stored.seq)
             kv = await self.bus.key_value(self._subjects.config_bucket)
             await kv.put(CHECKPOINT_KEY, pack(data.model_dump()))
         except (FleetError, nats.errors.Error) as exc:
