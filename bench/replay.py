@@ -28,7 +28,7 @@ from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision,
 from bus.codec import HEADER_MSG_ID, encode_envelope
 from bus.embedded import running_server
 from bus.log import Tail
-from fleet.audit import fold_records
+from ledger.driver import fold_records
 from master.config import MasterConfig
 from master.runtime import MasterRuntime
 from master.snapshot import save_snapshot

@@ -148,6 +148,19 @@ class SubjectTakenError(FleetError):
         self.seq = seq
 
 
+class RevisionMismatchError(FleetError):
+    """A conditional KV write found another revision than the one it was based on."""
+
+    def __init__(self, bucket: str, key: str) -> None:
+        super().__init__(f"{bucket}/{key} was changed by someone else")
+        self.bucket = bucket
+        self.key = key
+
+
+class KeyExistsError(RevisionMismatchError):
+    """A KV create found the key already there."""
+
+
 class JobFailedError(FleetError):
     """The job ran and did not succeed on at least one target."""
 

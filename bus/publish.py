@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from bus.errors import (
     PublishTimeoutError,
     SubjectTakenError,
 )
+from bus.retry import Backoff
 from schemas import Envelope
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ async def publish_with_retry(
         if stream is None:
             raise ValueError("expected_last_subject_seq needs the stream's name")
         hdrs[HEADER_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
-    rng = random.Random()
+    backoff = Backoff(backoff_initial_s, backoff_max_s)
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + deadline_s
     attempt = 0
@@ -117,7 +117,7 @@ async def publish_with_retry(
             if refusal is not None:
                 raise refusal from exc
             # No stream answered: a reconnect or an election in progress. Same id again.
-            delay = rng.uniform(0, min(backoff_max_s, backoff_initial_s * 2 ** min(attempt, 30)))
+            delay = backoff.delay(attempt)
             if attempt == attempts or loop.time() + delay >= give_up_at:
                 raise PublishTimeoutError(subject, msg_id, attempt) from exc
             logger.warning(

@@ -1,20 +1,21 @@
 """``fleet replay`` and ``fleet audit``: the log, rebuilt and checked, with no master needed.
 
-``replay`` folds the whole log with the master's own fold and can compare the result with
-the running master and with its newest snapshot. ``audit`` lists events with filters and,
-with ``--verify``, checks every signature against the trusted keys and the hash chain
-against the master's checkpoints. Events that cannot be decoded are listed as such.
+Both read the log through :mod:`ledger`'s one record driver. ``replay`` folds the whole
+log with the master's own fold and can compare the result with the running master and
+with its newest snapshot. ``audit`` lists events with filters and, with ``--verify``,
+checks every signature against the trusted keys and the hash chain against the master's
+checkpoints. Events that cannot be decoded are listed as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import fnmatch
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +26,26 @@ from bus import (
     Bus,
     FleetError,
     FleetTimeoutError,
-    SignatureError,
     UsageError,
     VerificationError,
     connect,
-    decode_envelope,
-    verify_envelope,
 )
-from bus.codec import decode_data, unpack
+from bus.codec import unpack
 from bus.command import add_connection_args, connect_settings
 from bus.keys import public_key_of, read_seed_file
 from bus.log import LogRecord, Tail
 from bus.request import control
 from ledger.anchoring import Anchoring, WitnessEntry, read_witness
-from ledger.gate import Gate
+from ledger.chain import CHECKPOINT_KEY, Chain
+from ledger.driver import Entry, Problem, RecordDriver
+from ledger.gate import guard
 from ledger.policy import Principals
-from master.chain import Chain
+from ledger.projection import Projection, differences
+from ledger.verify import CheckpointCheck, check_end, signature_check
+from ledger.views import iso
 from master.config import MasterConfig, default_config_path, load_master_config
-from master.projection import Projection, differences, iso
-from master.runtime import CHECKPOINT_KEY
 from master.snapshot import load_snapshot
-from schemas import AuditCheckpoint, Envelope, Event
+from schemas import AuditCheckpoint
 
 _MASTER_TIMEOUT_S = 5.0
 
@@ -65,6 +65,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="compare with the running master and its snapshot; exit 5 on a difference",
     )
     replay.add_argument("--json", action="store_true", help="print a JSON document")
+    replay.add_argument(
+        "--trust",
+        type=Path,
+        metavar="FILE",
+        help="the master config whose registry decides who may say what, as the master "
+        f"does (default {default_config_path()} if present)",
+    )
     replay.set_defaults(handler=replay_command, is_async=True)
 
     audit = sub.add_parser("audit", help="who did what: list, filter, follow and verify events")
@@ -127,27 +134,6 @@ async def read_all(bus: Bus) -> list[LogRecord]:
         return await tail.read_available()
 
 
-def fold_records(
-    records: list[LogRecord], until_seq: int | None = None, until_ts: int | None = None
-) -> tuple[Projection, Chain]:
-    """The projection and chain of the log's first events (all, or up to a bound)."""
-    projection, chain = Projection(), Chain()
-    for record in records:
-        if until_seq is not None and record.seq > until_seq:
-            break
-        try:
-            envelope = decode_envelope(record.data)
-            if until_ts is not None and envelope.ts > until_ts:
-                break
-            event = decode_data(envelope)
-        except BadMessageError:
-            projection.apply_undecodable(record.seq)
-        else:
-            projection.apply(record.seq, event)
-        chain.add(record.data)
-    return projection, chain
-
-
 # --- replay --------------------------------------------------------------------------------
 
 
@@ -162,7 +148,10 @@ async def replay_command(args: argparse.Namespace) -> int:
         master_doc = await _master_state(bus) if args.verify else None
         records = await read_all(bus)
         snapshot = await load_snapshot(bus) if args.verify else None
-    projection, chain = fold_records(records, until_seq, until_ts)
+    principals = registry(args.trust, strict=False)
+    driver, refused = _fold(records, principals, until_seq, until_ts)
+    projection, chain = driver.projection, driver.chain
+    assert chain is not None
     if args.json:
         doc = {
             "jobs": [j.to_json() for j in sorted(projection.jobs.values(), key=lambda j: j.job_id)],
@@ -189,25 +178,29 @@ async def replay_command(args: argparse.Namespace) -> int:
             print(f"not understood: {projection.unknown}")
     if not args.verify:
         return 0
-    problems = []
+    problems = [f"not folded: {p}" for p in refused]
     if master_doc is None:
         print("fleet: no master answered; comparing with the snapshot only", file=sys.stderr)
     else:
-        problems += _compare("the running master", master_doc, records)
+        problems += _compare("the running master", master_doc, records, principals)
     if snapshot is None:
         print("fleet: no usable snapshot to compare with", file=sys.stderr)
     else:
-        expected, expected_chain = fold_records(records, until_seq=snapshot.seq)
+        at_snapshot, _ = _fold(records, principals, until_seq=snapshot.seq)
+        expected, expected_chain = at_snapshot.projection, at_snapshot.chain
+        assert expected_chain is not None
         diff = differences(expected, snapshot.projection)
         if expected_chain.value != snapshot.chain.value:
             ours, theirs = expected_chain.hex[:16], snapshot.chain.hex[:16]
             diff.append(f"chain at seq {snapshot.seq}: replay {ours}… ≠ snapshot {theirs}…")
         problems += [f"snapshot (seq {snapshot.seq}): {line}" for line in diff]
+    if refused:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(_count(refused).items()))
+        problems.append(f"{len(refused)} events do not count and were not folded ({kinds})")
     if problems:
         print("\n".join(problems), file=sys.stderr)
-        raise VerificationError(
-            f"the replay differs from what the master holds ({len(problems)} differences)"
-        )
+        what = "does not verify" if refused else "differs from what the master holds"
+        raise VerificationError(f"the replay {what} ({len(problems)} problems)")
     compared = [
         name
         for name, present in (("the running master", master_doc), ("its newest snapshot", snapshot))
@@ -230,9 +223,35 @@ async def _master_state(bus: Bus) -> dict[str, Any] | None:
     return reply.data
 
 
-def _compare(name: str, doc: dict[str, Any], records: list[LogRecord]) -> list[str]:
+def _fold(
+    records: list[LogRecord],
+    principals: Principals,
+    until_seq: int | None = None,
+    until_ts: int | None = None,
+) -> tuple[RecordDriver, list[Problem]]:
+    """Fold as the master does: signatures and the policy checked, and what fails them
+    not folded but returned."""
+    found: list[Problem] = []
+    driver = RecordDriver(chain=Chain(), on_problem=found.append)
+    guard(driver, copy.deepcopy(principals))
+    driver.feed_all(records, until_seq=until_seq, until_ts=until_ts)
+    return driver, found
+
+
+def _count(problems: list[Problem]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.kind] = counts.get(problem.kind, 0) + 1
+    return counts
+
+
+def _compare(
+    name: str, doc: dict[str, Any], records: list[LogRecord], principals: Principals
+) -> list[str]:
     seq = int(doc["seq"])
-    expected, chain = fold_records(records, until_seq=seq)
+    folded, _ = _fold(records, principals, until_seq=seq)
+    expected, chain = folded.projection, folded.chain
+    assert chain is not None
     problems = []
     if expected.seq < seq:
         problems.append(f"{name} is at seq {seq}, but the log read ends at {expected.seq}")
@@ -247,21 +266,13 @@ def _compare(name: str, doc: dict[str, Any], records: list[LogRecord]) -> list[s
 # --- audit ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Findings:
-    """What ``--verify`` found."""
+def registry(path: Path | None, *, strict: bool) -> Principals:
+    """The principals of a master config, or, with no config, an open registry that
+    learns agents' keys from the log.
 
-    problems: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, kind: str, text: str) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.problems.append(text)
-
-
-def registry(path: Path | None) -> Principals:
-    """The principals of a master config (strict: only they may sign), or, with no
-    config, an open registry that learns agents' keys from the log."""
+    ``strict`` (audit): every signer must be in the config. Otherwise (replay), as the
+    master folds: an agent the config does not name is known by its first key.
+    """
     if path is None:
         default = default_config_path()
         if not default.exists():
@@ -272,87 +283,46 @@ def registry(path: Path | None) -> Principals:
     master_key = None
     with contextlib.suppress(FleetError):
         master_key = public_key_of(read_seed_file(config.key_path))
-    return config.principals(master_key, strict=True)
+    return config.principals(master_key, strict=strict)
 
 
 class Auditor:
-    """Checks events in log order: signatures, who may say what (:mod:`ledger.policy`,
-    :mod:`ledger.gate`), the chain at checkpoints, gaps and the witness."""
+    """``--verify``: signatures, who may say what (:mod:`ledger.gate`), the chain at every
+    checkpoint, gaps and the witness (:mod:`ledger.anchoring`), through the one record
+    driver; problems are collected to print at the end."""
 
     def __init__(self, principals: Principals, witness: WitnessEntry | None = None) -> None:
-        self.gate = Gate(principals)
-        self.projection = Projection()
-        self.chain = Chain()
+        self.problems: list[Problem] = []
+        chain = Chain()
+        self.driver = RecordDriver(
+            chain=chain,
+            checks=[signature_check(), CheckpointCheck(chain)],
+            on_problem=self.problems.append,
+        )
+        self.policy = guard(self.driver, principals, signatures=False)
         self.anchoring = Anchoring(witness)
-        self.findings = Findings()
 
-    def check(self, record: LogRecord, envelope: Envelope | None) -> bool | None:
-        """Verify one record (in order); True/False for signed events, None if undecodable."""
-        before = self.chain.count
-        self.chain.add(record.data)
-        checkpoint = envelope is not None and envelope.type == AuditCheckpoint.TYPE
-        self.anchoring.saw(record.seq, self.chain.count, self.chain.value, checkpoint=checkpoint)
-        if envelope is None:
-            self.findings.add("undecodable", f"seq {record.seq}: cannot be decoded")
-            return None
-        where = f"seq {record.seq} {envelope.type} by {envelope.source}"
-        try:
-            signer = verify_envelope(envelope, subject=record.subject)
-            event = decode_data(envelope)
-        except SignatureError as exc:
-            kind = "unsigned" if not envelope.signed else "forged"
-            self.findings.add(kind, f"{where}: {exc}")
-            return False
-        except BadMessageError as exc:
-            self.findings.add("undecodable", f"{where}: {exc}")
-            return False
-        verdict = self.gate.admit(envelope, signer, self.projection.jobs)
-        if verdict.problem is not None:
-            self.findings.add(verdict.problem.kind, f"{where}: {verdict.problem.text}")
-            return False
-        self.projection.apply(record.seq, event)
-        self.gate.admitted(envelope, verdict)
-        if checkpoint:
-            self._check_checkpoint(record, envelope, before)
-        return True
-
-    def _check_checkpoint(self, record: LogRecord, envelope: Envelope, before: int) -> None:
-        try:
-            event = decode_data(envelope)
-        except BadMessageError:
-            return
-        if not isinstance(event, Event) or not isinstance(event.data, AuditCheckpoint):
-            return
-        cp = event.data
-        ours = self.chain.at(cp.count) if cp.count <= before else None
-        if ours is None:
-            text = f"checkpoint covers {cp.count} events, the log has {before} before it"
-            self.findings.add("chain", f"seq {record.seq}: {text}: events were removed or added")
-        elif ours.hex() != cp.chain:
-            text = f"checkpoint of {cp.count} events does not match the log"
-            self.findings.add(
-                "chain", f"seq {record.seq}: {text}: an event was removed, altered or reordered"
-            )
+    def saw(self, entry: Entry) -> None:
+        """Follow the log's sequence and anchoring past one fed record."""
+        chain = self.driver.chain
+        assert chain is not None
+        checkpoint = entry.envelope is not None and entry.envelope.type == AuditCheckpoint.TYPE
+        self.anchoring.saw(entry.seq, chain.count, chain.value, checkpoint=checkpoint)
 
     def check_end(self, recorded: AuditCheckpoint | None) -> None:
         """Compare the log's length with the master's latest checkpoint outside the log
         (in the settings bucket and, if given, the witness file)."""
+        assert self.driver.chain is not None
+        problem = check_end(self.driver.chain, recorded)
+        if problem is not None:
+            self.driver.report(problem)
         self.anchoring.end()
         for kind, text in self.anchoring.problems:
-            self.findings.add(kind, text)
-        if recorded is not None and recorded.count > self.chain.count:
-            held = self.chain.count
-            text = f"the master checkpointed {recorded.count} events, the log holds {held}"
-            self.findings.add("truncated", f"{text}: cut short")
+            self.driver.report(Problem(0, kind, text))
 
 
-def _matches(
-    args: argparse.Namespace,
-    record: LogRecord,
-    envelope: Envelope | None,
-    since: int | None,
-    until: int | None,
-) -> bool:
+def _matches(args: argparse.Namespace, entry: Entry, since: int | None, until: int | None) -> bool:
+    envelope = entry.envelope
     if envelope is None:
         return not any((args.job, args.agent, args.user, args.type))
     data = envelope.data
@@ -369,13 +339,9 @@ def _matches(
     return until is None or envelope.ts <= until
 
 
-def _print(
-    args: argparse.Namespace,
-    record: LogRecord,
-    envelope: Envelope | None,
-    verified: bool | None,
-    problem: str | None,
-) -> None:
+def _print(args: argparse.Namespace, entry: Entry) -> None:
+    record, envelope = entry.record, entry.envelope
+    problem = "; ".join(p.text for p in entry.problems)
     if args.json:
         if envelope is None:
             doc: dict[str, Any] = {
@@ -393,14 +359,14 @@ def _print(
                 "subject": envelope.subject,
                 "data": envelope.data,
                 "signer": envelope.signer,
-                "verified": verified,
+                "verified": entry.verified,
             }
         print(json.dumps(doc, default=str), flush=True)
         return
     if envelope is None:
         print(f"{record.seq:>7}  {'':<24}  UNDECODABLE ({problem}) on {record.subject}", flush=True)
         return
-    mark = {True: "✓", False: "✗", None: " "}[verified]
+    mark = {True: "✓", False: "✗", None: " "}[entry.verified]
     when, kind, source = iso(envelope.ts) or "", envelope.type, envelope.source
     line = f"{record.seq:>7}  {when:<24}  {mark} {kind:<22} {source:<16} {envelope.subject}"
     print(line, flush=True)
@@ -415,57 +381,49 @@ async def audit_command(args: argparse.Namespace) -> int:
             raise UsageError("--witness needs --verify")
         entries = read_witness(args.witness)
         witness = entries[-1] if entries else None
-    auditor = Auditor(registry(args.trust), witness) if args.verify else None
+    auditor = Auditor(registry(args.trust, strict=True), witness) if args.verify else None
+    driver = auditor.driver if auditor is not None else RecordDriver(chain=Chain())
+
+    def audit_one(record: LogRecord) -> None:
+        entry = driver.feed(record)
+        if auditor is not None:
+            auditor.saw(entry)
+        if _matches(args, entry, since, until):
+            _print(args, entry)
+
     async with await connect(connect_settings(args, "fleet audit")) as bus:
         tail = await Tail.open(bus, bus.subjects.events_stream, bus.subjects.all_events)
         async with tail:
             for record in await tail.read_available():
-                _audit_one(args, auditor, record, since, until)
+                audit_one(record)
             if auditor is not None:
                 auditor.check_end(await _recorded_checkpoint(bus))
             while args.follow:
                 for record in await tail.fetch(timeout=1.0):
-                    _audit_one(args, auditor, record, since, until)
+                    audit_one(record)
     if auditor is None:
         return 0
-    findings = auditor.findings
-    for line in findings.problems:
-        print(f"fleet: {line}", file=sys.stderr)
-    if findings.problems:
-        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(findings.counts.items()))
+    for problem in auditor.problems:
+        print(f"fleet: {problem}", file=sys.stderr)
+    if auditor.problems:
+        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(driver.counts.items()))
         raise VerificationError(f"the log does not verify: {summary}")
-    count = auditor.chain.count
+    assert driver.chain is not None
+    count = driver.chain.count
     print(f"fleet: verified {count} events: signatures trusted, hash chain intact", file=sys.stderr)
     if auditor.anchoring.unanchored:
         print(
             f"fleet: warning: {auditor.anchoring.unanchored} events after the newest "
-            "checkpoint are not anchored yet (no signed hash covers them)",
+            "checkpoint are unanchored (no signed hash covers them yet)",
             file=sys.stderr,
         )
-    if not auditor.gate.principals.registered:
+    if not auditor.policy.principals.registered:
         print(
-            "fleet: warning: no registry (--trust): signers are checked only against "
-            "each other, not against configured keys",
+            "fleet: warning: no registry (--trust): signers are checked against each other "
+            "and the log's registrations, not against configured keys",
             file=sys.stderr,
         )
     return 0
-
-
-def _audit_one(
-    args: argparse.Namespace,
-    auditor: Auditor | None,
-    record: LogRecord,
-    since: int | None,
-    until: int | None,
-) -> None:
-    problem = None
-    try:
-        envelope: Envelope | None = decode_envelope(record.data)
-    except BadMessageError as exc:
-        envelope, problem = None, str(exc)
-    verified = auditor.check(record, envelope) if auditor is not None else None
-    if _matches(args, record, envelope, since, until):
-        _print(args, record, envelope, verified, problem)
 
 
 async def _recorded_checkpoint(bus: Bus) -> AuditCheckpoint | None:

@@ -6,7 +6,6 @@ import fnmatch
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import nats.errors
@@ -24,11 +23,12 @@ from bus import (
     sign_envelope,
     write_seed_file,
 )
-from bus.codec import decode_data
 from bus.command import principal_name
 from bus.keys import SEED_FILE_SUFFIX, default_key_dir
-from bus.log import LogRecord, read_log
-from master.projection import Projection, iso
+from bus.log import read_log
+from ledger.driver import fold
+from ledger.projection import Projection
+from ledger.views import iso
 from schemas import EventData, Presence, make_envelope
 from schemas.events import event_name
 
@@ -71,18 +71,6 @@ async def publish_signed(
     envelope = sign_envelope(make_envelope(data, source=source, subject=subject), signer)
     await bus.publish_event(envelope)
     return envelope.id
-
-
-def fold(records: list[LogRecord], projection: Projection | None = None) -> Projection:
-    """Fold log records into a projection; undecodable ones are counted, never fatal."""
-    projection = projection or Projection()
-    for record in records:
-        try:
-            projection.apply(record.seq, decode_data(decode_envelope(record.data)))
-        except BadMessageError as exc:
-            logger.warning("event at seq %d cannot be decoded: %s", record.seq, exc)
-            projection.apply_undecodable(record.seq)
-    return projection
 
 
 async def job_projection(bus: Bus, job_id: str = "*", agent: str = "*") -> Projection:
@@ -151,7 +139,3 @@ def parse_pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
             raise UsageError(f"{what} must be KEY=VALUE, not {value!r}")
         pairs.append((key, val))
     return pairs
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -37,7 +37,7 @@ from bus.request import control
 from bus.runtime import run
 from fleet.common import publish_signed
 from fleet.follow import JobFollower, OutputPrinter
-from master.projection import iso
+from ledger.views import iso
 from schemas import Event, JobRequest, JobSubmitted, Presence, ScriptCommand, new_id
 
 DEMO_SCRIPT = """\

@@ -17,9 +17,12 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from bus import BadMessageError, Bus, ConnectionFailedError, decode_envelope
-from bus.codec import HEADER_OUTPUT_STREAM, decode_data
-from master.projection import JobView, Projection
+from bus import Bus, ConnectionFailedError
+from bus.codec import HEADER_OUTPUT_STREAM
+from bus.log import LogRecord
+from ledger.driver import Problem, RecordDriver
+from ledger.projection import Projection
+from ledger.views import JobView
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +69,20 @@ class JobFollower:
         self.agent = agent
         self.job_id = job_id
         self.printer = printer
-        self.projection = Projection()
+        self.driver = RecordDriver(on_problem=self._on_problem)
         self.done = asyncio.Event()
         self.started = asyncio.Event()
         self._chunks = 0
         self._subs: list[Any] = []
+
+    @property
+    def projection(self) -> Projection:
+        return self.driver.projection
+
+    @property
+    def undecodable(self) -> int:
+        """The job's events that could not be decoded (counted and logged, never dropped)."""
+        return self.driver.undecodable
 
     @property
     def view(self) -> JobView | None:
@@ -104,16 +116,17 @@ class JobFollower:
         return self
 
     async def _on_event(self, msg: Msg) -> None:
-        try:
-            event = decode_data(decode_envelope(msg.data))
-        except BadMessageError as exc:
-            logger.warning("job %s: undecodable event: %s", self.job_id, exc)
-            return
-        self.projection.apply(msg.metadata.sequence.stream, event)
+        record = LogRecord(
+            msg.metadata.sequence.stream, msg.subject, msg.data, dict(msg.headers or {})
+        )
+        self.driver.feed(record)
         view = self.view
         if view is not None and view.status != "submitted":
             self.started.set()
         self._check_done()
+
+    def _on_problem(self, problem: Problem) -> None:
+        logger.warning("job %s: event at %s", self.job_id, problem)
 
     async def _on_output(self, msg: Msg) -> None:
         self._chunks += 1

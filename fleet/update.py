@@ -19,8 +19,9 @@ from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_OK, BundleError
 from bus.log import read_log
 from bus.subjects import version_token
-from fleet.common import fold, operator_signer, presence, publish_signed
-from master.projection import AgentView, RolloutView
+from fleet.common import operator_signer, presence, publish_signed
+from ledger.driver import fold
+from ledger.views import AgentView, RolloutView
 from schemas import Presence, UpdateAnnounced, UpdatePublished
 from schemas.registry import summarize_validation_error
 from schemas.update import ReleaseTarget, RolloutStage, UpdateSettings

@@ -22,24 +22,25 @@ from nats.js import api
 from pydantic import ValidationError
 
 from bus import (
-    BadMessageError,
     Bus,
     FleetError,
-    SignatureError,
     Signer,
-    decode_envelope,
     decode_model,
     encode_model,
     sign_envelope,
-    verify_envelope,
 )
-from bus.codec import decode_data, pack
+from bus.codec import pack
+from bus.log import LogRecord
 from bus.runtime import wait_any
+from ledger.chain import CHECKPOINT_KEY, Chain
+from ledger.driver import UNDECODABLE, Problem, RecordDriver
+from ledger.gate import guard
+from ledger.projection import Projection
+from ledger.rollout import next_step
+from ledger.verify import signature_check
+from ledger.views import RolloutView
 from master.auth import AuthFailed, AuthService
-from master.chain import Chain
 from master.config import MasterConfig
-from master.projection import Projection, RolloutView
-from master.rollout import next_step
 from master.snapshot import load_snapshot, save_snapshot
 from master.users import UserStore
 from master.witness import Witness
@@ -63,7 +64,6 @@ from updater.settings import read_settings, write_setting
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "audit.checkpoint"
 _STATE_REPLY_LIMIT = 800 * 1024
 
 
@@ -74,8 +74,12 @@ class MasterRuntime:
         self.bus = bus
         self.config = config
         self.signer = signer
-        self.projection = Projection()
-        self.chain = Chain()
+        self.driver = RecordDriver(
+            Projection(), Chain(), checks=[signature_check()], on_problem=self._on_problem
+        )
+        # Every event is checked, caught up on or live, and what fails is counted, not
+        # folded: `fleet replay` folds the same log the same way and must agree.
+        self.policy = guard(self.driver, config.principals(signer.public_key), signatures=False)
         self.ready = asyncio.Event()
         self.unverified = 0
         self._subjects = bus.subjects
@@ -92,6 +96,15 @@ class MasterRuntime:
         self._rollout_changed = asyncio.Event()
         self._presence_watcher: Any = None
 
+    @property
+    def projection(self) -> Projection:
+        return self.driver.projection
+
+    @property
+    def chain(self) -> Chain:
+        assert self.driver.chain is not None
+        return self.driver.chain
+
     def stop(self) -> None:
         """Snapshot and stop. Safe from a signal handler."""
         self._stopping.set()
@@ -99,6 +112,8 @@ class MasterRuntime:
     async def reload(self, config: MasterConfig) -> None:
         """Take a new registry and settings without dropping any state."""
         self.config = config
+        self.policy.principals = config.principals(self.signer.public_key)
+        self.policy.learn_from_projection()
         await self._register_configured()
         logger.info("configuration reloaded (hash %s)", config.config_hash()[:12])
 
@@ -107,12 +122,13 @@ class MasterRuntime:
     async def run(self) -> None:
         snapshot = await load_snapshot(self.bus)
         if snapshot is not None:
-            self.projection, self.chain = snapshot.projection, snapshot.chain
+            self.driver.projection, self.driver.chain = snapshot.projection, snapshot.chain
+            self.policy.learn_from_projection()
             logger.info("loaded the snapshot at seq %d", snapshot.seq)
         start = self.projection.seq + 1
         info = await self.bus.js.stream_info(self._subjects.events_stream)
         if info.state.last_seq < start:
-            self.ready.set()
+            self._caught_up()
         sub = await self.bus.js.subscribe(
             self._subjects.all_events,
             cb=self._on_event,
@@ -158,25 +174,15 @@ class MasterRuntime:
         seq = msg.metadata.sequence.stream
         if seq <= self.projection.seq:
             return
-        self.chain.add(msg.data)
-        try:
-            envelope = decode_envelope(msg.data)
-            event = decode_data(envelope)
-        except BadMessageError as exc:
-            logger.warning("! event at seq %d cannot be decoded: %s", seq, exc)
-            self.projection.apply_undecodable(seq)
-        else:
-            if self.ready.is_set():
-                self._verify(seq, envelope, msg.subject)
-            self.projection.apply(seq, event)
-            if envelope.type.startswith(("update.", "settings.")):
-                self._rollout_changed.set()
+        entry = self.driver.feed(LogRecord(seq, msg.subject, msg.data, dict(msg.headers or {})))
+        if entry.envelope is not None and entry.envelope.type.startswith(("update.", "settings.")):
+            self._rollout_changed.set()
         self._since_snapshot += 1
         if msg.subject != self._subjects.audit_event("checkpoint"):
             # A checkpoint anchors itself; counting it would checkpoint an idle log forever.
             self._since_checkpoint += 1
         if not self.ready.is_set() and msg.metadata.num_pending == 0:
-            self.ready.set()
+            self._caught_up()
         if self.ready.is_set():
             # Counters reset here, not in the tasks: events folded before a task runs
             # must not spawn a second one.
@@ -187,12 +193,15 @@ class MasterRuntime:
                 self._since_snapshot = 0
                 self._spawn(self._snapshot())
 
-    def _verify(self, seq: int, envelope: Any, subject: str) -> None:
-        try:
-            verify_envelope(envelope, subject=subject)
-        except SignatureError as exc:
+    def _caught_up(self) -> None:
+        self.ready.set()
+
+    def _on_problem(self, problem: Problem) -> None:
+        if problem.kind == UNDECODABLE:
+            logger.warning("! event at %s", problem)
+        else:
             self.unverified += 1
-            logger.warning("! event at seq %d does not verify: %s", seq, exc)
+            logger.warning("! event at %s: not folded", problem)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -450,6 +459,7 @@ class MasterRuntime:
                 "seq": p.seq,
                 "events": p.events,
                 "unverified": self.unverified,
+                "refused": dict(self.driver.counts),
                 "config_hash": self.config.config_hash(),
                 "ready": self.ready.is_set(),
             }
