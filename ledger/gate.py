@@ -2,9 +2,10 @@
 
 An event counts when its signature verifies, its signer may say it
 (:func:`ledger.policy.authorise`) and it fits the log so far: a job event other than
-``job.submitted`` is about a job that was submitted, a job is submitted once, and a job
-ends once (a second ``job.finished`` is a lie by one of its two writers, whoever wrote
-it). What does not count is never folded, only counted and reported: no one can grow the
+``job.submitted`` is about a job that was submitted, to the agent it names; a job is
+submitted once and ends once (a second ``job.finished`` is a lie by one of its two
+writers, whoever wrote it); an agent's update events are about a release that was
+published. What does not count is never folded, only counted and reported: no one can grow the
 master's memory with events about jobs that do not exist, and the verifiers fail on a
 log that says two things.
 
@@ -14,7 +15,7 @@ replay`` and ``fleet audit --verify`` all do, with the same registry, so they ag
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from ledger.driver import Entry, Problem, RecordDriver
 from ledger.policy import Principals, Verdict, authorise, second_outcome
@@ -23,11 +24,26 @@ from ledger.verify import signature_check
 from ledger.views import JobView
 from schemas import Envelope
 
+_AGENT_UPDATE_EVENTS = frozenset(
+    {
+        "update.token_acquired",
+        "update.token_released",
+        "update.applied",
+        "update.failed",
+        "update.rolled_back",
+    }
+)
+
 
 def admit(
-    envelope: Envelope, signer: str, principals: Principals, jobs: Mapping[str, JobView]
+    envelope: Envelope,
+    signer: str,
+    principals: Principals,
+    jobs: Mapping[str, JobView],
+    releases: Collection[str] = (),
 ) -> Verdict:
-    """May this event (whose signature by ``signer`` verified) be folded after ``jobs``?"""
+    """May this event (whose signature by ``signer`` verified) be folded after ``jobs``
+    and the ``releases`` (versions) folded so far?"""
     data = envelope.data
     verdict = authorise(
         type=envelope.type,
@@ -37,7 +53,15 @@ def admit(
         data=data,
         principals=principals,
     )
-    if not verdict.allowed or not envelope.type.startswith("job."):
+    if not verdict.allowed:
+        return verdict
+    if envelope.type in _AGENT_UPDATE_EVENTS:
+        version = data.get("version")
+        if version not in releases:
+            text = f"{envelope.type} for release {version!r}, which was never published"
+            return Verdict(PolicyProblem("unknown release", text))
+        return verdict
+    if not envelope.type.startswith("job."):
         return verdict
     job_id = data.get("job_id")
     job = jobs.get(job_id) if isinstance(job_id, str) else None
@@ -47,6 +71,9 @@ def admit(
     elif job is None:
         text = f"{envelope.type} for job {job_id}, which was never submitted"
         return Verdict(PolicyProblem("unknown job", text))
+    elif job.agent != data.get("agent"):
+        text = f"{envelope.type} names agent {data.get('agent')!r}; job {job_id} is {job.agent}'s"
+        return Verdict(PolicyProblem("not allowed", text))
     elif envelope.type == "job.finished" and job.finished:
         return Verdict(second_outcome(str(job_id), job.status, data.get("status")))
     return verdict
@@ -71,7 +98,10 @@ class PolicyCheck:
         envelope = entry.envelope
         if envelope is None or entry.problems or envelope.signer is None:
             return None  # the signature check has said what is wrong
-        verdict = admit(envelope, envelope.signer, self.principals, self.driver.projection.jobs)
+        projection = self.driver.projection
+        verdict = admit(
+            envelope, envelope.signer, self.principals, projection.jobs, projection.rollouts
+        )
         if verdict.problem is not None:
             where = f"{envelope.type} by {envelope.source}"
             return Problem(entry.seq, verdict.problem.kind, f"{where}: {verdict.problem.text}")

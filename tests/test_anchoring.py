@@ -99,13 +99,24 @@ def test_the_gate_refuses_what_does_not_fit_the_log() -> None:
     done = JobFinished(job_id=JOB, agent=AGENT, status="succeeded")
     again = JobFinished(job_id=JOB, agent=AGENT, status="failed")
     stray = JobStarted(job_id="01JB3Z0000000000000000000B", agent=AGENT, pid=1, effective_user="x")
+    other = Signer(generate_seed())
+    theirs = JobStarted(job_id=JOB, agent="db-01", pid=1, effective_user="x")  # not its job
+    update = next(d for d in sample_data() if d.TYPE == "update.applied")  # never published
     feed = [
         *records(agent, (started, AGENT)),  # before its job was submitted
         *records(operator, (submitted, "alice")),
         *records(agent, (started, AGENT), (done, AGENT), (again, AGENT), (stray, AGENT)),
+        *records(other, (theirs, "db-01")),
+        *records(agent, (update, AGENT)),
     ]
     for seq, record in enumerate(feed, 1):
         driver.feed(LogRecord(seq, record.subject, record.data, {}))
-    assert driver.counts == {"unknown job": 2, "second outcome": 1}
+    assert driver.counts == {
+        "unknown job": 2,
+        "second outcome": 1,
+        "not allowed": 1,
+        "unknown release": 1,
+    }
+    assert "db-01" not in driver.projection.agents
     assert driver.projection.jobs[JOB].status == "succeeded"
     assert set(driver.projection.jobs) == {JOB}
