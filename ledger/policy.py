@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from schemas.events import TERMINAL_STATUSES, event_name
+from schemas.events import event_name
 from schemas.ids import version_token
 
 Role = Literal["master", "agent", "operator", "headless", "unregistered"]
@@ -175,6 +175,7 @@ def authorise(
     agent = data.get("agent")
     if (
         speaker.role == "unregistered"
+        and type in _AGENT_SPEAKS  # an agent's first words, not someone's about it
         and isinstance(agent, str)
         and speaker.name == agent
         and not principals.is_agent(agent)
@@ -189,10 +190,6 @@ def second_outcome(job_id: str, recorded_status: str | None, new_status: object)
         "second outcome",
         f"job {job_id} already ended {recorded_status}; a second job.finished says {new_status}",
     )
-
-
-def is_terminal(status: object) -> bool:
-    return isinstance(status, str) and status in TERMINAL_STATUSES
 
 
 def _no(kind: str, text: str) -> Verdict:
@@ -253,6 +250,8 @@ _AGENT_ONLY = frozenset(
         "update.rolled_back",
     }
 )
+_AGENT_SPEAKS = _AGENT_ONLY | {"job.finished", "job.late_result", "agent.offline"}
+"""What an agent says itself: the events whose first signer may introduce its key."""
 _OPERATOR_ONLY = frozenset({"update.published", "update.announced"})
 _BY_FIELD = {"job.submitted": "submitted_by", "job.cancel_requested": "requested_by"}
 

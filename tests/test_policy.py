@@ -218,6 +218,12 @@ def test_an_unregistered_agent_is_known_by_its_first_key() -> None:
     assert kind(check(submitted, "new-1", signer=KEYS["stranger"], registry=registry)) == (
         "not allowed"
     )
+    # Only an agent's own words introduce its key, not a submission naming it.
+    named = sample_data()[0].model_copy(update={"agent": "new-3", "submitted_by": "new-3"})
+    stranger = Signer(generate_seed()).public_key
+    verdict = check(named, "new-3", subject=subject_for(named), signer=stranger, registry=registry)
+    assert verdict.allowed
+    assert verdict.learns is None
     # A configured key wins over a learned one.
     registry.learn_agent(AGENT, other)
     assert check(first.model_copy(update={"agent": AGENT}), AGENT, registry=registry).allowed
