@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors
-
 from bus import (
     BadMessageError,
     Bus,
@@ -41,10 +39,10 @@ from ledger.driver import Entry, Problem, RecordDriver
 from ledger.gate import guard
 from ledger.policy import Principals
 from ledger.projection import Projection, differences
+from ledger.snapshot import load_snapshot
 from ledger.verify import CheckpointCheck, check_end, signature_check
 from ledger.views import iso
 from master.config import MasterConfig, default_config_path, load_master_config
-from master.snapshot import load_snapshot
 from schemas import AuditCheckpoint
 
 _MASTER_TIMEOUT_S = 5.0
@@ -428,11 +426,13 @@ async def audit_command(args: argparse.Namespace) -> int:
 
 async def _recorded_checkpoint(bus: Bus) -> AuditCheckpoint | None:
     try:
-        kv = await bus.key_value(bus.subjects.config_bucket)
+        kv = await bus.kv(bus.subjects.config_bucket)
         entry = await kv.get(CHECKPOINT_KEY)
-    except (nats.js.errors.KeyNotFoundError, FleetError):
+    except FleetError:
+        return None
+    if entry is None:
         return None
     try:
-        return AuditCheckpoint.model_validate(unpack(entry.value or b""))
+        return AuditCheckpoint.model_validate(unpack(entry.value))
     except (BadMessageError, ValueError):
         return None

@@ -8,12 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-import nats.errors
-import nats.js.errors
-
 from bus import (
     BadMessageError,
     Bus,
+    FleetError,
     SecretFileError,
     Signer,
     UsageError,
@@ -25,7 +23,7 @@ from bus import (
 )
 from bus.command import principal_name
 from bus.keys import SEED_FILE_SUFFIX, default_key_dir
-from bus.log import read_log
+from bus.log import last_message, read_log
 from ledger.driver import fold
 from ledger.projection import Projection
 from ledger.views import iso
@@ -81,22 +79,16 @@ async def job_projection(bus: Bus, job_id: str = "*", agent: str = "*") -> Proje
 
 async def presence(bus: Bus) -> dict[str, Presence]:
     """Every agent with a live heartbeat, by id."""
-    kv = await bus.key_value(bus.subjects.presence_bucket)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return {}
+    kv = await bus.kv(bus.subjects.presence_bucket)
     out: dict[str, Presence] = {}
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+    for key in await kv.keys():
+        entry = await kv.get(key)
+        if entry is None or not entry.value:
             continue  # expired between listing and reading
-        if entry.value:
-            try:
-                out[key] = decode_model(entry.value, Presence)
-            except BadMessageError as exc:
-                logger.warning("presence of %s cannot be decoded: %s", key, exc)
+        try:
+            out[key] = decode_model(entry.value, Presence)
+        except BadMessageError as exc:
+            logger.warning("presence of %s cannot be decoded: %s", key, exc)
     return out
 
 
@@ -104,11 +96,13 @@ async def offline_since(bus: Bus, agent: str) -> str:
     """When an agent was last seen leaving, for "queued (agent offline since …)"."""
     subject = bus.subjects.agent_event(agent, event_name("agent.offline"))
     try:
-        raw = await bus.js.get_last_msg(bus.subjects.events_stream, subject)
-    except (nats.js.errors.NotFoundError, nats.errors.Error):
+        record = await last_message(bus, bus.subjects.events_stream, subject)
+    except FleetError:
+        record = None
+    if record is None:
         return "agent offline, never seen leaving"
     try:
-        ts = decode_envelope(raw.data or b"").ts
+        ts = decode_envelope(record.data).ts
     except BadMessageError:
         return "agent offline"
     return f"agent offline since {iso(ts)}"

@@ -1,21 +1,26 @@
-"""Snapshots of a fold: the projection's state and the chain, as bytes and back.
+"""Snapshots of a fold: the projection's state and the chain, as bytes and in the store.
 
 A snapshot is the projection's state, the stream sequence it covers and the chain at
-that point, so a master restarts by loading it and replaying only the tail. A snapshot
-that does not decode, or is of a version newer than this code, is refused with
-``ValueError``: the log can always rebuild everything.
+that point, so a master restarts by loading it and replaying only the tail; ``fleet
+replay --verify`` compares it with its own fold. It is kept as one object in the object
+store ``fleet-snapshots``. A snapshot that cannot be read, does not decode, or is of a
+version newer than this code is ignored with a warning: the log can always rebuild
+everything.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bus import BadMessageError
+from bus import BadMessageError, Bus, FleetError
 from bus.codec import pack, unpack
 from ledger.chain import Chain
 from ledger.projection import Projection
+
+logger = logging.getLogger(__name__)
 
 SNAPSHOT_OBJECT = "projection"
 """The object's name in the snapshots bucket."""
@@ -72,3 +77,32 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise ValueError("snapshot has no chain value")
     projection = Projection.from_state(doc["state"])
     return Snapshot(projection, Chain(int(doc["chain_count"]), chain_value))
+
+
+async def save_snapshot(bus: Bus, projection: Projection, chain: Chain) -> None:
+    """Store the projection as the newest snapshot.
+
+    Raises:
+        FleetError: the store refused or could not be reached.
+    """
+    data = encode_snapshot(projection, chain)  # now, before the fold moves on
+    store = await bus.objects(bus.subjects.snapshots_bucket)
+    await store.put(SNAPSHOT_OBJECT, data)
+    logger.info("snapshot at seq %d (%d events)", projection.seq, projection.events)
+
+
+async def load_snapshot(bus: Bus) -> Snapshot | None:
+    """The newest snapshot, or None when there is none or it cannot be used."""
+    try:
+        store = await bus.objects(bus.subjects.snapshots_bucket)
+        data = await store.get(SNAPSHOT_OBJECT)
+    except FleetError as exc:
+        logger.warning("cannot read the snapshot (%s); replaying the whole log", exc)
+        return None
+    if data is None:
+        return None
+    try:
+        return decode_snapshot(data)
+    except ValueError as exc:
+        logger.warning("ignoring the snapshot: %s; replaying the whole log", exc)
+        return None
