@@ -80,7 +80,9 @@ def job_started(p: Projection, data: JobStarted, ts: int) -> None:
         job.status = "running"
         job.started_at = ts
         job.effective_user = data.effective_user
-        p.agent(data.agent).running.append(data.job_id)
+        running = p.agent(data.agent).running
+        if data.job_id not in running:  # a repeated start must not grow the list
+            running.append(data.job_id)
 
 
 @applies(JobCancelRequested)
