@@ -249,20 +249,25 @@ async def test_invented_jobs_with_huge_outputs_do_not_grow_the_master(
     assert grown_mib < 20, f"the master grew by {grown_mib:.1f} MiB"
 
 
-def cut_tail(server: NatsServer, keep: int) -> None:
-    """Cut the event stream's last block on disk after its first ``keep`` messages (the
-    file store's records start with their length; the index is rebuilt on start)."""
+def edit_block(server: NatsServer, keep: int, *, drop_one: bool = False) -> None:
+    """Edit the event stream's (only) block on disk, the server stopped: keep its first
+    ``keep`` messages and cut the rest, or drop the one after them. The file store's
+    records start with their length; the index is rebuilt on start."""
     msgs = server.store_dir / "js" / "jetstream" / "$G" / "streams" / "FLEET_EVENTS" / "msgs"
-    block = max(msgs.glob("*.blk"), key=lambda p: int(p.stem))
+    (block,) = msgs.glob("*.blk")
     raw, offset = block.read_bytes(), 0
+
+    def length(at: int) -> int:
+        return int(struct.unpack_from("<I", raw, at)[0] & ~(1 << 31))
+
     for _ in range(keep):
-        offset += struct.unpack_from("<I", raw, offset)[0] & ~(1 << 31)
-    with block.open("r+b") as f:
-        f.truncate(offset)
+        offset += length(offset)
+    end = offset + length(offset) if drop_one else len(raw)
+    block.write_bytes(raw[:offset] + raw[end:])
     (msgs / "index.db").unlink(missing_ok=True)
 
 
-async def test_a_tail_cut_on_disk_is_caught_by_the_witness(
+async def test_a_tail_cut_or_a_gap_on_disk_is_caught(
     nats_server: NatsServer,
     bus: Bus,
     agent_factory: Callable[..., AgentProcess],
@@ -297,12 +302,20 @@ async def test_a_tail_cut_on_disk_is_caught_by_the_witness(
 
     # Cut the log on disk just before the last checkpoint the master published.
     nats_server.stop()
-    cut_tail(nats_server, keep=last.seq - 1)
+    edit_block(nats_server, keep=last.seq - 1)
     nats_server.start()
     cut = await fleet(nats_server.url, key, *args)
     assert cut.returncode == 5, cut.stderr
     assert f"the witness holds a checkpoint of {last.count} events" in cut.stderr
     assert "cut short" in cut.stderr
+
+    # One event removed from the middle: a gap in the stream's sequence.
+    nats_server.stop()
+    edit_block(nats_server, keep=2, drop_one=True)
+    nats_server.start()
+    gap = await fleet(nats_server.url, key, "audit", "--verify", "--trust", trust)
+    assert gap.returncode == 5, gap.stderr
+    assert "stream sequence 3 missing before seq 4" in gap.stderr
 
 
 async def test_a_headless_users_own_signature_is_a_known_principal(
