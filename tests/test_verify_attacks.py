@@ -185,6 +185,9 @@ async def test_a_second_outcome_fails_verification_and_a_late_result_stands_besi
     (shown,) = [j for j in json.loads(replay.stdout)["jobs"] if j["job_id"] == job]
     assert shown["status"] == "succeeded"
     assert [r["status"] for r in shown["late_results"]] == ["abandoned"]
+    show = await fleet(nats_server.url, key, "job", "show", job)
+    assert "status:       succeeded" in show.stdout
+    assert "late result:  abandoned (agent gone)" in show.stdout
 
     # What it must not: a second job.finished for the same job.
     second = JobFinished(job_id=job, agent="web-1", status="abandoned", reason="agent gone")
