@@ -249,6 +249,7 @@ async def test_invented_jobs_with_huge_outputs_do_not_grow_the_master(
     state = (await control(bus, bus.subjects.master_control("jobs"))).data
     assert state["jobs"] == []
     grown_mib = (rss_kib(master.proc.pid) - before) / 1024
+    print(f"master RSS grew by {grown_mib:.1f} MiB")
     assert grown_mib < 20, f"the master grew by {grown_mib:.1f} MiB"
 
 
