@@ -113,6 +113,8 @@ class Tail:
         """The next messages (at most ``batch``), waiting up to ``timeout`` for the first;
         [] if none came."""
         assert self._sub is not None
+        if self._bus.nc.is_closed and not self._arrived:
+            raise ConnectionFailedError(f"reading {self.stream}: the connection is closed")
         records: list[LogRecord] = []
         if not self._arrived:
             self._more.clear()
