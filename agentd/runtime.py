@@ -298,13 +298,13 @@ class AgentRuntime:
     async def _subscribe(self) -> tuple[Any, Any]:
         stream = self._subjects.events_stream
         subs = []
-        for kind, subject in zip(
-            ("jobs", "cancels"), self._subjects.agent_job_filters(self.id), strict=True
-        ):
-            durable = f"agent_{self.id}_{kind}"
+        for durable, subject in self._subjects.agent_consumers(self.id):
+            # Named and with one filter, nats-py creates it through
+            # `Subjects.consumer_create`, the subject the server permissions pin.
             await self.bus.js.add_consumer(
                 stream,
                 api.ConsumerConfig(
+                    name=durable,
                     durable_name=durable,
                     filter_subject=subject,
                     deliver_policy=api.DeliverPolicy.ALL,

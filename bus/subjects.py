@@ -125,6 +125,12 @@ class Subjects:
         check_agent_id(agent)
         return [f"{self.prefix}.evt.job.{agent}.*.{event}" for event in AGENT_CONSUMED_EVENTS]
 
+    def agent_consumers(self, agent: str) -> list[tuple[str, str]]:
+        """``(durable name, filter)`` of each of an agent's consumers: ``agent_<id>_jobs``
+        reads its submissions, ``agent_<id>_cancels`` its cancel requests."""
+        names = (f"agent_{check_agent_id(agent)}_jobs", f"agent_{agent}_cancels")
+        return list(zip(names, self.agent_job_filters(agent), strict=True))
+
     def agent_event(self, agent: str, event: str) -> str:
         """``<prefix>.evt.agent.<agent>.<event>``."""
         return f"{self.prefix}.evt.agent.{check_agent_id(agent)}.{check_token(event, 'event name')}"
@@ -174,6 +180,30 @@ class Subjects:
     def master_control(self, op: str) -> str:
         """``<prefix>.ctl.master.<op>``: request/reply to the master."""
         return f"{self.prefix}.ctl.master.{check_token(op, 'operation')}"
+
+    @property
+    def master_control_by_all(self) -> str:
+        """Every query to the master that names its caller (what the master subscribes to)."""
+        return f"{self.prefix}.ctl.master.*.*"
+
+    def master_control_by(self, op: str, caller: str) -> str:
+        """``<prefix>.ctl.master.<op>.<caller>``: a request that names who sends it.
+
+        The server's permissions let each headless principal publish only with its own
+        name here, so the master knows the caller without trusting the request.
+        """
+        return f"{self.master_control(op)}.{check_token(caller, 'caller')}"
+
+    # --- JetStream API --------------------------------------------------------------------
+
+    def consumer_create(self, stream: str, name: str, filter_subject: str) -> str:
+        """``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: create or update a consumer
+        through the subject that names its one filter. The server refuses a request whose
+        body asks for another filter, so a permission on this subject pins the filter."""
+        return (
+            f"$JS.API.CONSUMER.CREATE.{check_token(stream, 'stream')}."
+            f"{check_token(name, 'consumer name')}.{filter_subject}"
+        )
 
     # --- parsing ------------------------------------------------------------------------
 

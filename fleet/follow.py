@@ -19,6 +19,7 @@ from nats.js import api
 
 from bus import BadMessageError, Bus, ConnectionFailedError, decode_envelope
 from bus.codec import HEADER_OUTPUT_STREAM, decode_data
+from bus.log import LogRecord, Tail
 from master.projection import JobView, Projection
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class JobFollower:
         self.started = asyncio.Event()
         self._chunks = 0
         self._subs: list[Any] = []
+        self._reader: asyncio.Task[None] | None = None
 
     @property
     def view(self) -> JobView | None:
@@ -80,15 +82,10 @@ class JobFollower:
         """Subscribe (before the job is submitted, for a new job)."""
         s = self.bus.subjects
         try:
-            self._subs.append(
-                await self.bus.js.subscribe(
-                    s.job_events(self.agent, self.job_id),
-                    stream=s.events_stream,
-                    cb=self._on_event,
-                    ordered_consumer=True,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                )
-            )
+            # A pull reader: it creates its consumer through the subject that names the
+            # consumer and its filter, the only form operators may use on the event log.
+            tail = await Tail.open(self.bus, s.events_stream, s.job_events(self.agent, self.job_id))
+            self._reader = asyncio.create_task(self._read_events(tail), name="job events")
             if self.printer is not None:
                 self._subs.append(
                     await self.bus.js.subscribe(
@@ -103,13 +100,19 @@ class JobFollower:
             raise ConnectionFailedError(f"cannot follow job {self.job_id}: {exc}") from exc
         return self
 
-    async def _on_event(self, msg: Msg) -> None:
+    async def _read_events(self, tail: Tail) -> None:
+        async with tail:
+            while True:
+                for record in await tail.fetch(timeout=1.0):
+                    self._on_event(record)
+
+    def _on_event(self, record: LogRecord) -> None:
         try:
-            event = decode_data(decode_envelope(msg.data))
+            event = decode_data(decode_envelope(record.data))
         except BadMessageError as exc:
             logger.warning("job %s: undecodable event: %s", self.job_id, exc)
             return
-        self.projection.apply(msg.metadata.sequence.stream, event)
+        self.projection.apply(record.seq, event)
         view = self.view
         if view is not None and view.status != "submitted":
             self.started.set()
@@ -132,6 +135,14 @@ class JobFollower:
             self.done.set()
 
     async def close(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.cancel()
+            await asyncio.wait([reader])  # the caller's own cancellation still propagates
+            if not reader.cancelled() and reader.exception() is not None:
+                logger.warning(
+                    "job %s: reading its events failed: %s", self.job_id, reader.exception()
+                )
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
