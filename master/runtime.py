@@ -35,7 +35,8 @@ from bus import (
 )
 from bus.codec import decode_data, pack
 from bus.runtime import wait_any
-from master.auth import AuthFailed, AuthService
+from master.auth import THROTTLE_CAP_S, AuthFailed, AuthService, Throttle
+from master.callers import JOB_OUTPUT, job_output, parse_control
 from master.chain import Chain
 from master.config import MasterConfig
 from master.projection import Projection, RolloutView
@@ -86,7 +87,13 @@ class MasterRuntime:
         self._abandoned: set[str] = set()
         self._grace_timers: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[Any]] = set()
-        self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
+        self.auth = AuthService(
+            bus,
+            UserStore(config.users_path),
+            signer,
+            config.id,
+            Throttle(first=config.auth_throttle_s, cap=max(THROTTLE_CAP_S, config.auth_throttle_s)),
+        )
         self._rollout_changed = asyncio.Event()
         self._presence_watcher: Any = None
 
@@ -122,6 +129,9 @@ class MasterRuntime:
         control = await self.bus.nc.subscribe(
             self._subjects.master_control_all, cb=self._on_control
         )
+        by_caller = await self.bus.nc.subscribe(
+            self._subjects.master_control_by_all, cb=self._on_control
+        )
         try:
             await self.ready.wait()
             logger.info(
@@ -141,7 +151,7 @@ class MasterRuntime:
                 for task in (watcher, ticker, steer):
                     task.cancel()
         finally:
-            for sub_ in (sub, control):
+            for sub_ in (sub, control, by_caller):
                 with contextlib.suppress(nats.errors.Error, OSError):
                     await sub_.unsubscribe()
             for task in [*self._grace_timers.values(), *self._work]:
@@ -377,11 +387,13 @@ class MasterRuntime:
     # --- queries -----------------------------------------------------------------------------
 
     async def _on_control(self, msg: Msg) -> None:
-        op = msg.subject.rsplit(".", 1)[-1]
         try:
+            op, caller = parse_control(self._subjects, msg.subject)
             request = decode_model(msg.data, ControlRequest) if msg.data else ControlRequest()
             if op.startswith("auth-"):
-                data = await self._authenticate(op, request.args)
+                data = await self._authenticate(op, request.args, caller)
+            elif op == JOB_OUTPUT:
+                data = job_output(self.projection, caller, request.args)
             else:
                 data = self.query(op, request.args)
             reply = ControlReply(ok=True, data=data)
@@ -395,13 +407,15 @@ class MasterRuntime:
             with contextlib.suppress(FleetError, nats.errors.Error):
                 await msg.respond(encode_model(reply, max_size=self.bus.settings.max_msg_size))
 
-    async def _authenticate(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _authenticate(
+        self, op: str, args: dict[str, Any], caller: str | None
+    ) -> dict[str, Any]:
         if op == "auth-salt":
             return {"salt": self.auth.salt(str(AuthStart.model_validate(args).user))}
         if op == "auth-start":
             return self.auth.start(AuthStart.model_validate(args)).model_dump()
         if op == "auth-submit":
-            return (await self.auth.submit(AuthSubmit.model_validate(args))).model_dump()
+            return (await self.auth.submit(AuthSubmit.model_validate(args), caller)).model_dump()
         raise ValueError(f"unknown operation {op!r}")
 
     def query(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
