@@ -56,6 +56,7 @@ from bus import (
 from bus.codec import decode_data
 from bus.command import fleetbus_version
 from bus.runtime import wait_any
+from bus.subjects import AGENT_CONSUMERS
 from schemas import (
     AgentConfigChanged,
     AgentOffline,
@@ -298,9 +299,11 @@ class AgentRuntime:
     async def _subscribe(self) -> tuple[Any, Any]:
         stream = self._subjects.events_stream
         subs = []
-        for durable, subject in self._subjects.agent_consumers(self.id):
+        for durable, subject in (
+            self._subjects.agent_consumer(self.id, kind) for kind in AGENT_CONSUMERS
+        ):
             # Named and with one filter, nats-py creates it through
-            # `Subjects.consumer_create`, the subject the server permissions pin.
+            # `Subjects.agent_consumer_create`, the subject the server permissions pin.
             await self.bus.js.add_consumer(
                 stream,
                 api.ConsumerConfig(

@@ -20,6 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bus import Subjects, UsageError
 from bus.codec import DEFAULT_MAX_SIZE
 from bus.paths import read_toml
+from bus.subjects import (
+    AGENT_CONSUMERS,
+    consumer_delete_subject,
+    consumer_info_subject,
+    consumer_next_subject,
+)
 from schemas.fields import PublicKey
 from schemas.registry import summarize_validation_error
 
@@ -94,13 +100,14 @@ def _agents_consumers(s: Subjects, agents: list[str]) -> list[str]:
     events = s.events_stream
     out = []
     for agent in agents:
-        for name, _ in s.agent_consumers(agent):
+        for kind in AGENT_CONSUMERS:
+            name, _ = s.agent_consumer(agent, kind)
             out += [
                 f"$JS.API.CONSUMER.CREATE.{events}.{name}",
                 f"$JS.API.CONSUMER.CREATE.{events}.{name}.>",
                 f"$JS.API.CONSUMER.DURABLE.CREATE.{events}.{name}",
-                f"$JS.API.CONSUMER.DELETE.{events}.{name}",
-                f"$JS.API.CONSUMER.MSG.NEXT.{events}.{name}",
+                consumer_delete_subject(events, name),
+                consumer_next_subject(events, name),
                 f"$JS.API.CONSUMER.PAUSE.{events}.{name}",
                 f"$JS.API.CONSUMER.RESET.{events}.{name}",
                 f"$JS.API.CONSUMER.UNPIN.{events}.{name}",
@@ -145,18 +152,17 @@ Permissions = dict[str, object]
 
 def _agent(s: Subjects, agent: str) -> Permissions:
     p, events = s.prefix, s.events_stream
-    consumer_api = [
-        api
-        for name, filter_subject in s.agent_consumers(agent)
-        for api in (
+    consumer_api = []
+    for kind in AGENT_CONSUMERS:
+        name, _ = s.agent_consumer(agent, kind)
+        consumer_api += [
             # Only the subject that pins the filter: the server refuses a body asking
             # for any other, so the agent cannot widen its consumers to others' events.
-            s.consumer_create(events, name, filter_subject),
-            f"$JS.API.CONSUMER.INFO.{events}.{name}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{events}.{name}",
+            s.agent_consumer_create(agent, kind),
+            consumer_info_subject(events, name),
+            consumer_next_subject(events, name),
             f"$JS.ACK.{events}.{name}.>",
-        )
-    ]
+        ]
     return {
         "publish": {
             "allow": [

@@ -27,6 +27,7 @@ from bus import (
     write_seed_file,
 )
 from bus.request import control
+from bus.subjects import consumer_create_subject
 from schemas import JobFinished
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -134,7 +135,7 @@ async def test_no_principal_reaches_another_s_consumers_or_output(
 
             # --- agent web-1 against its own consumer's filter and web-2's events --------
             async with await connect(settings("web-1")) as bus:
-                pinned = bus.subjects.consumer_create(EVENTS, s_jobs, s_filter)
+                pinned = consumer_create_subject(EVENTS, s_jobs, s_filter)
                 # The one create subject it may use: the server holds the body to it.
                 widened = await api(bus, pinned, consumer_body(s_jobs, filter_subject=WHOLE_LOG))
                 assert widened["error"]["err_code"] == 10131, widened
@@ -148,7 +149,7 @@ async def test_no_principal_reaches_another_s_consumers_or_output(
                     f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}",
                     f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}.{WHOLE_LOG}",
                     f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{s_jobs}",
-                    bus.subjects.consumer_create(EVENTS, *their_jobs),
+                    consumer_create_subject(EVENTS, *their_jobs),
                     f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{their_jobs[0]}",
                     f"$JS.API.CONSUMER.DELETE.{EVENTS}.{their_jobs[0]}",
                     f"$JS.API.DIRECT.GET.{EVENTS}.fleet.evt.job.web-2.{their_job}.finished",
@@ -198,7 +199,7 @@ async def test_no_principal_reaches_another_s_consumers_or_output(
                     f"$JS.API.CONSUMER.DELETE.{EVENTS}.{s_jobs}",
                     f"$JS.API.CONSUMER.CREATE.{EVENTS}",
                     f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}.{WHOLE_LOG}",
-                    bus.subjects.consumer_create(EVENTS, s_jobs, s_filter),
+                    consumer_create_subject(EVENTS, s_jobs, s_filter),
                     f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{s_jobs}",
                     f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{s_jobs}",
                     f"$JS.ACK.{EVENTS}.{s_jobs}.1.1.1.1.1",
