@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.js.errors
 import pytest
 from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env
 from natsserver import NatsServer
@@ -28,7 +30,7 @@ from bus import (
 )
 from bus.request import control
 from bus.subjects import consumer_create_subject
-from schemas import JobFinished
+from schemas import JobFinished, new_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -160,6 +162,26 @@ async def test_no_principal_reaches_another_s_consumers_or_output(
                 )
                 with pytest.raises(PayloadTooLargeError, match="exceeds the limit"):
                     await bus.publish_event(sample_envelope(huge, source="web-1"))
+            # A client that skips that check is cut off by the server; nothing is stored.
+            closed = asyncio.Event()
+
+            async def on_closed() -> None:
+                closed.set()
+
+            raw = await nats.connect(
+                url,
+                nkeys_seed=str(keys["web-1"][0]),
+                inbox_prefix="_INBOX_web-1",
+                allow_reconnect=False,
+                closed_cb=on_closed,
+            )
+            raw._max_payload = 4 * MAX_PAYLOAD
+            nowhere = admin.subjects.output("web-1", new_id())
+            await raw.publish(nowhere, b"x" * (MAX_PAYLOAD + 1))
+            await asyncio.wait_for(closed.wait(), 30)
+            assert "maximum payload" in str(raw.last_error)
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await admin.js.get_last_msg("FLEET_OUTPUT", nowhere)
 
             # --- the headless user against consumers and others' output -----------------
             async with await connect(settings("batch")) as bus:
