@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import nats
 import nats.js.errors
 import pytest
-from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env
+from agents import FLEET, MASTER, AgentProcess, MasterProcess, finished, fleet_env
 from natsserver import NatsServer
 from samples import sample_envelope
 
@@ -36,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 HEADLESS = str(Path(sys.executable).parent / "fleet-headless")
 MAX_PAYLOAD = 256 * 1024
+PASSWORD = "correct horse battery staple"
 EVENTS = "FLEET_EVENTS"
 WHOLE_LOG = "fleet.evt.>"
 
@@ -47,11 +49,18 @@ def key(tmp: Path, name: str) -> tuple[Path, str]:
     return path, Signer(seed).public_key
 
 
-async def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+async def run(
+    *argv: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        *argv,
+        env=env,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    feed = None if stdin is None else (stdin + "\n").encode()
+    out, err = await asyncio.wait_for(proc.communicate(feed), 90)
     assert proc.returncode is not None
     return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
 
@@ -127,6 +136,22 @@ async def test_no_principal_reaches_another_s_consumers_or_output(
             )  # fmt: skip
             assert mine.returncode == 0, mine.stderr + master.log()[-2000:]
             my_job = mine.stderr.split("job ")[1].split()[0]
+            # And with a password, logging in through the master as itself.
+            added = await run(
+                MASTER, "user", "add", "batch", "--password-stdin", "-c", str(master.config_path),
+                stdin=PASSWORD,
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            users = json.loads((master.dir / "data" / "users.json").read_text())
+            hashed = tmp_path / "batch.secret"
+            write_seed_file(
+                hashed, bcrypt.hashpw(PASSWORD.encode(), users["batch"]["salt"].encode())
+            )
+            challenged = await run(
+                HEADLESS, "-s", url, "-u", "batch", "-p", str(hashed), "--agent", "web-1",
+                "-t", "-1", "-c", "true", env=fleet_env(url, keys["batch"][0]),
+            )  # fmt: skip
+            assert challenged.returncode == 0, challenged.stderr + master.log()[-2000:]
             theirs = await run(
                 FLEET, "run", "-a", "web-2", "--async", "--json", "--", "echo", "theirs",
                 env=operator,
