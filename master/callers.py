@@ -10,15 +10,27 @@ and no direct reads of the log.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from bus import Subjects
-from master.projection import Projection
 from schemas.fields import Token
 
 JOB_OUTPUT = "job-output"
+
+
+class JobRecord(Protocol):
+    """What ``job-output`` needs of a job's view in the projection."""
+
+    @property
+    def submitted_by(self) -> str | None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def to_json(self, *, tail: bool = False) -> dict[str, Any]: ...
 
 
 class JobOutputRequest(BaseModel):
@@ -39,7 +51,9 @@ def parse_control(subjects: Subjects, subject: str) -> tuple[str, str | None]:
     return op, (caller or None)
 
 
-def job_output(projection: Projection, caller: str | None, args: dict[str, Any]) -> dict[str, Any]:
+def job_output(
+    jobs: Mapping[str, JobRecord], caller: str | None, args: dict[str, Any]
+) -> dict[str, Any]:
     """The caller's own job: status, exit code, times and output tail.
 
     Raises:
@@ -52,7 +66,7 @@ def job_output(projection: Projection, caller: str | None, args: dict[str, Any])
         raise ValueError(
             f"{JOB_OUTPUT} must name its caller: <prefix>.ctl.master.{JOB_OUTPUT}.<you>"
         )
-    job = projection.jobs.get(request.job_id)
+    job = jobs.get(request.job_id)
     if job is None or job.submitted_by != caller:
         raise ValueError(f"no job {request.job_id} of {caller}")
     doc = job.to_json(tail=True)

@@ -393,7 +393,7 @@ class MasterRuntime:
             if op.startswith("auth-"):
                 data = await self._authenticate(op, request.args, caller)
             elif op == JOB_OUTPUT:
-                data = job_output(self.projection, caller, request.args)
+                data = job_output(self.projection.jobs, caller, request.args)
             else:
                 data = self.query(op, request.args)
             reply = ControlReply(ok=True, data=data)
