@@ -77,7 +77,8 @@ class Tail:
         assert self._sub is not None
         try:
             msgs = await self._sub.fetch(batch=batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:
+            # nats-py raises its own TimeoutError or, from a pull that expires, asyncio's.
             return []
         except (nats.errors.Error, OSError) as exc:
             raise ConnectionFailedError(f"reading {self.stream}: {exc}") from exc

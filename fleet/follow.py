@@ -17,7 +17,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from bus import BadMessageError, Bus, ConnectionFailedError, decode_envelope
+from bus import BadMessageError, Bus, ConnectionFailedError, FleetError, decode_envelope
 from bus.codec import HEADER_OUTPUT_STREAM, decode_data
 from bus.log import LogRecord, Tail
 from master.projection import JobView, Projection
@@ -101,10 +101,15 @@ class JobFollower:
         return self
 
     async def _read_events(self, tail: Tail) -> None:
-        async with tail:
-            while True:
-                for record in await tail.fetch(timeout=1.0):
-                    self._on_event(record)
+        try:
+            async with tail:
+                while True:
+                    for record in await tail.fetch(timeout=1.0):
+                        self._on_event(record)
+        except FleetError as exc:
+            # Say so and stop waiting, rather than wait for events that cannot come.
+            logger.warning("job %s: lost its events: %s", self.job_id, exc)
+            self.done.set()
 
     def _on_event(self, record: LogRecord) -> None:
         try:
