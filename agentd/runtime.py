@@ -55,8 +55,8 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.command import fleetbus_version
-from bus.runtime import wait_any
 from bus.subjects import AGENT_CONSUMERS
+from bus.tasks import wait_any
 from schemas import (
     AgentConfigChanged,
     AgentOffline,

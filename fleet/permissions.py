@@ -198,8 +198,6 @@ def _master(s: Subjects, agents: list[str]) -> Permissions:
         "publish": {
             "allow": [
                 *_stream_reader(s),
-                # Its ordered consumer on the whole log uses the unnamed form.
-                f"$JS.API.CONSUMER.CREATE.{s.events_stream}",
                 *_consumer_reader(s),
                 "$JS.ACK.>",
                 f"$KV.{s.config_bucket}.>",

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from bus import Subjects
+from ledger.views import JobView
 from master.callers import job_output, parse_control
-from master.projection import JobView
 
 JOB = "01JB3Z0000000000000000000A"
 
