@@ -55,6 +55,7 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.command import fleetbus_version
+from bus.subjects import AGENT_CONSUMERS
 from bus.tasks import wait_any
 from schemas import (
     AgentConfigChanged,
@@ -298,13 +299,15 @@ class AgentRuntime:
     async def _subscribe(self) -> tuple[Any, Any]:
         stream = self._subjects.events_stream
         subs = []
-        for kind, subject in zip(
-            ("jobs", "cancels"), self._subjects.agent_job_filters(self.id), strict=True
+        for durable, subject in (
+            self._subjects.agent_consumer(self.id, kind) for kind in AGENT_CONSUMERS
         ):
-            durable = f"agent_{self.id}_{kind}"
+            # Named and with one filter, nats-py creates it through
+            # `Subjects.agent_consumer_create`, the subject the server permissions pin.
             await self.bus.js.add_consumer(
                 stream,
                 api.ConsumerConfig(
+                    name=durable,
                     durable_name=durable,
                     filter_subject=subject,
                     deliver_policy=api.DeliverPolicy.ALL,
