@@ -1,4 +1,4 @@
-"""The daemon around :class:`~agentd.runtime.AgentRuntime`: signals, reload, restart."""
+"""The daemon around :class:`~agentd.agent.Agent`: signals, reload, restart, and the updater."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from agentd import logbuffer
+from agentd.agent import Agent, agent_version, updater_options
 from agentd.config import AgentConfig, load_config
 from agentd.identity import ensure_identity
-from agentd.runtime import AgentRuntime
-from bus import FleetError, UsageError
+from agentd.presence import UpdateView
+from agentd.record import Emitter
+from bus import Bus, FleetError, Signer, UsageError
 from bus.command import LOG_FORMAT
 from bus.daemon import (
     PidFile,
@@ -22,6 +25,7 @@ from bus.daemon import (
     report_ready,
     wait_for_storage,
 )
+from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
 
@@ -46,17 +50,48 @@ def configure_logging(config: AgentConfig, level: str | None, daemon: bool) -> N
     logbuffer.install()
 
 
+def build_agent(
+    bus: Bus,
+    config: AgentConfig,
+    signer: Signer,
+    *,
+    install_root: Path | None = None,
+    version: str | None = None,
+    on_restart: Callable[[], None] | None = None,
+) -> Agent:
+    """An agent with its updater: built here and handed in, so the agent core does not
+    depend on how (or whether) it updates itself."""
+    view = UpdateView()
+    updater = Updater(
+        bus,
+        config.id,
+        updater_options(config, agent_version(config, version), install_root),
+        emit=Emitter(bus, signer, config.id).emit,
+        show=view.show,
+        restart=on_restart,
+    )
+    return Agent(
+        bus,
+        config,
+        signer,
+        updater=updater,
+        update_view=view,
+        on_restart=on_restart,
+        version=version,
+    )
+
+
 async def serve(config_path: Path | None, config: AgentConfig, level: str | None) -> bool:
     """Run the agent until SIGTERM/SIGINT. Returns True when a restart was requested."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     restart = False
-    runtime: AgentRuntime | None = None
+    agent: Agent | None = None
 
     def on_stop() -> None:
         stop.set()
-        if runtime is not None:
-            runtime.stop()
+        if agent is not None:
+            agent.stop()
 
     def on_reload() -> None:
         try:
@@ -65,8 +100,11 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
         logging.getLogger().setLevel(level or new.log_level)
-        if runtime is not None:
-            runtime.reload(new)
+        if agent is not None:
+            try:
+                agent.reload(new)
+            except FleetError as exc:
+                logger.error("reload refused, keeping the running configuration: %s", exc)
 
     def on_restart() -> None:
         nonlocal restart
@@ -87,19 +125,15 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
             return False
         root = install_root_from_env()
         installed = InstallRoot(root) if root is not None else None
-        runtime = AgentRuntime(
-            bus,
-            config,
-            signer,
-            on_restart=on_restart,
-            install_root=root,
-            version=installed.version_of(installed.current_dir()) if installed else None,
+        version = installed.version_of(installed.current_dir()) if installed else None
+        agent = build_agent(
+            bus, config, signer, install_root=root, version=version, on_restart=on_restart
         )
         if stop.is_set():
             return False
-        notifier = asyncio.create_task(_notify_when_ready(runtime.ready), name="ready")
+        notifier = asyncio.create_task(_notify_when_ready(agent.ready), name="ready")
         try:
-            await runtime.run()
+            await agent.run()
         finally:
             notifier.cancel()
             await asyncio.gather(notifier, return_exceptions=True)

@@ -1,0 +1,233 @@
+"""Taking this agent's jobs and cancels from the log.
+
+The log is the queue. Two durable consumers read this agent's subjects: submissions,
+fetched only while a slot is free (``max_jobs``), and cancel requests, fetched always,
+so a cancel reaches a running job even when every slot is busy. Each submission is
+decided by :func:`agentd.admit.admit`; an admitted job runs in its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from agentd.admit import Admit, AdmitPolicy, Malformed, Refuse, admit
+from agentd.context import AgentContext, RunningJob
+from agentd.record import Recorder
+from agentd.runner import JobRunner
+from bus import (
+    BadMessageError,
+    FleetError,
+    SignatureError,
+    decode_envelope,
+    verify_envelope,
+)
+from bus.codec import decode_data
+from schemas import Envelope, Event, EventData, JobCancelRequested, JobSubmitted
+
+logger = logging.getLogger(__name__)
+
+_FETCH_WAIT_S = 5.0
+_ACK_WAIT_S = 60.0
+_ERROR_PAUSE_S = 1.0
+
+
+class JobConsumer:
+    """Feeds one agent's runner from its two durable consumers."""
+
+    def __init__(self, ctx: AgentContext, recorder: Recorder, runner: JobRunner) -> None:
+        self._ctx = ctx
+        self._recorder = recorder
+        self._runner = runner
+        self._subs: tuple[Any, Any] | None = None
+
+    def policy(self) -> AdmitPolicy:
+        config = self._ctx.config
+        return AdmitPolicy(
+            agent=self._ctx.id,
+            agent_user=self._ctx.user,
+            run_as_mode=config.run_as_mode,
+            replay_window_s=config.replay_window_s,
+            trust=self._ctx.trust,
+        )
+
+    async def bind(self) -> None:
+        """Create (or find) the two durable consumers and bind to them."""
+        ctx = self._ctx
+        stream = ctx.bus.subjects.events_stream
+        subs = []
+        for kind, subject in zip(
+            ("jobs", "cancels"), ctx.bus.subjects.agent_job_filters(ctx.id), strict=True
+        ):
+            durable = f"agent_{ctx.id}_{kind}"
+            await ctx.bus.js.add_consumer(
+                stream,
+                api.ConsumerConfig(
+                    durable_name=durable,
+                    filter_subject=subject,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=_ACK_WAIT_S,
+                    max_deliver=-1,
+                    max_ack_pending=1000,
+                ),
+            )
+            subs.append(await ctx.bus.js.pull_subscribe_bind(durable=durable, stream=stream))
+        self._subs = (subs[0], subs[1])
+
+    async def unbind(self) -> None:
+        for sub in self._subs or ():
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, OSError) as exc:
+                logger.debug("unsubscribe: %s", exc)
+
+    async def _fetch(self, sub: Any, batch: int) -> list[Msg]:
+        """Fetch up to ``batch`` messages; an empty list on timeout or when stopping."""
+        fetch = asyncio.create_task(sub.fetch(batch=batch, timeout=_FETCH_WAIT_S))
+        stopping = asyncio.create_task(self._ctx.stopping.wait())
+        try:
+            await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                return []
+            msgs: list[Msg] = fetch.result()
+            return msgs
+        except nats.errors.TimeoutError:
+            return []
+        finally:
+            for task in (fetch, stopping):
+                task.cancel()
+            await asyncio.gather(fetch, stopping, return_exceptions=True)
+
+    async def consume_jobs(self, jobs: asyncio.TaskGroup) -> None:
+        """Take submissions while a slot is free, until the agent stops; each admitted
+        job runs as a task of ``jobs``."""
+        ctx = self._ctx
+        assert self._subs is not None
+        while not ctx.stopping.is_set():
+            while len(ctx.jobs) >= ctx.config.max_jobs and not ctx.stopping.is_set():
+                ctx.slot_free.clear()
+                await ctx.slot_free.wait()
+            if ctx.stopping.is_set():
+                return
+            try:
+                for msg in await self._fetch(self._subs[0], ctx.config.max_jobs - len(ctx.jobs)):
+                    await self._accept(msg, jobs)
+            except (FleetError, nats.errors.Error, OSError) as exc:
+                # The bus is down or busy; the consumer keeps our place. Try again soon.
+                logger.warning("fetching jobs: %s", exc or repr(exc))
+                await asyncio.sleep(_ERROR_PAUSE_S)
+
+    async def consume_cancels(self) -> None:
+        """Take cancel requests until the agent stops."""
+        assert self._subs is not None
+        while not self._ctx.stopping.is_set():
+            try:
+                for msg in await self._fetch(self._subs[1], 16):
+                    await self._cancel(msg)
+            except (FleetError, nats.errors.Error, OSError) as exc:
+                logger.warning("fetching cancels: %s", exc or repr(exc))
+                await asyncio.sleep(_ERROR_PAUSE_S)
+
+    async def _envelope(self, msg: Msg, expected: type[EventData]) -> tuple[str, Envelope] | None:
+        """``(job_id, envelope)`` of a message on this agent's job subjects, or None when
+        it is not an event of the expected type on its own subject (then it was dropped)."""
+        parsed = self._ctx.bus.subjects.parse_job_event(msg.subject)
+        job_id = parsed[1] if parsed else "?"
+        try:
+            envelope = decode_envelope(msg.data, self._ctx.bus.settings.max_msg_size)
+            if envelope.subject != msg.subject:
+                raise BadMessageError(f"envelope subject {envelope.subject} is not {msg.subject}")
+            if envelope.type != expected.TYPE:
+                raise BadMessageError(f"{envelope.type} on a {expected.TYPE} subject")
+        except BadMessageError as exc:
+            await self._malformed(msg, str(exc))
+            return None
+        return job_id, envelope
+
+    async def _malformed(self, msg: Msg, reason: str) -> None:
+        self._ctx.counters.malformed += 1
+        seq = msg.metadata.sequence.stream if msg.reply else "?"
+        logger.error(
+            "! malformed message on %s (stream seq %s): %s; dropped", msg.subject, seq, reason
+        )
+        try:
+            await msg.term()
+        except nats.errors.Error as exc:
+            logger.debug("term: %s", exc)
+
+    async def _accept(self, msg: Msg, jobs: asyncio.TaskGroup) -> None:
+        ctx = self._ctx
+        found = await self._envelope(msg, JobSubmitted)
+        if found is None:
+            return
+        job_id, envelope = found
+        if ctx.journal.knows(job_id) or job_id in ctx.jobs:
+            ctx.counters.duplicates_skipped += 1
+            logger.warning(
+                "! job %s was already taken here (a replay?); not running it again", job_id
+            )
+            await msg.ack()
+            return
+        stored_ns = (
+            int(msg.metadata.timestamp.timestamp() * 1e9) if msg.metadata.timestamp else None
+        )
+        decision = admit(
+            envelope, job_id, self.policy(), stored_ns=stored_ns, now_ns=time.time_ns()
+        )
+        if isinstance(decision, Malformed):
+            await self._malformed(msg, decision.reason)
+            return
+        if isinstance(decision, Refuse):
+            await self._recorder.finish(job_id, decision.status, reason=decision.reason)
+            await msg.ack()
+            return
+        assert isinstance(decision, Admit)
+        running = RunningJob(job_id)
+        ctx.jobs[job_id] = running
+        running.task = jobs.create_task(
+            self._runner.run(msg, decision, running), name=f"job {job_id}"
+        )
+
+    async def _cancel(self, msg: Msg) -> None:
+        ctx = self._ctx
+        found = await self._envelope(msg, JobCancelRequested)
+        if found is None:
+            return
+        job_id, envelope = found
+        if envelope.signed:
+            try:
+                verify_envelope(envelope, subject=msg.subject)
+            except SignatureError as exc:
+                await self._malformed(msg, str(exc))
+                return
+        try:
+            decoded = decode_data(envelope)
+        except BadMessageError as exc:
+            await self._malformed(msg, str(exc))
+            return
+        data = decoded.data if isinstance(decoded, Event) else None
+        if isinstance(data, JobCancelRequested) and (data.job_id != job_id or data.agent != ctx.id):
+            await self._malformed(msg, "job id or agent in the data do not match the subject")
+            return
+        running = ctx.jobs.get(job_id)
+        signer = envelope.signer
+        if ctx.trust is not None and (signer is None or ctx.trust.for_key(signer) is None):
+            logger.warning("! cancel of job %s ignored: not signed by a trusted key", job_id)
+            await msg.ack()
+            return
+        if running is not None and isinstance(data, JobCancelRequested):
+            detail = f"cancelled by {data.requested_by}" + (
+                f": {data.reason}" if data.reason else ""
+            )
+            logger.info("cancel job %s (%s)", job_id, detail)
+            running.stop.set("cancel", detail)
+        # A cancel for a job not running here: finished already, or not fetched yet (the
+        # submission path looks for it before starting).
+        await msg.ack()
