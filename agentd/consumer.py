@@ -11,11 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
-
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js import api
 
 from agentd.admit import Admit, AdmitPolicy, Malformed, Refuse, admit
 from agentd.context import AgentContext, RunningJob
@@ -29,13 +24,15 @@ from bus import (
     verify_envelope,
 )
 from bus.codec import decode_data
+from bus.consumer import ConsumerSpec, Delivery, DurableConsumer
 from schemas import Envelope, Event, EventData, JobCancelRequested, JobSubmitted
 
 logger = logging.getLogger(__name__)
 
-_FETCH_WAIT_S = 5.0
+_FETCH_WAIT_S = 20.0
 _ACK_WAIT_S = 60.0
 _ERROR_PAUSE_S = 1.0
+_CANCEL_BATCH = 16
 
 
 class JobConsumer:
@@ -45,7 +42,19 @@ class JobConsumer:
         self._ctx = ctx
         self._recorder = recorder
         self._runner = runner
-        self._subs: tuple[Any, Any] | None = None
+        subjects = ctx.bus.subjects
+        self.consumers = {
+            kind: DurableConsumer(
+                ctx.bus,
+                ConsumerSpec(subjects.events_stream, *subjects.agent_consumer(ctx.id, kind)),
+            )
+            for kind in ("jobs", "cancels")
+        }
+
+    @property
+    def recreated(self) -> int:
+        """How many times a consumer of this agent was found deleted and made again."""
+        return sum(c.recreated for c in self.consumers.values())
 
     def policy(self) -> AdmitPolicy:
         config = self._ctx.config
@@ -58,48 +67,26 @@ class JobConsumer:
         )
 
     async def bind(self) -> None:
-        """Create (or find) the two durable consumers and bind to them."""
-        ctx = self._ctx
-        stream = ctx.bus.subjects.events_stream
-        subs = []
-        for kind, subject in zip(
-            ("jobs", "cancels"), ctx.bus.subjects.agent_job_filters(ctx.id), strict=True
-        ):
-            durable = f"agent_{ctx.id}_{kind}"
-            await ctx.bus.js.add_consumer(
-                stream,
-                api.ConsumerConfig(
-                    durable_name=durable,
-                    filter_subject=subject,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                    ack_wait=_ACK_WAIT_S,
-                    max_deliver=-1,
-                    max_ack_pending=1000,
-                ),
-            )
-            subs.append(await ctx.bus.js.pull_subscribe_bind(durable=durable, stream=stream))
-        self._subs = (subs[0], subs[1])
+        """Create (or find) the two durable consumers.
+
+        Raises:
+            FleetError: the server refused or did not answer.
+        """
+        for consumer in self.consumers.values():
+            await consumer.ensure()
 
     async def unbind(self) -> None:
-        for sub in self._subs or ():
-            try:
-                await sub.unsubscribe()
-            except (nats.errors.Error, OSError) as exc:
-                logger.debug("unsubscribe: %s", exc)
+        for consumer in self.consumers.values():
+            await consumer.close()
 
-    async def _fetch(self, sub: Any, batch: int) -> list[Msg]:
-        """Fetch up to ``batch`` messages; an empty list on timeout or when stopping."""
-        fetch = asyncio.create_task(sub.fetch(batch=batch, timeout=_FETCH_WAIT_S))
+    async def _fetch(self, kind: str, batch: int) -> list[Delivery]:
+        """Fetch up to ``batch`` messages; an empty list when stopping."""
+        consumer = self.consumers[kind]
+        fetch = asyncio.create_task(consumer.fetch(batch, _FETCH_WAIT_S))
         stopping = asyncio.create_task(self._ctx.stopping.wait())
         try:
             await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not fetch.done():
-                return []
-            msgs: list[Msg] = fetch.result()
-            return msgs
-        except nats.errors.TimeoutError:
-            return []
+            return fetch.result() if fetch.done() else []
         finally:
             for task in (fetch, stopping):
                 task.cancel()
@@ -109,7 +96,6 @@ class JobConsumer:
         """Take submissions while a slot is free, until the agent stops; each admitted
         job runs as a task of ``jobs``."""
         ctx = self._ctx
-        assert self._subs is not None
         while not ctx.stopping.is_set():
             while len(ctx.jobs) >= ctx.config.max_jobs and not ctx.stopping.is_set():
                 ctx.slot_free.clear()
@@ -117,25 +103,26 @@ class JobConsumer:
             if ctx.stopping.is_set():
                 return
             try:
-                for msg in await self._fetch(self._subs[0], ctx.config.max_jobs - len(ctx.jobs)):
+                for msg in await self._fetch("jobs", ctx.config.max_jobs - len(ctx.jobs)):
                     await self._accept(msg, jobs)
-            except (FleetError, nats.errors.Error, OSError) as exc:
+            except FleetError as exc:
                 # The bus is down or busy; the consumer keeps our place. Try again soon.
                 logger.warning("fetching jobs: %s", exc or repr(exc))
                 await asyncio.sleep(_ERROR_PAUSE_S)
 
     async def consume_cancels(self) -> None:
         """Take cancel requests until the agent stops."""
-        assert self._subs is not None
         while not self._ctx.stopping.is_set():
             try:
-                for msg in await self._fetch(self._subs[1], 16):
+                for msg in await self._fetch("cancels", _CANCEL_BATCH):
                     await self._cancel(msg)
-            except (FleetError, nats.errors.Error, OSError) as exc:
+            except FleetError as exc:
                 logger.warning("fetching cancels: %s", exc or repr(exc))
                 await asyncio.sleep(_ERROR_PAUSE_S)
 
-    async def _envelope(self, msg: Msg, expected: type[EventData]) -> tuple[str, Envelope] | None:
+    async def _envelope(
+        self, msg: Delivery, expected: type[EventData]
+    ) -> tuple[str, Envelope] | None:
         """``(job_id, envelope)`` of a message on this agent's job subjects, or None when
         it is not an event of the expected type on its own subject (then it was dropped)."""
         parsed = self._ctx.bus.subjects.parse_job_event(msg.subject)
@@ -151,18 +138,17 @@ class JobConsumer:
             return None
         return job_id, envelope
 
-    async def _malformed(self, msg: Msg, reason: str) -> None:
+    async def _malformed(self, msg: Delivery, reason: str) -> None:
         self._ctx.counters.malformed += 1
-        seq = msg.metadata.sequence.stream if msg.reply else "?"
         logger.error(
-            "! malformed message on %s (stream seq %s): %s; dropped", msg.subject, seq, reason
+            "! malformed message on %s (stream seq %d): %s; dropped",
+            msg.subject,
+            msg.stream_seq,
+            reason,
         )
-        try:
-            await msg.term()
-        except nats.errors.Error as exc:
-            logger.debug("term: %s", exc)
+        await msg.term()
 
-    async def _accept(self, msg: Msg, jobs: asyncio.TaskGroup) -> None:
+    async def _accept(self, msg: Delivery, jobs: asyncio.TaskGroup) -> None:
         ctx = self._ctx
         found = await self._envelope(msg, JobSubmitted)
         if found is None:
@@ -175,11 +161,8 @@ class JobConsumer:
             )
             await msg.ack()
             return
-        stored_ns = (
-            int(msg.metadata.timestamp.timestamp() * 1e9) if msg.metadata.timestamp else None
-        )
         decision = admit(
-            envelope, job_id, self.policy(), stored_ns=stored_ns, now_ns=time.time_ns()
+            envelope, job_id, self.policy(), stored_ns=msg.stored_ns, now_ns=time.time_ns()
         )
         if isinstance(decision, Malformed):
             await self._malformed(msg, decision.reason)
@@ -195,7 +178,7 @@ class JobConsumer:
             self._runner.run(msg, decision, running), name=f"job {job_id}"
         )
 
-    async def _cancel(self, msg: Msg) -> None:
+    async def _cancel(self, msg: Delivery) -> None:
         ctx = self._ctx
         found = await self._envelope(msg, JobCancelRequested)
         if found is None:
