@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nats.errors
-
 from agentd.config import AgentConfig
 from agentd.consumer import JobConsumer
 from agentd.context import AgentContext, trust_of
@@ -33,7 +31,8 @@ from agentd.record import Emitter, Recorder
 from agentd.runner import JobRunner
 from bus import Bus, FleetError, Signer, UsageError
 from bus.command import fleetbus_version
-from bus.runtime import wait_any
+from bus.serve import Service, serve
+from bus.tasks import wait_any
 from schemas import AgentConfigChanged, AgentOffline, AgentOnline
 from updater.agent import Updater, UpdaterOptions
 
@@ -149,9 +148,7 @@ class Agent:
         ctx = self.ctx
         await self.runner.recover()
         await self.consumer.bind()
-        control = await ctx.bus.nc.subscribe(
-            ctx.bus.subjects.control_all(self.id), cb=self.control.handle
-        )
+        control = await serve(ctx.bus, ctx.bus.subjects.control_all(self.id), self.control.handle)
         p = self.presence
         await self.recorder.emit(
             AgentOnline(agent=self.id, version=p.version, host=p.host, labels=ctx.config.labels)
@@ -196,18 +193,15 @@ class Agent:
                 self.update_view.show("ready", "the updater failed; see the agent's log")
             await wait_any(self.ctx.stopping, timeout=_UPDATER_PAUSE_S)
 
-    async def _withdraw(self, control: Any) -> None:
+    async def _withdraw(self, control: Service) -> None:
         await self.consumer.unbind()
-        try:
-            await control.unsubscribe()
-        except (nats.errors.Error, OSError) as exc:
-            logger.debug("unsubscribe: %s", exc)
+        await control.stop()
         try:
             await self.presence.withdraw()
             await self.recorder.emit(
                 AgentOffline(agent=self.id, reason="agent shut down", last_seen=time.time_ns())
             )
-        except (FleetError, nats.errors.Error, OSError) as exc:
+        except FleetError as exc:
             logger.warning("could not withdraw presence: %s", exc)
         self.ctx.journal.close()
 
@@ -231,5 +225,8 @@ class Agent:
             **self.presence.presence().model_dump(),
             "user": self.ctx.user,
             "run_as_mode": self.ctx.config.run_as_mode,
-            "counters": self.ctx.counters.as_dict(),
+            "counters": {
+                **self.ctx.counters.as_dict(),
+                "consumers_recreated": self.consumer.recreated,
+            },
         }

@@ -25,13 +25,15 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.consumer import ConsumerSpec, Delivery, DurableConsumer
+from bus.retry import Backoff
+from bus.tasks import first_of, wait_any
 from schemas import Envelope, Event, EventData, JobCancelRequested, JobSubmitted
 
 logger = logging.getLogger(__name__)
 
 _FETCH_WAIT_S = 20.0
 _ACK_WAIT_S = 60.0
-_ERROR_PAUSE_S = 1.0
+_ERROR_BACKOFF = Backoff(initial=0.5, cap=10.0)
 _CANCEL_BATCH = 16
 
 
@@ -81,21 +83,16 @@ class JobConsumer:
 
     async def _fetch(self, kind: str, batch: int) -> list[Delivery]:
         """Fetch up to ``batch`` messages; an empty list when stopping."""
-        consumer = self.consumers[kind]
-        fetch = asyncio.create_task(consumer.fetch(batch, _FETCH_WAIT_S))
-        stopping = asyncio.create_task(self._ctx.stopping.wait())
-        try:
-            await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            return fetch.result() if fetch.done() else []
-        finally:
-            for task in (fetch, stopping):
-                task.cancel()
-            await asyncio.gather(fetch, stopping, return_exceptions=True)
+        fetch = self.consumers[kind].fetch(batch, _FETCH_WAIT_S)
+        first = await first_of(fetch, self._ctx.stopping.wait())
+        result = first.result() if first is not None else None
+        return result if isinstance(result, list) else []
 
     async def consume_jobs(self, jobs: asyncio.TaskGroup) -> None:
         """Take submissions while a slot is free, until the agent stops; each admitted
         job runs as a task of ``jobs``."""
         ctx = self._ctx
+        failures = 0
         while not ctx.stopping.is_set():
             while len(ctx.jobs) >= ctx.config.max_jobs and not ctx.stopping.is_set():
                 ctx.slot_free.clear()
@@ -105,20 +102,28 @@ class JobConsumer:
             try:
                 for msg in await self._fetch("jobs", ctx.config.max_jobs - len(ctx.jobs)):
                     await self._accept(msg, jobs)
+                failures = 0
             except FleetError as exc:
                 # The bus is down or busy; the consumer keeps our place. Try again soon.
-                logger.warning("fetching jobs: %s", exc or repr(exc))
-                await asyncio.sleep(_ERROR_PAUSE_S)
+                await self._pause("jobs", exc, failures)
+                failures += 1
 
     async def consume_cancels(self) -> None:
         """Take cancel requests until the agent stops."""
+        failures = 0
         while not self._ctx.stopping.is_set():
             try:
                 for msg in await self._fetch("cancels", _CANCEL_BATCH):
                     await self._cancel(msg)
+                failures = 0
             except FleetError as exc:
-                logger.warning("fetching cancels: %s", exc or repr(exc))
-                await asyncio.sleep(_ERROR_PAUSE_S)
+                await self._pause("cancels", exc, failures)
+                failures += 1
+
+    async def _pause(self, kind: str, exc: FleetError, failures: int) -> None:
+        delay = _ERROR_BACKOFF.delay(failures)
+        logger.warning("fetching %s: %s; again in %.1fs", kind, exc or repr(exc), delay)
+        await wait_any(self._ctx.stopping, timeout=delay)
 
     async def _envelope(
         self, msg: Delivery, expected: type[EventData]

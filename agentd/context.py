@@ -37,7 +37,6 @@ class Counters:
     malformed: int = 0
     duplicates_skipped: int = 0
     late_results: int = 0
-    consumers_recreated: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -46,7 +45,6 @@ class Counters:
             "malformed": self.malformed,
             "duplicates_skipped": self.duplicates_skipped,
             "late_results": self.late_results,
-            "consumers_recreated": self.consumers_recreated,
         }
 
 

@@ -10,9 +10,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats.errors
-from nats.aio.msg import Msg
-
 from agentd.config import AgentConfig
 from agentd.context import AgentContext
 from agentd.logbuffer import recent_log_lines
@@ -61,11 +58,11 @@ class ControlServer:
         # Today every principal the server lets reach this subject may: see issue 11.
         return None
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, subject: str, payload: bytes) -> bytes:
         """Answer one request; nothing a request does can end the agent."""
-        op = msg.subject.rsplit(".", 1)[-1]
+        op = subject.rsplit(".", 1)[-1]
         try:
-            request = decode_model(msg.data, ControlRequest) if msg.data else ControlRequest()
+            request = decode_model(payload, ControlRequest) if payload else ControlRequest()
             self.authorize(op, request, None)
             reply = ControlReply(ok=True, data=await self._run(op, request.args))
         except (FleetError, ValueError) as exc:
@@ -73,11 +70,7 @@ class ControlServer:
         except Exception:
             logger.exception("! control %s", op)
             reply = ControlReply(ok=False, error=f"{op} failed inside the agent; see its log")
-        if msg.reply:
-            try:
-                await msg.respond(encode_model(reply))
-            except (FleetError, nats.errors.Error) as exc:
-                logger.warning("control %s: cannot reply: %s", op, exc)
+        return encode_model(reply)
 
     async def _run(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op == "status":

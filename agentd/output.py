@@ -14,9 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from nats.js import JetStreamContext
-
-from bus import FleetError, publish_with_retry
+from bus import Bus, FleetError
 from bus.codec import HEADER_OUTPUT_SEQ, HEADER_OUTPUT_STREAM
 
 logger = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ class JobOutput:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        bus: Bus,
         subject: str,
         job_id: str,
         *,
@@ -50,7 +48,7 @@ class JobOutput:
         max_bytes: int,
         tail_bytes: int,
     ) -> None:
-        self._js = js
+        self._bus = bus
         self._subject = subject
         self._job_id = job_id
         self._stream = stream
@@ -107,8 +105,7 @@ class JobOutput:
             name, data = item
             self._seq += 1
             try:
-                await publish_with_retry(
-                    self._js,
+                await self._bus.publish_stored(
                     self._subject,
                     data,
                     msg_id=f"{self._job_id}-{self._seq}",

@@ -11,11 +11,9 @@ import logging
 import socket
 import time
 
-import nats.errors
-
 from agentd.context import AgentContext
 from bus import FleetError, encode_model
-from bus.runtime import wait_any
+from bus.tasks import wait_any
 from schemas import Presence
 from schemas.presence import AgentState
 
@@ -66,17 +64,21 @@ class PresenceReporter:
 
     async def heartbeat(self) -> None:
         """Beat until :attr:`idle` is set (the agent has drained its jobs)."""
-        kv = await self._ctx.bus.key_value(self._ctx.bus.subjects.presence_bucket)
+        kv = await self._ctx.bus.kv(self._ctx.bus.subjects.presence_bucket)
         while not self.idle.is_set():
             try:
                 await kv.put(self._ctx.id, encode_model(self.presence()))
-            except (FleetError, nats.errors.Error, OSError) as exc:
+            except FleetError as exc:
                 logger.warning("heartbeat: %s", exc)
             # Next beat after heartbeat_s, or at once when the update state changed.
             self._update.changed.clear()
             await wait_any(self.idle, self._update.changed, timeout=self._ctx.config.heartbeat_s)
 
     async def withdraw(self) -> None:
-        """Delete the presence key (the master then sees the agent gone at once)."""
-        kv = await self._ctx.bus.key_value(self._ctx.bus.subjects.presence_bucket)
+        """Delete the presence key (the master then sees the agent gone at once).
+
+        Raises:
+            FleetError: the bucket could not be reached.
+        """
+        kv = await self._ctx.bus.kv(self._ctx.bus.subjects.presence_bucket)
         await kv.delete(self._ctx.id)

@@ -1,8 +1,14 @@
-"""Recording what the agent does as signed events: the one ``finished`` of each job.
+"""Recording what the agent does as signed events, each job's outcome exactly once.
 
-Every event goes out on the subject its type and data name; a job's outcome is published
-first and journaled after, so a crash between the two leaves it unfinished in the journal,
-which reports it after the restart (see :mod:`agentd.journal`).
+An event a retry can repeat (a job's ``started``, ``finished`` or ``late_result``) is
+built once, with an id derived from the job (:func:`schemas.stable_id`), and that same
+envelope is published on every try, so the stream's duplicate window drops repeats. A
+job's ``finished`` is stored only as the first message on its subject: when the master
+got there first (``abandoned``, ``expired``, a cancel without the agent), the server
+refuses ours, and what the agent knew is recorded as a non-terminal ``job.late_result``.
+
+The outcome is published first and journaled after, so a crash between the two leaves
+the job unfinished in the journal, which reports it after the restart.
 """
 
 from __future__ import annotations
@@ -12,15 +18,20 @@ from typing import Any
 
 from agentd.context import AgentContext
 from bus import Bus, FleetError, Signer, sign_envelope
-from schemas import EventData, JobFinished, event_name, make_envelope
+from bus.errors import ConnectionFailedError, FleetTimeoutError, SubjectTakenError
+from bus.retry import Backoff
+from bus.tasks import wait_any
+from schemas import Envelope, EventData, JobFinished, JobLateResult, event_name, make_envelope
+from schemas.ids import stable_id
 
 logger = logging.getLogger(__name__)
 
-_FINISH_ATTEMPTS = 10
+_TRANSIENT = (FleetTimeoutError, ConnectionFailedError)
+_BACKOFF = Backoff(initial=1.0, cap=30.0)
 
 
 class Emitter:
-    """Publishes one agent's events, signed with its key."""
+    """Builds and publishes one agent's events, signed with its key."""
 
     def __init__(self, bus: Bus, signer: Signer, agent: str) -> None:
         self._bus = bus
@@ -37,14 +48,29 @@ class Emitter:
             return subjects.update_event(data.version, name, agent=agent)  # type: ignore[attr-defined]
         return subjects.agent_event(agent, name)
 
-    async def emit(self, data: EventData) -> None:
-        """Sign and publish one event.
+    def envelope(self, data: EventData, event_id: str | None = None) -> Envelope:
+        """The signed envelope of ``data`` (with a fixed id for one a retry may repeat)."""
+        envelope = make_envelope(
+            data, source=self._agent, subject=self.subject_of(data), event_id=event_id
+        )
+        return sign_envelope(envelope, self._signer)
+
+    async def publish(self, envelope: Envelope, *, first: bool = False) -> None:
+        """Publish a built envelope; ``first``: only as the first on its subject.
 
         Raises:
+            SubjectTakenError: ``first`` and the subject already holds another message.
             FleetError: the log did not take it (see :meth:`bus.Bus.publish_event`).
         """
-        envelope = make_envelope(data, source=self._agent, subject=self.subject_of(data))
-        await self._bus.publish_event(sign_envelope(envelope, self._signer))
+        await self._bus.publish_event(envelope, expected_last_subject_seq=0 if first else None)
+
+    async def emit(self, data: EventData) -> None:
+        """Sign and publish one event that no retry repeats.
+
+        Raises:
+            FleetError: the log did not take it.
+        """
+        await self.publish(self.envelope(data))
 
 
 class Recorder:
@@ -58,26 +84,92 @@ class Recorder:
         """See :meth:`Emitter.emit`."""
         await self.emitter.emit(data)
 
-    async def finish(self, job_id: str, status: str, **fields: Any) -> None:
-        """Publish the job's one ``finished`` event, then journal it."""
-        data = JobFinished(job_id=job_id, agent=self._ctx.id, status=status, **fields)  # type: ignore[arg-type]
-        for attempt in range(_FINISH_ATTEMPTS):
+    async def publish_job_event(self, data: EventData, name: str, *, first: bool = False) -> bool:
+        """Publish a job event under its stable id, trying again through outages.
+
+        Returns False when it could not be recorded: a refusal that no retry can fix, or
+        the agent is stopping and the bus is still away.
+
+        Raises:
+            SubjectTakenError: ``first`` and another message holds the subject.
+        """
+        job_id: str = data.job_id  # type: ignore[attr-defined]
+        envelope = self.emitter.envelope(data, stable_id(job_id, name))  # built once
+        attempt = 0
+        while True:
             try:
-                await self.emit(data)
-                break
-            except FleetError as exc:
-                logger.error(
-                    "! could not record job %s %s (attempt %d): %s",
+                await self.emitter.publish(envelope, first=first)
+                return True
+            except SubjectTakenError:
+                raise
+            except _TRANSIENT as exc:
+                delay = _BACKOFF.delay(attempt)
+                attempt += 1
+                logger.warning(
+                    "↻ job %s: recording %s failed (try %d): %s; again in %.1fs",
                     job_id,
-                    status,
-                    attempt + 1,
+                    data.TYPE,
+                    attempt,
                     exc,
+                    delay,
                 )
+                if self._ctx.stopping.is_set() and attempt > 1:
+                    return False
+                await wait_any(self._ctx.stopping, timeout=delay)
+            except FleetError as exc:
+                logger.error("! job %s: %s refused: %s", job_id, data.TYPE, exc)
+                return False
+
+    async def finish(self, job_id: str, status: str, *, ran: bool = False, **fields: Any) -> bool:
+        """Record the job's outcome: its one ``finished``, then the journal.
+
+        Args:
+            job_id: the job.
+            status: how it ended.
+            ran: its process ran (a lost race is then worth a ``late_result``).
+            fields: the rest of :class:`~schemas.JobFinished`.
+
+        Returns:
+            False when it could not be recorded; the job stays unfinished in the journal.
+        """
+        ctx = self._ctx
+        data = JobFinished(job_id=job_id, agent=ctx.id, status=status, **fields)  # type: ignore[arg-type]
+        try:
+            if not await self.publish_job_event(data, "finished", first=True):
+                return False
+        except SubjectTakenError as exc:
+            if not await self._lost(data, exc, ran):
+                return False
         else:
-            # Left unfinished in the journal: reported as abandoned after a restart.
-            return
-        self._ctx.journal.record(job_id, "finished", status=status)
-        counters = self._ctx.counters
-        counters.finished[status] = counters.finished.get(status, 0) + 1
-        if status == "rejected":
-            logger.warning("! job %s rejected: %s", job_id, fields.get("reason"))
+            counters = ctx.counters
+            counters.finished[status] = counters.finished.get(status, 0) + 1
+            if status == "rejected":
+                logger.warning("! job %s rejected: %s", job_id, fields.get("reason"))
+        ctx.journal.record(job_id, "finished", status=status)
+        return True
+
+    async def _lost(self, data: JobFinished, taken: SubjectTakenError, ran: bool) -> bool:
+        """Our outcome lost to one recorded first (stream seq ``taken.seq``)."""
+        if not ran:
+            logger.info(
+                "job %s already has its outcome in the log (seq %d); %s not recorded",
+                data.job_id,
+                taken.seq,
+                data.status,
+            )
+            return True
+        logger.warning(
+            "! job %s: its outcome was recorded first by another (seq %d); "
+            "recording ours (%s) as a late result",
+            data.job_id,
+            taken.seq,
+            data.status,
+        )
+        late = JobLateResult(**data.model_dump())
+        try:
+            recorded = await self.publish_job_event(late, "late_result")
+        except SubjectTakenError:  # pragma: no cover - not published with first=True
+            recorded = False
+        if recorded:
+            self._ctx.counters.late_results += 1
+        return recorded

@@ -1,8 +1,14 @@
 """Running one admitted job: the last checks before it starts, the process, its outcome.
 
+Before it starts, the log is asked whether the job already has an outcome (the master
+expired or cancelled it while this agent was away) or a cancel. If the log cannot be
+asked (an outage), the job is left queued, offered again after a backoff: unknown is
+not failed.
+
 A job is journaled ``starting`` before it is spawned and ``running`` (with its pid) before
 its message is acknowledged: from then on the journal owns it, so a crash can neither
-lose it nor run it twice.
+lose it nor run it twice. Its ``started`` is published beside the running process,
+retried through outages; a process is never left unwatched because the bus is away.
 """
 
 from __future__ import annotations
@@ -10,10 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
 
 from agentd.admit import Admit
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
@@ -24,11 +26,28 @@ from agentd.record import Recorder
 from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
 from agentd.supervise import Outcome, supervise
 from agentd.trust import grants_user
-from bus import BadMessageError, SignatureError, decode_envelope, verify_envelope
+from bus import BadMessageError, FleetError, SignatureError, decode_envelope, verify_envelope
 from bus.codec import decode_data
-from schemas import Envelope, Event, JobCancelRequested, JobStarted, JobSubmitted
+from bus.consumer import Delivery
+from bus.log import last_message
+from bus.retry import Backoff
+from schemas import (
+    Envelope,
+    Event,
+    JobCancelRequested,
+    JobFinished,
+    JobStarted,
+    JobSubmitted,
+)
 
 logger = logging.getLogger(__name__)
+
+_REQUEUE = Backoff(initial=1.0, cap=60.0)
+"""Pauses before a job that could not be checked is offered again."""
+
+
+class NotNow(Exception):
+    """The job cannot be decided now (the bus is away): leave it queued."""
 
 
 class JobRunner:
@@ -38,7 +57,7 @@ class JobRunner:
         self._ctx = ctx
         self._recorder = recorder
 
-    async def run(self, msg: Msg, admitted: Admit, running: RunningJob) -> None:
+    async def run(self, msg: Delivery, admitted: Admit, running: RunningJob) -> None:
         """Run one job to its end; whatever happens, it ends with one ``finished``."""
         job = admitted.job
         command: ResolvedCommand | None = None
@@ -47,10 +66,16 @@ class JobRunner:
             if prepared is not None:
                 command, identity = prepared
                 await self._execute(msg, job, command, running, identity)
+        except NotNow as exc:
+            delay = _REQUEUE.delay(msg.delivered - 1)
+            logger.warning(
+                "↻ job %s left queued: %s; offered again in %.1fs", job.job_id, exc, delay
+            )
+            await msg.nak(delay)
         except Exception:  # a bug must end this job, not the agent
             logger.exception("! job %s failed inside the agent", job.job_id)
             await self._recorder.finish(job.job_id, "failed", reason="internal error in the agent")
-            await _ack(msg)
+            await msg.ack()
         finally:
             if command is not None:
                 command.cleanup()
@@ -58,18 +83,25 @@ class JobRunner:
             self._ctx.slot_free.set()
 
     async def _prepare(
-        self, msg: Msg, admitted: Admit
+        self, msg: Delivery, admitted: Admit
     ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         job = admitted.job
+        outcome = await self._recorded_outcome(job)
+        if outcome is not None:
+            logger.warning(
+                "! job %s already ended %s in the log (%s); not running it",
+                job.job_id,
+                outcome.status,
+                outcome.reason or "no reason given",
+            )
+            self._ctx.journal.record(job.job_id, "finished", status=outcome.status)
+            await msg.ack()
+            return None
         cancel = await self._cancelled_before_start(job)
         if cancel is not None:
-            await self._recorder.finish(
-                job.job_id,
-                "cancelled",
-                reason=f"cancelled by {cancel.requested_by} before it started",
-            )
-            await msg.ack()
+            reason = f"cancelled by {cancel.requested_by} before it started"
+            await self._end_unstarted(msg, job, "cancelled", reason)
             return None
         identity = None
         if admitted.run_as is not None:
@@ -81,29 +113,79 @@ class JobRunner:
         try:
             command = resolve_command(job.request.command, self._ctx.config, job.job_id, owner)
         except CommandRejected as exc:
-            await self._recorder.finish(job.job_id, "rejected", reason=str(exc))
-            await msg.ack()
+            await self._end_unstarted(msg, job, "rejected", str(exc))
             return None
         return command, identity
 
-    async def _cancelled_before_start(self, job: JobSubmitted) -> JobCancelRequested | None:
+    async def _end_unstarted(
+        self, msg: Delivery, job: JobSubmitted, status: str, reason: str
+    ) -> None:
+        """End a job that never started; if that cannot be recorded, leave it queued."""
+        if not await self._recorder.finish(job.job_id, status, reason=reason):
+            raise NotNow(f"its end ({status}) could not be recorded")
+        await msg.ack()
+
+    async def _last_event(self, job: JobSubmitted, name: str) -> Envelope | None:
+        """The job's last event called ``name`` in the log, or None.
+
+        Raises:
+            NotNow: the log could not be read.
+        """
         ctx = self._ctx
-        subject = ctx.bus.subjects.job_event(ctx.id, job.job_id, "cancel_requested")
+        subject = ctx.bus.subjects.job_event(ctx.id, job.job_id, name)
         try:
-            raw = await ctx.bus.js.get_last_msg(
-                ctx.bus.subjects.events_stream, subject, direct=True
-            )
-        except nats.js.errors.NotFoundError:
+            record = await last_message(ctx.bus, ctx.bus.subjects.events_stream, subject)
+        except FleetError as exc:
+            raise NotNow(f"cannot read {name} from the log: {exc}") from exc
+        if record is None:
             return None
         try:
-            envelope = decode_envelope(raw.data or b"")
+            envelope = decode_envelope(record.data)
+            if envelope.subject != subject:
+                raise BadMessageError(f"envelope subject {envelope.subject} is not {subject}")
+        except BadMessageError as exc:
+            logger.error("! job %s: unreadable %s in the log: %s", job.job_id, name, exc)
+            return None
+        return envelope
+
+    async def _recorded_outcome(self, job: JobSubmitted) -> JobFinished | None:
+        """The job's outcome if one is recorded already (by the master while we were away).
+
+        Raises:
+            NotNow: the log could not be read.
+        """
+        envelope = await self._last_event(job, "finished")
+        if envelope is None:
+            return None
+        try:
+            event = decode_data(envelope)
+        except BadMessageError:
+            event = None
+        if isinstance(event, Event) and isinstance(event.data, JobFinished):
+            return event.data
+        # Something holds the subject, so ours could never be recorded: do not run.
+        return JobFinished(
+            job_id=job.job_id, agent=self._ctx.id, status="abandoned", reason="unreadable"
+        )
+
+    async def _cancelled_before_start(self, job: JobSubmitted) -> JobCancelRequested | None:
+        """A cancel of the job already in the log, if a trusted key asked for it.
+
+        Raises:
+            NotNow: the log could not be read.
+        """
+        ctx = self._ctx
+        envelope = await self._last_event(job, "cancel_requested")
+        if envelope is None:
+            return None
+        try:
             event = decode_data(envelope)
         except BadMessageError:
             return None
         if ctx.trust is not None:
             # The same rule as a live cancel: only a trusted key may stop a job.
             try:
-                signer = verify_envelope(envelope, subject=subject)
+                signer = verify_envelope(envelope, subject=envelope.subject)
             except SignatureError:
                 return None
             if ctx.trust.for_key(signer) is None:
@@ -151,7 +233,7 @@ class JobRunner:
 
     async def _execute(
         self,
-        msg: Msg,
+        msg: Delivery,
         job: JobSubmitted,
         command: ResolvedCommand,
         running: RunningJob,
@@ -181,31 +263,35 @@ class JobRunner:
         await msg.ack()  # the journal owns the job from here on
         ctx.counters.started += 1
         logger.info("→ job %s pid %d: %s", job.job_id, proc.pid, command.display)
-        await self._recorder.emit(
-            JobStarted(
-                job_id=job.job_id,
-                agent=ctx.id,
-                pid=proc.pid,
-                run_as=request.run_as,
-                effective_user=identity.name if identity else ctx.user,
-            )
+        started = JobStarted(
+            job_id=job.job_id,
+            agent=ctx.id,
+            pid=proc.pid,
+            run_as=request.run_as,
+            effective_user=identity.name if identity else ctx.user,
         )
         output = JobOutput(
-            ctx.bus.js,
+            ctx.bus,
             ctx.bus.subjects.output(ctx.id, job.job_id),
             job.job_id,
             stream=ctx.bus.subjects.output_stream,
             max_bytes=ctx.config.max_output_bytes,
             tail_bytes=ctx.config.output_tail_bytes,
         )
-        async with output:
-            outcome = await supervise(
-                proc,
-                output,
-                timeout_s=request.timeout_s,
-                stop=running.stop,
-                grace_s=ctx.config.job_kill_grace_s,
-            )
+        async with asyncio.TaskGroup() as tg:
+            # Recorded beside the running process: an outage delays the record, it
+            # never leaves the process unwatched.
+            announce = tg.create_task(self._recorder.publish_job_event(started, "started"))
+            async with output:
+                outcome = await supervise(
+                    proc,
+                    output,
+                    timeout_s=request.timeout_s,
+                    stop=running.stop,
+                    grace_s=ctx.config.job_kill_grace_s,
+                )
+        if not announce.result():
+            logger.error("! job %s: its start could not be recorded", job.job_id)
         await self._finish_outcome(job, outcome, output, time.monotonic() - begun)
 
     async def _finish_outcome(
@@ -218,6 +304,7 @@ class JobRunner:
         await self._recorder.finish(
             job.job_id,
             outcome.status,
+            ran=True,
             reason=reason if outcome.status != "succeeded" or summary.lost_chunks else None,
             exit_code=outcome.exit_code,
             signal=outcome.signal,
@@ -231,32 +318,15 @@ class JobRunner:
         logger.info("← job %s %s in %.3fs", job.job_id, outcome.status, duration)
 
     async def recover(self) -> None:
-        """Report jobs a crash left behind as abandoned, after killing what is left of them."""
-        journal = self._ctx.journal
-        for entry in journal.unfinished():
+        """Report jobs a crash left behind as abandoned, after killing what is left of them.
+
+        An outcome already in the log (the master's ``abandoned`` while we were away)
+        stays the one: ours is not recorded beside it.
+        """
+        for entry in self._ctx.journal.unfinished():
             killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
-            if await self._already_finished(entry.job_id):
-                # The master recorded it abandoned while we were away: one record only.
-                journal.record(entry.job_id, "finished", status="abandoned")
-                continue
             reason = "the agent restarted while the job ran"
             if killed:
                 reason += f"; {killed} leftover processes killed"
             logger.warning("job %s abandoned: %s", entry.job_id, reason)
             await self._recorder.finish(entry.job_id, "abandoned", reason=reason)
-
-    async def _already_finished(self, job_id: str) -> bool:
-        ctx = self._ctx
-        subject = ctx.bus.subjects.job_event(ctx.id, job_id, "finished")
-        try:
-            await ctx.bus.js.get_last_msg(ctx.bus.subjects.events_stream, subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
-
-
-async def _ack(msg: Msg) -> None:
-    try:
-        await msg.ack()
-    except nats.errors.Error as exc:
-        logger.debug("ack: %s", exc)
