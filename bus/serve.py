@@ -55,3 +55,24 @@ async def serve(bus: Bus, subject: str, handler: Handler) -> Service:
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"cannot subscribe to {subject}: {exc}") from exc
     return Service(sub)
+
+
+async def listen(bus: Bus, subject: str, on_message: Callable[[], None]) -> Service:
+    """Call ``on_message`` whenever anything is published on ``subject`` (a doorbell:
+    the message itself is not read).
+
+    A plain subscription needs no consumer, survives reconnects and ends cleanly, so
+    it suits "something changed, look again" (e.g. on a KV key's subject).
+
+    Raises:
+        ConnectionFailedError: the subscription could not be made.
+    """
+
+    async def on_msg(_msg: Msg) -> None:
+        on_message()
+
+    try:
+        sub = await bus.nc.subscribe(subject, cb=on_msg)
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot subscribe to {subject}: {exc}") from exc
+    return Service(sub)
