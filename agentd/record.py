@@ -13,6 +13,7 @@ the job unfinished in the journal, which reports it after the restart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -20,7 +21,7 @@ from agentd.context import AgentContext
 from bus import Bus, FleetError, Signer, sign_envelope
 from bus.errors import ConnectionFailedError, FleetTimeoutError, SubjectTakenError
 from bus.retry import Backoff
-from bus.tasks import wait_any
+from bus.tasks import first_of, wait_any
 from schemas import Envelope, EventData, JobFinished, JobLateResult, event_name, make_envelope
 from schemas.ids import stable_id
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 _TRANSIENT = (FleetTimeoutError, ConnectionFailedError)
 _BACKOFF = Backoff(initial=1.0, cap=30.0)
+_STOPPING_TRY_S = 5.0
 
 
 class Emitter:
@@ -98,11 +100,12 @@ class Recorder:
         attempt = 0
         while True:
             try:
-                await self.emitter.publish(envelope, first=first)
-                return True
+                if await self._publish_once(envelope, first):
+                    return True
+                continue  # cut short by the stop: once more, bounded
             except SubjectTakenError:
                 raise
-            except _TRANSIENT as exc:
+            except (*_TRANSIENT, TimeoutError) as exc:
                 delay = _BACKOFF.delay(attempt)
                 attempt += 1
                 logger.warning(
@@ -113,12 +116,30 @@ class Recorder:
                     exc,
                     delay,
                 )
-                if self._ctx.stopping.is_set() and attempt > 1:
+                if self._ctx.stopping.is_set():
                     return False
                 await wait_any(self._ctx.stopping, timeout=delay)
             except FleetError as exc:
                 logger.error("! job %s: %s refused: %s", job_id, data.TYPE, exc)
                 return False
+
+    async def _publish_once(self, envelope: Envelope, first: bool) -> bool:
+        """One try; False if the agent began to stop meanwhile (the try was cut short).
+
+        Once the agent is stopping, a try is bounded: the journal keeps what the log
+        could not take, and the next start records it.
+        """
+        stopping = self._ctx.stopping
+        if stopping.is_set():
+            async with asyncio.timeout(_STOPPING_TRY_S):
+                await self.emitter.publish(envelope, first=first)
+            return True
+        publishing = asyncio.ensure_future(self.emitter.publish(envelope, first=first))
+        await first_of(publishing, stopping.wait())
+        if publishing.cancelled():
+            return False
+        publishing.result()
+        return True
 
     async def finish(self, job_id: str, status: str, *, ran: bool = False, **fields: Any) -> bool:
         """Record the job's outcome: its one ``finished``, then the journal.

@@ -301,6 +301,11 @@ class JobRunner:
         reason = outcome.reason
         if summary.lost_chunks:
             reason = f"{reason or outcome.status}; {summary.lost_chunks} output chunks lost"
+        # The local truth first: if the log cannot take the outcome before the agent
+        # stops, the next start records this, not "abandoned".
+        self._ctx.journal.record(
+            job.job_id, "ended", status=outcome.status, exit_code=outcome.exit_code, reason=reason
+        )
         await self._recorder.finish(
             job.job_id,
             outcome.status,
@@ -318,12 +323,25 @@ class JobRunner:
         logger.info("← job %s %s in %.3fs", job.job_id, outcome.status, duration)
 
     async def recover(self) -> None:
-        """Report jobs a crash left behind as abandoned, after killing what is left of them.
+        """Record what a crash or a stop left unrecorded: an outcome the journal knows,
+        else ``abandoned`` after killing what is left of the job.
 
         An outcome already in the log (the master's ``abandoned`` while we were away)
-        stays the one: ours is not recorded beside it.
+        stays the one; ours becomes a late result if the job had ended here.
         """
         for entry in self._ctx.journal.unfinished():
+            if entry.state == "ended" and entry.status is not None:
+                logger.warning(
+                    "job %s %s: recorded now, after a restart", entry.job_id, entry.status
+                )
+                await self._recorder.finish(
+                    entry.job_id,
+                    entry.status,
+                    ran=True,
+                    exit_code=entry.exit_code,
+                    reason=entry.reason,
+                )
+                continue
             killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
             reason = "the agent restarted while the job ran"
             if killed:

@@ -53,6 +53,15 @@ async def wait_log(agent: AgentProcess, pattern: str, timeout: float = 30.0) -> 
             await asyncio.sleep(0.05)  # the log is a file: look again
 
 
+async def wait_file(path: Path, timeout: float = 30.0) -> None:
+    """Until a job's side effect (a file) exists."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await asyncio.to_thread(path.exists):
+                return
+            await asyncio.sleep(0.05)  # a file has no event to wait on: look again
+
+
 async def set_stream(bus: Bus, **changes: object) -> None:
     info = await bus.js.stream_info(bus.subjects.events_stream)
     config = info.config
@@ -143,9 +152,7 @@ async def test_a_start_it_cannot_record_does_not_leave_the_process_unwatched(
     job = await submit(bus, operator[1], "web-1", job_request(script=f"echo done > {ran}"))
     await wait_log(agent, rf"job {job}: recording job.started failed")
     # The job ran to its end meanwhile, and nothing called it failed.
-    async with asyncio.timeout(30):
-        while not ran.exists():
-            await asyncio.sleep(0.05)  # the job's own side effect: look again
+    await wait_file(ran)
     assert await terminal_events(bus, job) == []
 
     await set_stream(bus, subjects=everything)
@@ -205,7 +212,37 @@ async def test_back_from_offline_the_agent_respects_expiry_cancel_and_recorded_e
     for job, status in ((expiring, "expired"), (cancelled, "cancelled"), (ended, "expired")):
         assert [t.status for t in await terminal_events(bus, job)] == [status], job
         types = [e.type for e in await job_events(bus, job)]
-        assert "job.started" not in types and "job.late_result" not in types
-    assert [p.name for p in tmp_path.iterdir() if p.name in ("expired", "cancelled", "ended")] == []
+        assert "job.started" not in types
+        assert "job.late_result" not in types
+    for name in ("expired", "cancelled", "ended"):
+        assert not (tmp_path / name).exists(), name
     assert (tmp_path / "last").exists()
     await wait_log(agent, rf"job {ended} already ended expired in the log")
+
+
+async def test_an_outcome_the_log_could_not_take_before_a_stop_is_recorded_after_it(
+    bus: Bus, agent_factory: Agents, operator: Operator, tmp_path: Path
+) -> None:
+    agent = await agent_factory("web-1").started(bus)
+    info = await bus.js.stream_info(bus.subjects.events_stream)
+    everything = list(info.config.subjects or [])
+    p = bus.subjects.prefix
+    # The log stops taking outcomes (as if the server were away for them alone).
+    await set_stream(
+        bus,
+        subjects=[
+            *(f"{p}.evt.job.*.*.{e}" for e in ("submitted", "cancel_requested", "started")),
+            f"{p}.evt.agent.>",
+        ],
+    )
+    job = await submit(bus, operator[1], "web-1", job_request(["sh", "-c", "exit 3"]))
+    await wait_log(agent, rf"job {job}: recording job.finished failed")
+    assert await asyncio.to_thread(agent.stop) == 0
+    assert await terminal_events(bus, job) == []
+
+    await set_stream(bus, subjects=everything)
+    agent.start()
+    result = await finished(bus, "web-1", job, timeout=60)
+    # What the job did, not "abandoned": the journal kept it across the stop.
+    assert (result.status, result.exit_code) == ("failed", 3)
+    assert len(await terminal_events(bus, job)) == 1

@@ -10,7 +10,6 @@ import pytest
 
 from bus import Bus
 from bus.consumer import ConsumerSpec, DurableConsumer
-from bus.subjects import consumer_create_subject
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,8 +54,10 @@ async def test_a_deleted_consumer_is_created_again_and_keeps_its_place(
     # Deleted while a pull waits (the server says so), then again between pulls.
     pulling = asyncio.create_task(consumer.fetch(1, wait_s=10.0))
     async with asyncio.timeout(10):  # until the server holds the pull
-        while not (await bus.js.consumer_info(mine.stream, mine.name)).num_waiting:
-            await asyncio.sleep(0.01)
+        while True:
+            if (await bus.js.consumer_info(mine.stream, mine.name)).num_waiting:
+                break
+            await asyncio.sleep(0.01)  # the server has no event for it: ask again
     assert await bus.js.delete_consumer(mine.stream, mine.name)
     assert await pulling == []
     assert consumer.recreated == 1
