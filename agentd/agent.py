@@ -14,6 +14,7 @@ status, including the ones it refuses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -31,6 +32,8 @@ from agentd.record import Emitter, Recorder
 from agentd.runner import JobRunner
 from bus import Bus, FleetError, Signer, UsageError
 from bus.command import fleetbus_version
+from bus.errors import ConnectionFailedError, FleetTimeoutError
+from bus.retry import Backoff
 from bus.serve import Service, serve
 from bus.tasks import wait_any
 from schemas import AgentConfigChanged, AgentOffline, AgentOnline
@@ -39,6 +42,7 @@ from updater.agent import Updater, UpdaterOptions
 logger = logging.getLogger(__name__)
 
 _UPDATER_PAUSE_S = 30.0
+_BIND_BACKOFF = Backoff(initial=0.5, cap=30.0)
 
 
 def updater_options(config: AgentConfig, version: str, root: Path | None) -> UpdaterOptions:
@@ -147,7 +151,7 @@ class Agent:
         """Serve until :meth:`stop`, then drain, withdraw presence and return."""
         ctx = self.ctx
         await self.runner.recover()
-        await self.consumer.bind()
+        await self._bind()
         control = await serve(ctx.bus, ctx.bus.subjects.control_all(self.id), self.control.handle)
         p = self.presence
         await self.recorder.emit(
@@ -179,6 +183,23 @@ class Agent:
         finally:
             await self._withdraw(control)
         logger.info("← agent %s stopped", self.id)
+
+    async def _bind(self) -> None:
+        """Create the consumers, waiting out a server that is not ready yet.
+
+        Raises:
+            FleetError: a refusal no wait can fix (permission, no stream).
+        """
+        for attempt in itertools.count():
+            try:
+                await self.consumer.bind()
+                return
+            except (FleetTimeoutError, ConnectionFailedError) as exc:
+                delay = _BIND_BACKOFF.delay(attempt)
+                logger.warning("cannot create the consumers: %s; again in %.1fs", exc, delay)
+                if await wait_any(self.ctx.stopping, timeout=delay):
+                    raise
+        raise AssertionError("unreachable")
 
     async def _run_updater(self) -> None:
         """The updater, kept from taking the agent down with it: a bug there stops

@@ -25,6 +25,7 @@ from bus.daemon import (
     report_ready,
     wait_for_storage,
 )
+from bus.tasks import TaskOwner
 from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
@@ -131,12 +132,9 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
         )
         if stop.is_set():
             return False
-        notifier = asyncio.create_task(_notify_when_ready(agent.ready), name="ready")
-        try:
+        async with TaskOwner("agentd") as tasks:
+            tasks.spawn(_notify_when_ready(agent.ready), "ready")
             await agent.run()
-        finally:
-            notifier.cancel()
-            await asyncio.gather(notifier, return_exceptions=True)
     return restart
 
 

@@ -1,9 +1,8 @@
 """Running one admitted job: the last checks before it starts, the process, its outcome.
 
-Before it starts, the log is asked whether the job already has an outcome (the master
-expired or cancelled it while this agent was away) or a cancel. If the log cannot be
-asked (an outage), the job is left queued, offered again after a backoff: unknown is
-not failed.
+Before it starts, the log is asked whether the job already has an outcome or a cancel
+(:mod:`agentd.beforestart`); if it cannot be asked, the job is left queued and offered
+again after a backoff.
 
 A job is journaled ``starting`` before it is spawned and ``running`` (with its pid) before
 its message is acknowledged: from then on the journal owns it, so a crash can neither
@@ -18,6 +17,7 @@ import logging
 import time
 
 from agentd.admit import Admit
+from agentd.beforestart import NotNow, cancel_before_start, recorded_outcome
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.context import AgentContext, RunningJob
 from agentd.output import JobOutput
@@ -26,16 +26,11 @@ from agentd.record import Recorder
 from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
 from agentd.supervise import Outcome, supervise
 from agentd.trust import grants_user
-from bus import BadMessageError, FleetError, SignatureError, decode_envelope, verify_envelope
-from bus.codec import decode_data
+from bus import SignatureError
 from bus.consumer import Delivery
-from bus.log import last_message
 from bus.retry import Backoff
 from schemas import (
     Envelope,
-    Event,
-    JobCancelRequested,
-    JobFinished,
     JobStarted,
     JobSubmitted,
 )
@@ -44,10 +39,6 @@ logger = logging.getLogger(__name__)
 
 _REQUEUE = Backoff(initial=1.0, cap=60.0)
 """Pauses before a job that could not be checked is offered again."""
-
-
-class NotNow(Exception):
-    """The job cannot be decided now (the bus is away): leave it queued."""
 
 
 class JobRunner:
@@ -87,7 +78,7 @@ class JobRunner:
     ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         job = admitted.job
-        outcome = await self._recorded_outcome(job)
+        outcome = await recorded_outcome(self._ctx, job)
         if outcome is not None:
             logger.warning(
                 "! job %s already ended %s in the log (%s); not running it",
@@ -98,7 +89,7 @@ class JobRunner:
             self._ctx.journal.record(job.job_id, "finished", status=outcome.status)
             await msg.ack()
             return None
-        cancel = await self._cancelled_before_start(job)
+        cancel = await cancel_before_start(self._ctx, job)
         if cancel is not None:
             reason = f"cancelled by {cancel.requested_by} before it started"
             await self._end_unstarted(msg, job, "cancelled", reason)
@@ -124,80 +115,6 @@ class JobRunner:
         if not await self._recorder.finish(job.job_id, status, reason=reason):
             raise NotNow(f"its end ({status}) could not be recorded")
         await msg.ack()
-
-    async def _last_event(self, job: JobSubmitted, name: str) -> Envelope | None:
-        """The job's last event called ``name`` in the log, or None.
-
-        Raises:
-            NotNow: the log could not be read.
-        """
-        ctx = self._ctx
-        subject = ctx.bus.subjects.job_event(ctx.id, job.job_id, name)
-        try:
-            record = await last_message(ctx.bus, ctx.bus.subjects.events_stream, subject)
-        except FleetError as exc:
-            raise NotNow(f"cannot read {name} from the log: {exc}") from exc
-        if record is None:
-            return None
-        try:
-            envelope = decode_envelope(record.data)
-            if envelope.subject != subject:
-                raise BadMessageError(f"envelope subject {envelope.subject} is not {subject}")
-        except BadMessageError as exc:
-            logger.error("! job %s: unreadable %s in the log: %s", job.job_id, name, exc)
-            return None
-        return envelope
-
-    async def _recorded_outcome(self, job: JobSubmitted) -> JobFinished | None:
-        """The job's outcome if one is recorded already (by the master while we were away).
-
-        Raises:
-            NotNow: the log could not be read.
-        """
-        envelope = await self._last_event(job, "finished")
-        if envelope is None:
-            return None
-        try:
-            event = decode_data(envelope)
-        except BadMessageError:
-            event = None
-        if isinstance(event, Event) and isinstance(event.data, JobFinished):
-            return event.data
-        # Something holds the subject, so ours could never be recorded: do not run.
-        return JobFinished(
-            job_id=job.job_id, agent=self._ctx.id, status="abandoned", reason="unreadable"
-        )
-
-    async def _cancelled_before_start(self, job: JobSubmitted) -> JobCancelRequested | None:
-        """A cancel of the job already in the log, if a trusted key asked for it.
-
-        Raises:
-            NotNow: the log could not be read.
-        """
-        ctx = self._ctx
-        envelope = await self._last_event(job, "cancel_requested")
-        if envelope is None:
-            return None
-        try:
-            event = decode_data(envelope)
-        except BadMessageError:
-            return None
-        if ctx.trust is not None:
-            # The same rule as a live cancel: only a trusted key may stop a job.
-            try:
-                signer = verify_envelope(envelope, subject=envelope.subject)
-            except SignatureError:
-                return None
-            if ctx.trust.for_key(signer) is None:
-                logger.warning(
-                    "! cancel of job %s ignored: not signed by a trusted key", job.job_id
-                )
-                return None
-        return (
-            event.data
-            if isinstance(event, Event) and isinstance(event.data, JobCancelRequested)
-            else None
-        )
 
     async def _authorize_run_as(self, envelope: Envelope, job: JobSubmitted) -> Identity | None:
         """The identity to run as, after an nkey grant or PAM; None (and rejected) if not.

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.connection import Bus
-from bus.errors import ConnectionFailedError, FleetTimeoutError
+from bus.errors import ConnectionFailedError, FleetError, FleetTimeoutError, UsageError
 from bus.subjects import consumer_create_subject, consumer_info_subject, consumer_next_subject
 
 logger = logging.getLogger(__name__)
@@ -131,8 +131,9 @@ class DurableConsumer:
 
         Raises:
             PermissionDeniedError: the server refused the create subject to us.
-            ConnectionFailedError: the stream does not exist, or the server refused.
-            FleetTimeoutError: no answer in time.
+            UsageError: the stream does not exist.
+            FleetError: the server refused the consumer.
+            FleetTimeoutError, ConnectionFailedError: no answer, or no connection.
         """
         request = {
             "stream_name": self.spec.stream,
@@ -147,12 +148,12 @@ class DurableConsumer:
                 # Made earlier with other settings (by an older version): it is ours, use it.
                 logger.info("consumer %s exists with other settings; using it", self.spec.name)
             elif code == _ERR_STREAM_NOT_FOUND:
-                raise ConnectionFailedError(
+                raise UsageError(
                     f"stream {self.spec.stream} does not exist; run `fleet ops init` first"
                 )
             else:
-                raise ConnectionFailedError(
-                    f"cannot create consumer {self.spec.name}: {error.get('description')}"
+                raise FleetError(
+                    f"the server refused consumer {self.spec.name}: {error.get('description')}"
                 )
         if self._sub is None:
             try:
