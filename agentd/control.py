@@ -49,13 +49,14 @@ class ControlServer:
         self._reconfigure = reconfigure
         self._restart = restart
 
-    def authorize(self, op: str, request: ControlRequest, signer: str | None) -> None:
-        """Raise if ``signer`` may not ask for ``op`` (the one place control is authorised).
+    def authorize(self, subject: str, op: str, request: ControlRequest) -> None:
+        """Raise if this request may not run ``op``: the one place control is authorised.
 
         Raises:
-            AuthError: not allowed.
+            AuthError: not allowed (answered as an error, and logged).
         """
-        # Today every principal the server lets reach this subject may: see issue 11.
+        # Today every principal the server lets reach this subject may: the trust file's
+        # per-operation grants (issue 11) plug in here.
         return None
 
     async def handle(self, subject: str, payload: bytes) -> bytes:
@@ -63,7 +64,7 @@ class ControlServer:
         op = subject.rsplit(".", 1)[-1]
         try:
             request = decode_model(payload, ControlRequest) if payload else ControlRequest()
-            self.authorize(op, request, None)
+            self.authorize(subject, op, request)
             reply = ControlReply(ok=True, data=await self._run(op, request.args))
         except (FleetError, ValueError) as exc:
             reply = ControlReply(ok=False, error=str(exc))
