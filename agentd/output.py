@@ -67,8 +67,13 @@ class JobOutput:
         self._publisher = asyncio.create_task(self._publish_all(), name=f"output {self._job_id}")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         assert self._publisher is not None
+        if exc_type is not None:
+            # Not waiting for the queue to drain through a bus that may be away.
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            return
         if self._truncated:
             note = f"[output truncated: {self.total - self._streamed} more bytes not streamed]\n"
             await self._queue.put(("marker", note.encode()))

@@ -77,3 +77,23 @@ async def test_a_deleted_consumer_is_created_again_and_keeps_its_place(
     assert consumer.recreated == 2
     assert "was deleted; created it again" in caplog.text
     await consumer.close()
+
+
+async def test_a_recreated_consumer_is_taken_as_it_is_after_a_restart(bus: Bus) -> None:
+    mine = spec(bus)
+    first = DurableConsumer(bus, mine)
+    await first.ensure()
+    subject = bus.subjects.job_event("web-1", "01JD0000000000000000000000", "submitted")
+    await bus.js.publish(subject, b"one")
+    [one] = await first.fetch(1, wait_s=2.0)
+    await one.ack()
+    assert await bus.js.delete_consumer(mine.stream, mine.name)
+    await first.recreate()  # starts after "one"
+    await first.close()
+
+    again = DurableConsumer(bus, mine)  # the next start of the agent: other settings exist
+    await again.ensure()
+    await bus.js.publish(subject, b"two")
+    got = await again.fetch(4, wait_s=5.0)
+    assert [d.data for d in got] == [b"two"]
+    await again.close()
