@@ -19,6 +19,7 @@ from agents import (
     submit,
     wait_event,
 )
+from natsserver import NatsServer
 
 from bus import Bus, Signer, generate_seed, sign_envelope
 from bus.request import control
@@ -246,3 +247,31 @@ async def test_an_outcome_the_log_could_not_take_before_a_stop_is_recorded_after
     # What the job did, not "abandoned": the journal kept it across the stop.
     assert (result.status, result.exit_code) == ("failed", 3)
     assert len(await terminal_events(bus, job)) == 1
+
+
+async def test_a_server_outage_mid_job_loses_nothing_and_fails_nothing(
+    nats_server: NatsServer, bus: Bus, agent_factory: Agents, operator: Operator, tmp_path: Path
+) -> None:
+    agent = await agent_factory("web-1", max_jobs=1).started(bus)
+    go = tmp_path / "go"
+    runs = tmp_path / "runs"
+    first = await submit(
+        bus,
+        operator[1],
+        "web-1",
+        job_request(script=f"while [ ! -e {go} ]; do sleep 0.05; done; echo first >> {runs}"),
+    )
+    await wait_event(bus, "web-1", first, "started")
+    queued = await submit(bus, operator[1], "web-1", job_request(script=f"echo q >> {runs}"))
+
+    await asyncio.to_thread(nats_server.stop)  # SIGTERM: the store survives
+    go.touch()  # the job ends while the server is away
+    await wait_log(agent, rf"↻ publish \S+\.{first}\.finished")  # trying, not failing
+    await asyncio.to_thread(nats_server.start)
+
+    assert (await finished(bus, "web-1", first, timeout=90)).status == "succeeded"
+    assert (await finished(bus, "web-1", queued, timeout=90)).status == "succeeded"
+    assert runs.read_text() == "first\nq\n"
+    for job in (first, queued):
+        assert len(await terminal_events(bus, job)) == 1
+    assert "internal error" not in agent.log()
