@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 _FETCH_WAIT_S = 20.0
 _ACK_WAIT_S = 60.0
 _ERROR_BACKOFF = Backoff(initial=0.5, cap=10.0)
+_REQUEUE = Backoff(initial=1.0, cap=60.0)
 _CANCEL_BATCH = 16
 
 
@@ -173,8 +174,10 @@ class JobConsumer:
             await self._malformed(msg, decision.reason)
             return
         if isinstance(decision, Refuse):
-            await self._recorder.finish(job_id, decision.status, reason=decision.reason)
-            await msg.ack()
+            if await self._recorder.finish(job_id, decision.status, reason=decision.reason):
+                await msg.ack()
+            else:  # not recorded (the agent is stopping in an outage): decide it again later
+                await msg.nak(_REQUEUE.delay(msg.delivered - 1))
             return
         assert isinstance(decision, Admit)
         running = RunningJob(job_id)
