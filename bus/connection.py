@@ -36,7 +36,7 @@ from bus.errors import (
 from bus.keys import read_seed_file
 from bus.kv import KeyValueStore
 from bus.objects import ObjectStoreHandle
-from bus.publish import PublishResult, publish_event
+from bus.publish import PublishResult, publish_event, publish_with_retry
 from bus.retry import Backoff
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from schemas import Envelope
@@ -202,6 +202,27 @@ class Bus:
             max_size=self.max_event_size,
             denied=self.denial,
             expected_last_subject_seq=expected_last_subject_seq,
+        )
+
+    async def publish_stored(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str,
+        stream: str,
+        headers: dict[str, str] | None = None,
+    ) -> PublishResult:
+        """Store raw bytes (a job's output chunk) in ``stream``, deduplicated by ``msg_id``
+        (see :func:`bus.publish.publish_with_retry`)."""
+        return await publish_with_retry(
+            self.js,
+            subject,
+            payload,
+            msg_id=msg_id,
+            headers=headers,
+            stream=stream,
+            denied=self.denial,
         )
 
     def denial(self, subject: str) -> PermissionDeniedError | None:
