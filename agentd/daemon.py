@@ -22,6 +22,7 @@ from bus.daemon import (
     report_ready,
     wait_for_storage,
 )
+from bus.paths import private_dir
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
 
@@ -35,7 +36,10 @@ def configure_logging(config: AgentConfig, level: str | None, daemon: bool) -> N
     handlers: list[logging.Handler]
     log_file = config.log_file or (config.data_dir / "agentd.log" if daemon else None)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if log_file.parent == config.data_dir:
+            private_dir(config.data_dir)
+        else:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers = [logging.FileHandler(log_file)]
     else:
         handlers = [logging.StreamHandler(sys.stderr)]
@@ -93,6 +97,7 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
             signer,
             on_restart=on_restart,
             install_root=root,
+            config_path=config_path,
             version=installed.version_of(installed.current_dir()) if installed else None,
         )
         if stop.is_set():
@@ -116,6 +121,8 @@ async def _notify_when_ready(ready: asyncio.Event) -> None:
 def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
     """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``)."""
     config = load_config(config_path)
+    # config-set writes the file back, possibly after -d changed the directory to /.
+    config_path = config_path.resolve() if config_path is not None else None
     ready_fd = daemonize() if detach else None
     configure_logging(config, level, detach)
     pidfile = PidFile(config.pid_path, PROGRAM)

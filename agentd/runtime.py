@@ -33,13 +33,16 @@ from nats.js import api
 
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.config import AgentConfig
+from agentd.configfile import set_config_keys
+from agentd.controlauth import ControlAuth
 from agentd.journal import Journal
 from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
 from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
+from agentd.seals import UsedSeals
 from agentd.supervise import Outcome, StopRequest, supervise
-from agentd.trust import grants_user, load_trust, refusal
+from agentd.trust import Refused, load_trust, refusal, resolve_identity
 from bus import (
     BadMessageError,
     Bus,
@@ -56,6 +59,7 @@ from bus import (
 from bus.codec import decode_data
 from bus.command import fleetbus_version
 from bus.runtime import wait_any
+from bus.signing import MAX_SEAL_LIFETIME_NS, SealBinding, seal_digest, seal_expiry
 from schemas import (
     AgentConfigChanged,
     AgentOffline,
@@ -69,6 +73,7 @@ from schemas import (
     JobFinished,
     JobStarted,
     JobSubmitted,
+    ModuleCommand,
     Presence,
     UnknownEvent,
     event_name,
@@ -134,6 +139,7 @@ class AgentRuntime:
         on_restart: Callable[[], None] | None = None,
         install_root: Path | None = None,
         version: str | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.bus = bus
         self.config = config
@@ -158,7 +164,13 @@ class AgentRuntime:
             raise UsageError("run_as_mode = root needs the agent to run as root")
         self._trust = load_trust(config.trust_file) if config.trust_file else None
         if self._trust is None:
-            logger.warning("no trust_file: this agent runs any request, signed or not")
+            logger.warning(
+                "no trust_file: this agent runs no job and answers no control request "
+                "until one is set"
+            )
+        self._config_path = config_path
+        self._seals = UsedSeals(config.data_dir / "seals.jsonl")
+        self._control_auth = ControlAuth(config.replay_window_s)
         self._update_state: AgentState = "ready"
         self._update_text: str | None = None
         self._presence_changed = asyncio.Event()
@@ -534,12 +546,15 @@ class AgentRuntime:
     ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         request = job.request
-        if self._trust is not None:
-            reason = refusal(self._trust, envelope, job)
-            if reason is not None:
-                await self._finish(job.job_id, "rejected", reason=reason)
-                await msg.ack()
-                return None
+        command = request.command
+        spec = (
+            self.config.modules.get(command.module) if isinstance(command, ModuleCommand) else None
+        )
+        reason = refusal(self._trust, envelope, job, module_env=spec.env if spec else ())
+        if reason is not None:
+            await self._finish(job.job_id, "rejected", reason=reason)
+            await msg.ack()
+            return None
         if request.expires_at is not None and time.time_ns() > request.expires_at:
             waited = (time.time_ns() - id_time_ns(job.job_id)) / 1e9
             await self._finish(
@@ -558,12 +573,10 @@ class AgentRuntime:
             )
             await msg.ack()
             return None
-        identity = None
-        if request.run_as and request.run_as != self._user and self.config.run_as_mode == "root":
-            identity = await self._authorize_run_as(envelope, job)
-            if identity is None:
-                await msg.ack()
-                return None
+        allowed, identity = await self._authorize_run_as(envelope, job)
+        if not allowed:
+            await msg.ack()
+            return None
         owner = (identity.uid, identity.gid) if identity else None
         try:
             return resolve_command(request.command, self.config, job.job_id, owner), identity
@@ -572,36 +585,77 @@ class AgentRuntime:
             await msg.ack()
             return None
 
-    async def _authorize_run_as(self, envelope: Envelope, job: JobSubmitted) -> Identity | None:
-        """The identity to run as, after an nkey grant or PAM; None (and rejected) if not.
+    async def _authorize_run_as(
+        self, envelope: Envelope, job: JobSubmitted
+    ) -> tuple[bool, Identity | None]:
+        """Who the job runs as: the trust grant decides (:func:`agentd.trust.resolve_identity`),
+        then PAM when the request carries a password. ``(False, None)``: refused (and
+        recorded); ``(True, None)``: as the agent's own user.
 
         The caller learns only "authentication failed": never whether the user exists.
         """
-        user = job.request.run_as
-        assert user is not None
-        identity = lookup(user)
-        if identity is not None and grants_user(self._trust, envelope, user):
-            logger.info("job %s runs as %s by an nkey grant", job.job_id, user)
-            return identity
-        password = b""
-        if job.request.credential is not None:
-            try:
-                password = self.signer.open_sealed(job.request.credential)
-            except SignatureError:
-                password = b""
+        assert self._trust is not None
+        assert envelope.signer is not None
+        grant = self._trust.for_key(envelope.signer)
+        assert grant is not None
+        decision = resolve_identity(
+            grant,
+            job.request,
+            mode=self.config.run_as_mode,
+            agent_user=self._user,
+            default_user=self.config.default_run_as or None,
+        )
+        if isinstance(decision, Refused):
+            await self._finish(job.job_id, "rejected", reason=decision.reason)
+            return False, None
+        identity = lookup(decision.user) if decision.switch or decision.password else None
+        if decision.password:
+            reason = await self._check_password(job, decision.user, identity)
+            if reason is not None:
+                logger.warning(
+                    "! job %s: running as %s refused: %s", job.job_id, decision.user, reason
+                )
+                await self._finish(job.job_id, "rejected", reason=reason)
+                return False, None
+        if not decision.switch:
+            return True, None
+        if identity is None:
+            await self._finish(job.job_id, "rejected", reason=f"no user {decision.user} here")
+            return False, None
+        how = "after PAM" if decision.password else "by an nkey grant"
+        logger.info("job %s runs as %s %s", job.job_id, decision.user, how)
+        return True, identity
+
+    async def _check_password(
+        self, job: JobSubmitted, user: str, identity: Identity | None
+    ) -> str | None:
+        """PAM ``auth`` and ``account`` on the job's sealed password; the refusal, or None.
+
+        The seal must be for this job, this agent and this submitter, unexpired, and
+        unused: it is remembered (on disk) before PAM sees it, so it is good once.
+        """
+        credential = job.request.credential
+        assert credential is not None
+        try:
+            binding = SealBinding(job.job_id, self.id, job.submitted_by, 0)
+            password = self.signer.open_sealed(credential, binding)
+        except SignatureError as exc:
+            return str(exc)
+        expires_at = seal_expiry(credential)
+        if expires_at > time.time_ns() + MAX_SEAL_LIFETIME_NS:
+            return "the sealed credential expires too far in the future"
+        if not self._seals.claim(seal_digest(credential), expires_at):
+            return "the sealed credential was used before (a replay?)"
         # An empty password never reaches PAM (nullok would let it in).
-        if identity is not None and password:
-            try:
-                if await asyncio.to_thread(pam_allows, self.config.pam_service, user, password):
-                    logger.info("job %s runs as %s after PAM", job.job_id, user)
-                    return identity
-            except PamServiceMissing as exc:
-                logger.error("! %s", exc)
-                await self._finish(job.job_id, "rejected", reason=str(exc))
+        if identity is None or not password:
+            return "authentication failed"
+        try:
+            if await asyncio.to_thread(pam_allows, self.config.pam_service, user, password):
                 return None
-        logger.warning("! job %s: running as %s refused: authentication failed", job.job_id, user)
-        await self._finish(job.job_id, "rejected", reason="authentication failed")
-        return None
+        except PamServiceMissing as exc:
+            logger.error("! %s", exc)
+            return str(exc)
+        return "authentication failed"
 
     async def _execute(
         self,
@@ -785,6 +839,10 @@ class AgentRuntime:
         op = msg.subject.rsplit(".", 1)[-1]
         try:
             request = decode_model(msg.data, ControlRequest) if msg.data else ControlRequest()
+            refused = self._control_auth.refusal(self._trust, request, msg.subject, op)
+            if refused is not None:
+                logger.warning("! control: %s", refused)
+                raise ValueError(refused)
             reply = ControlReply(ok=True, data=await self._control(op, request.args))
         except (FleetError, ValueError) as exc:
             reply = ControlReply(ok=False, error=str(exc))
@@ -826,6 +884,10 @@ class AgentRuntime:
         if not args:
             raise ValueError("nothing to set")
         new = AgentConfig.model_validate({**self.config.model_dump(), **args})
+        if self._config_path is None:
+            raise ValueError("this agent has no config file to keep the change in; not changed")
+        # The file first: a change that would not survive a restart is not made at all.
+        set_config_keys(self._config_path, {k: new.model_dump(mode="json")[k] for k in args})
         self.reload(new)
         logging.getLogger().setLevel(new.log_level)
         await self._emit(AgentConfigChanged(agent=self.id, keys=sorted(args), changed_by="control"))

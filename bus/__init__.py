@@ -36,7 +36,14 @@ from bus.errors import (
 from bus.keys import KEY_KINDS, generate_seed, public_key_of, read_seed_file, write_seed_file
 from bus.publish import PublishResult, publish_event, publish_with_retry
 from bus.runtime import run
-from bus.signing import Signer, seal_for, sign_envelope, verify_envelope, verify_signature
+from bus.signing import (
+    SealBinding,
+    Signer,
+    seal_for,
+    sign_envelope,
+    verify_envelope,
+    verify_signature,
+)
 from bus.streams import ProvisionReport, StorageSettings, provision
 from bus.subjects import Subjects, check_agent_id, check_token, version_token
 
@@ -59,6 +66,7 @@ __all__ = [
     "ProvisioningConflictError",
     "PublishResult",
     "PublishTimeoutError",
+    "SealBinding",
     "SecretFileError",
     "SignatureError",
     "Signer",

@@ -8,10 +8,21 @@ from pydantic import BaseModel, ConfigDict
 
 
 class ControlRequest(BaseModel):
-    """Arguments of a control operation (each op documents its own)."""
+    """Arguments of a control operation (each op documents its own).
+
+    An agent answers only requests signed by a key its trust file grants the operation
+    (see :func:`bus.signing.sign_control`): ``id`` and ``ts`` make each request unique
+    and fresh, ``subject`` ties it to one agent and one operation. The master's control
+    requests need no signature (its subjects are guarded by server permissions).
+    """
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
     args: dict[str, Any] = {}
+    id: str | None = None
+    ts: int | None = None
+    subject: str | None = None
+    signer: str | None = None
+    sig: bytes | None = None
 
 
 class ControlReply(BaseModel):
