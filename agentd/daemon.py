@@ -13,6 +13,7 @@ from agentd import logbuffer
 from agentd.config import AgentConfig, load_config
 from agentd.identity import ensure_identity
 from agentd.runtime import AgentRuntime
+from agentd.trust import load_trust
 from bus import FleetError, UsageError
 from bus.command import LOG_FORMAT
 from bus.daemon import (
@@ -121,6 +122,8 @@ async def _notify_when_ready(ready: asyncio.Event) -> None:
 def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
     """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``)."""
     config = load_config(config_path)
+    if config.trust_file is not None:
+        load_trust(config.trust_file)  # a bad trust file stops the start, on the terminal
     # config-set writes the file back, possibly after -d changed the directory to /.
     config_path = config_path.resolve() if config_path is not None else None
     ready_fd = daemonize() if detach else None

@@ -672,7 +672,8 @@ class AgentRuntime:
         else:
             env = identity.environment(request.env, job.job_id)
             as_user = (identity.uid, identity.gid, identity.groups)
-        cwd = request.cwd or env["HOME"]
+        # Accounts like nobody have a home that does not exist: start those in /.
+        cwd = request.cwd or (env["HOME"] if os.path.isdir(env["HOME"]) else "/")
         begun = time.monotonic()
         try:
             proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
