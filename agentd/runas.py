@@ -48,6 +48,11 @@ class Identity:
         return build_environment(basics, extra, job_id)
 
 
+def home_or_root(home: str) -> str:
+    """Where a job starts by default: its home, or ``/`` for an account without one."""
+    return home if os.path.isdir(home) else "/"
+
+
 def lookup(user: str) -> Identity | None:
     """The account of ``user``, or None if there is none."""
     try:

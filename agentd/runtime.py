@@ -39,7 +39,7 @@ from agentd.journal import Journal
 from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
-from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
+from agentd.runas import Identity, PamServiceMissing, home_or_root, lookup, pam_allows
 from agentd.seals import UsedSeals
 from agentd.supervise import Outcome, StopRequest, supervise
 from agentd.trust import Refused, load_trust, refusal, resolve_identity
@@ -673,7 +673,7 @@ class AgentRuntime:
             env = identity.environment(request.env, job.job_id)
             as_user = (identity.uid, identity.gid, identity.groups)
         # Accounts like nobody have a home that does not exist: start those in /.
-        cwd = request.cwd or (env["HOME"] if os.path.isdir(env["HOME"]) else "/")
+        cwd = request.cwd or home_or_root(env["HOME"])
         begun = time.monotonic()
         try:
             proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
