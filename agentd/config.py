@@ -91,7 +91,7 @@ class AgentConfig(BaseModel):
     run_as_mode: Literal["root", "self"] = Field(
         default="self",
         description="'self': every job runs as the agent's own user; 'root': a job runs as "
-        "the user it asks for, after PAM or an nkey grant",
+        "the user it asks for if its trust grant allows it (users, or password_users and PAM)",
     )
     default_run_as: str = Field(
         default="nobody",
@@ -172,6 +172,13 @@ class AgentConfig(BaseModel):
         problem = ids.agent_id_problem(value)
         if problem is not None:
             raise ValueError(f"{problem}; set `id` in the config file")
+        return value
+
+    @field_validator("default_run_as")
+    @classmethod
+    def _valid_user(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?", value):
+            raise ValueError(f"{value!r} is not a user name")
         return value
 
     @field_validator("prefix")
@@ -281,6 +288,7 @@ def _table_block(name: str, info: Any, value: dict[str, Any]) -> list[str]:
                 '# argv = ["/usr/local/sbin/backup", "--all"]',
                 "# allow_args = false",
                 '# description = "nightly backup"',
+                '# env = ["BACKUP_LEVEL"]  # variables a request may set for this module',
             ]
         for mod_name, spec in value.items():
             lines.append(f"[modules.{mod_name}]")
