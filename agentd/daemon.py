@@ -66,12 +66,12 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
     def on_reload() -> None:
         try:
             new = load_config(config_path)
+            if runtime is not None:
+                runtime.reload(new)  # a bad trust file refuses the whole reload
         except FleetError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
         logging.getLogger().setLevel(level or new.log_level)
-        if runtime is not None:
-            runtime.reload(new)
 
     def on_restart() -> None:
         nonlocal restart

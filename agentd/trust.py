@@ -226,14 +226,6 @@ def resolve_identity(
     return RunAs(requested, switch=requested != agent_user, password=has_password)
 
 
-def grants_user(trust: TrustFile | None, envelope: Envelope, user: str) -> bool:
-    """Whether the signer holds an nkey grant to run jobs as ``user``."""
-    if trust is None or envelope.signer is None:
-        return False
-    grant = trust.for_key(envelope.signer)
-    return grant is not None and _names_user(grant.users, user)
-
-
 def control_refusal(trust: TrustFile | None, signer: str | None, op: str) -> str | None:
     """Why ``signer`` may not call control operation ``op`` here, or None if it may.
 
