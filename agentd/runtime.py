@@ -31,6 +31,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from agentd.authorize import RunAsPolicy, authorize_run_as
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.config import AgentConfig
 from agentd.configfile import set_config_keys
@@ -39,10 +40,10 @@ from agentd.journal import Journal
 from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
-from agentd.runas import Identity, PamServiceMissing, home_or_root, lookup, pam_allows
+from agentd.runas import Identity, home_or_root
 from agentd.seals import UsedSeals
 from agentd.supervise import Outcome, StopRequest, supervise
-from agentd.trust import Refused, load_trust, refusal, resolve_identity
+from agentd.trust import Refused, load_trust, refusal
 from bus import (
     BadMessageError,
     Bus,
@@ -59,7 +60,6 @@ from bus import (
 from bus.codec import decode_data
 from bus.command import fleetbus_version
 from bus.runtime import wait_any
-from bus.signing import MAX_SEAL_LIFETIME_NS, SealBinding, seal_digest, seal_expiry
 from schemas import (
     AgentConfigChanged,
     AgentOffline,
@@ -588,74 +588,24 @@ class AgentRuntime:
     async def _authorize_run_as(
         self, envelope: Envelope, job: JobSubmitted
     ) -> tuple[bool, Identity | None]:
-        """Who the job runs as: the trust grant decides (:func:`agentd.trust.resolve_identity`),
-        then PAM when the request carries a password. ``(False, None)``: refused (and
-        recorded); ``(True, None)``: as the agent's own user.
-
-        The caller learns only "authentication failed": never whether the user exists.
-        """
+        """Who the job runs as (:func:`agentd.authorize.authorize_run_as`). ``(False,
+        None)``: refused, and recorded; ``(True, None)``: as the agent's own user."""
         assert self._trust is not None
         assert envelope.signer is not None
         grant = self._trust.for_key(envelope.signer)
-        assert grant is not None
-        decision = resolve_identity(
-            grant,
-            job.request,
-            mode=self.config.run_as_mode,
+        assert grant is not None  # refusal() let the job through
+        policy = RunAsPolicy(
+            agent_id=self.id,
             agent_user=self._user,
+            mode=self.config.run_as_mode,
             default_user=self.config.default_run_as or None,
+            pam_service=self.config.pam_service,
         )
-        if isinstance(decision, Refused):
-            await self._finish(job.job_id, "rejected", reason=decision.reason)
+        result = await authorize_run_as(grant, job, policy, self.signer, self._seals)
+        if isinstance(result, Refused):
+            await self._finish(job.job_id, "rejected", reason=result.reason)
             return False, None
-        identity = lookup(decision.user) if decision.switch or decision.password else None
-        if decision.password:
-            reason = await self._check_password(job, decision.user, identity)
-            if reason is not None:
-                logger.warning(
-                    "! job %s: running as %s refused: %s", job.job_id, decision.user, reason
-                )
-                await self._finish(job.job_id, "rejected", reason=reason)
-                return False, None
-        if not decision.switch:
-            return True, None
-        if identity is None:
-            await self._finish(job.job_id, "rejected", reason=f"no user {decision.user} here")
-            return False, None
-        how = "after PAM" if decision.password else "by an nkey grant"
-        logger.info("job %s runs as %s %s", job.job_id, decision.user, how)
-        return True, identity
-
-    async def _check_password(
-        self, job: JobSubmitted, user: str, identity: Identity | None
-    ) -> str | None:
-        """PAM ``auth`` and ``account`` on the job's sealed password; the refusal, or None.
-
-        The seal must be for this job, this agent and this submitter, unexpired, and
-        unused: it is remembered (on disk) before PAM sees it, so it is good once.
-        """
-        credential = job.request.credential
-        assert credential is not None
-        try:
-            binding = SealBinding(job.job_id, self.id, job.submitted_by, 0)
-            password = self.signer.open_sealed(credential, binding)
-        except SignatureError as exc:
-            return str(exc)
-        expires_at = seal_expiry(credential)
-        if expires_at > time.time_ns() + MAX_SEAL_LIFETIME_NS:
-            return "the sealed credential expires too far in the future"
-        if not self._seals.claim(seal_digest(credential), expires_at):
-            return "the sealed credential was used before (a replay?)"
-        # An empty password never reaches PAM (nullok would let it in).
-        if identity is None or not password:
-            return "authentication failed"
-        try:
-            if await asyncio.to_thread(pam_allows, self.config.pam_service, user, password):
-                return None
-        except PamServiceMissing as exc:
-            logger.error("! %s", exc)
-            return str(exc)
-        return "authentication failed"
+        return True, result.identity
 
     async def _execute(
         self,
