@@ -84,7 +84,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="environment for the job (repeatable)",
+        help="environment for the job (repeatable); only names the agent's trust grant or "
+        "module allows, never PATH, LD_*, BASH_ENV and the like",
     )
     what.add_argument("--cwd", metavar="DIR", help="working directory on the agent")
     what.add_argument("--user", metavar="USER", help="run as this user (needs the agent's consent)")
