@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agents import AgentProcess, job_events, job_request, wait_presence
+from agents import AgentProcess, finished, job_events, job_request, wait_presence
 from natsserver import NatsServer
 from test_runas import Throwaway, fleet
 
@@ -68,8 +68,6 @@ async def outcome(
     job_id: str | None = None,
 ) -> JobFinished:
     """Submit ``request`` signed by ``signer`` as ``who``; the job's finished event."""
-    from agents import finished
-
     job_id = job_id or new_id()
     data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
     subject = bus.subjects.job_event(agent, job_id, "submitted")
