@@ -19,10 +19,15 @@ class ControlRequest(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
     args: dict[str, Any] = {}
     id: str | None = None
+    """A fresh event-format id per request: an agent answers each id once."""
     ts: int | None = None
+    """When it was signed (ns since the epoch)."""
     subject: str | None = None
+    """The subject it was signed for: ``<prefix>.ctl.<agent>.<op>``."""
     signer: str | None = None
+    """The signer's public nkey."""
     sig: bytes | None = None
+    """ed25519 over :func:`bus.codec.canonical_control_bytes`."""
 
 
 class ControlReply(BaseModel):
