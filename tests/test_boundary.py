@@ -12,8 +12,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bus", "schemas", "ledger", "agentd", "master", "updater", "headless", "fleet")
 # Only bus/ talks to NATS; the tests and benchmarks measure it directly.
@@ -100,7 +98,6 @@ def test_sealed_packages_import_no_wire_library() -> None:
     assert not offenders, "\n  ".join(["nats or msgpack outside bus/:", *offenders])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: removing nats imports in progress")
 def test_only_bus_imports_the_wire_libraries() -> None:
     outside = tuple(p for p in PACKAGES if p not in NATS_ALLOWED)
     offenders = _offenders(outside, set(WIRE_LIBRARIES))
@@ -164,7 +161,7 @@ def test_schemas_imports_no_other_fleetbus_package() -> None:
 
 
 def test_master_fleet_and_ledger_import_no_wire_library() -> None:
-    """The part of the rule issue 13 has already made true (the rest is xfail above)."""
+    """The rule above, named for the packages that were converted first."""
     offenders = _offenders(("master", "fleet", "ledger"), set(WIRE_LIBRARIES))
     assert not offenders, "only bus/ may import nats or msgpack:\n  " + "\n  ".join(offenders)
 
