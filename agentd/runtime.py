@@ -172,6 +172,11 @@ class AgentRuntime:
             restart=on_restart,
         )
 
+    @property
+    def running_jobs(self) -> int:
+        """Jobs running now."""
+        return len(self._jobs)
+
     def _updater_options(self) -> UpdaterOptions:
         return UpdaterOptions(
             version=self.version,

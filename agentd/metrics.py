@@ -1,0 +1,69 @@
+"""The agent's Prometheus metrics (off unless ``metrics_listen`` is set): its slots and
+running jobs, its journal, its publish retries and reconnects, read when scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from bus.metrics import Family, Registry
+from bus.publish import STATS
+
+if TYPE_CHECKING:
+    from agentd.runtime import AgentRuntime
+
+
+def agent_registry(agent: AgentRuntime) -> Registry:
+    """A registry answering for ``agent``."""
+    registry = Registry()
+
+    async def collect() -> Iterable[Family]:
+        labels = {"agent": agent.id}
+        try:
+            journal = agent.config.journal_path.stat().st_size
+        except OSError:
+            journal = 0
+        finished = Family("fleet_agent_jobs_finished_total", "counter", "jobs ended, by status")
+        for status, count in sorted(agent.counters.finished.items()):
+            finished.add(count, status=status, **labels)
+        return [
+            Family("fleet_agent_jobs_running", "gauge", "jobs running now").add(
+                agent.running_jobs, **labels
+            ),
+            Family("fleet_agent_job_slots", "gauge", "jobs it may run at once (max_jobs)").add(
+                agent.config.max_jobs, **labels
+            ),
+            Family("fleet_agent_jobs_started_total", "counter", "jobs started").add(
+                agent.counters.started, **labels
+            ),
+            finished,
+            Family("fleet_agent_journal_bytes", "gauge", "size of the job journal").add(
+                journal, **labels
+            ),
+            Family(
+                "fleet_agent_publish_retries_total",
+                "counter",
+                "event publishes repeated because no stream answered",
+            ).add(STATS.retries, **labels),
+            Family("fleet_bus_reconnects_total", "counter", "reconnects to NATS").add(
+                agent.bus.reconnects, **labels
+            ),
+            Family("fleet_bus_connected", "gauge", "1 while connected to NATS").add(
+                1 if agent.bus.connected else 0, **labels
+            ),
+            Family("fleet_agent_ready", "gauge", "1 while taking jobs").add(
+                1 if agent.ready.is_set() else 0, **labels
+            ),
+        ]
+
+    registry.add("agent", collect)
+    return registry
+
+
+def agent_readiness(agent: AgentRuntime) -> str | None:
+    """None when the agent is connected and taking jobs; otherwise why not."""
+    if not agent.bus.connected:
+        return "not connected to NATS"
+    if not agent.ready.is_set():
+        return "not taking jobs yet"
+    return None
