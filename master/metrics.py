@@ -3,9 +3,9 @@
 Counters of things that happened (jobs submitted and finished, logins denied) and the
 job duration histogram are kept from the folded events: the first record folded
 seeds the job counters from the projection (a snapshot's history included), each
-later one adds to them; denials count from the master's start. Everything else (agents, rollouts, fold lag, stream usage, snapshot and
-checkpoint age) is read from the projection, the bus and the durability clock at
-scrape time, so it is never stale.
+later one adds to them; denials count from the master's start. Everything else
+(agents, rollouts, fold lag, stream usage, snapshot and checkpoint age) is read from
+the projection, the bus and the durability clock at scrape time, so it is never stale.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ class MasterMetrics:
             *self._rollouts(),
         ]
         running = sum(len(a.running) for a in p.agents.values())
-        families.append(Family("fleet_jobs_running", "gauge", "jobs started, not ended").add(running))
+        families.append(
+            Family("fleet_jobs_running", "gauge", "jobs started, not ended").add(running)
+        )
         families.append(
             Family("fleet_master_ready", "gauge", "1 once caught up with the log").add(
                 1 if master.ready.is_set() else 0

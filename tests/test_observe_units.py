@@ -135,7 +135,9 @@ def test_listen_addresses() -> None:
 
 
 def test_json_log_lines_carry_the_ids() -> None:
-    record = logging.LogRecord("agentd.runtime", logging.INFO, __file__, 1, "job %s ran\nok", ("j1",), None)
+    record = logging.LogRecord(
+        "agentd.runtime", logging.INFO, __file__, 1, "job %s ran\nok", ("j1",), None
+    )
     with log_ids(agent="web-1", job="j1"):
         line = JsonFormatter().format(record)
     doc = json.loads(line)
