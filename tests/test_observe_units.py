@@ -185,3 +185,36 @@ def test_master_refuses_to_start_with_an_unsafe_status_page(tmp_path: Path) -> N
     assert "web_listen 0.0.0.0:8443 is reachable beyond this machine" in done.stderr
     assert "web_tls_cert, web_tls_key, web_token_file" in done.stderr
     assert not (tmp_path / "data" / "master.pid").exists()
+
+
+# --- systemd's watchdog -----------------------------------------------------------------
+
+
+async def test_watchdog_pings_systemd_until_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from bus.sdnotify import feed_watchdog
+
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(feed_watchdog(stop))
+    try:
+        async with asyncio.timeout(10):
+            pings = [await loop.sock_recv(sock, 64) for _ in range(3)]
+        assert pings == [b"WATCHDOG=1"] * 3
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+    finally:
+        task.cancel()
+        sock.close()
+    monkeypatch.delenv("WATCHDOG_USEC")
+    await feed_watchdog(asyncio.Event())  # no watchdog asked for: returns at once

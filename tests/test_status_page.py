@@ -1,0 +1,171 @@
+"""The status page in headless Chromium, against real nats-server, master and agent
+processes: a job run with ``fleet run`` appears and finishes live without a reload, and
+output that holds markup is shown as text. Screenshots are kept as test artifacts
+(``FLEET_ARTIFACTS`` or the test's tmp dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env, job_request, submit
+from natsserver import NatsServer
+from observe import aget, listening_port
+from webdriver import Browser, find_browser
+
+from bus import Bus, Signer
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">&amp;'
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    path = Path(os.environ.get("FLEET_ARTIFACTS") or tmp_path / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    find_browser()
+    b = Browser(tmp_path / "chromedriver.log")
+    try:
+        yield b
+    finally:
+        b.quit()
+
+
+@pytest.fixture
+def page_master(
+    tmp_path: Path, nats_server: NatsServer
+) -> Iterator[Callable[..., MasterProcess]]:
+    made: list[MasterProcess] = []
+
+    def make(**config: object) -> MasterProcess:
+        m = MasterProcess(tmp_path, nats_server.url, web_listen="127.0.0.1:0", **config)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        try:
+            m.stop()
+        except Exception:
+            m.kill()
+
+
+async def test_page_is_safe_by_headers_and_refuses_writes(
+    bus: Bus, page_master: Callable[..., MasterProcess]
+) -> None:
+    master = page_master().start()
+    port = await listening_port(master.log, "status page")
+    await master.wait_ready(bus)
+    status, headers, body = await aget(f"http://127.0.0.1:{port}/")
+    assert status == 200
+    assert b'<script src="/app.js"' in body
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, _ = await aget(f"http://127.0.0.1:{port}/api/jobs")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /api/jobs HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    async with asyncio.timeout(10):
+        assert (await reader.read()).startswith(b"HTTP/1.1 405 ")
+    writer.close()
+
+
+async def test_a_job_run_appears_and_finishes_live_and_markup_stays_text(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Callable[..., AgentProcess],
+    page_master: Callable[..., MasterProcess],
+    operator: tuple[Path, Signer],
+    browser: Browser,
+    artifacts: Path,
+) -> None:
+    key, signer = operator
+    await agent_factory("web-1", labels={"role": "web"}).started(bus)
+    await agent_factory("db-1", labels={"role": "db"}).started(bus)
+    master = page_master(operators={"tester": {"public_key": signer.public_key}}).start()
+    port = await listening_port(master.log, "status page")
+    await master.wait_ready(bus)
+    for argv in (["true"], ["false"], ["uname", "-a"]):
+        await finished(bus, "db-1", await submit(bus, signer, "db-1", job_request(argv)))
+
+    url = f"http://127.0.0.1:{port}/"
+    browser.open(url)
+    browser.wait_for("return document.getElementById('live').className === 'on'")
+    browser.wait_for("return document.querySelectorAll('#jobs tr').length === 3")
+    browser.js("window.__sameDocument = 42")  # gone if the page reloaded
+
+    # A job started with `fleet run` shows up while it runs and finishes in place.
+    proc = await asyncio.create_subprocess_exec(
+        FLEET, "run", "-a", "web-1", "--", "sh", "-c", "sleep 2; echo done",
+        env=fleet_env(nats_server.url, key),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    running = await asyncio.to_thread(
+        browser.wait_for,
+        "const r = [...document.querySelectorAll('#jobs tr')].find("
+        "  r => r.children[1].textContent === 'web-1');"
+        "return r && r.children[2].textContent",
+    )
+    assert running in ("submitted", "running")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert b"done" in out
+    await asyncio.to_thread(
+        browser.wait_for,
+        "const r = [...document.querySelectorAll('#jobs tr')].find("
+        "  r => r.children[1].textContent === 'web-1');"
+        "return r && r.children[2].textContent === 'succeeded'",
+    )
+    assert browser.js("return window.__sameDocument") == 42
+    browser.screenshot(artifacts / "status-page-jobs.png")
+
+    # Output holding markup: shown as text, never run.
+    job = await submit(bus, signer, "web-1", job_request(["printf", "%s", HOSTILE]))
+    assert (await finished(bus, "web-1", job)).status == "succeeded"
+    await asyncio.to_thread(
+        browser.wait_for,
+        "const r = document.querySelector(`#jobs tr[data-job='${arguments[0]}']`);"
+        "return r && r.children[2].textContent === 'succeeded'",
+        job,
+    )
+    browser.js(f"document.querySelector(\"#jobs tr[data-job='{job}'] a\").click()")
+    shown = await asyncio.to_thread(
+        browser.wait_for,
+        "const o = document.getElementById('job-output'); return o && o.textContent",
+    )
+    assert HOSTILE in shown
+    assert browser.js("return document.querySelectorAll('#job-output *:not(span)').length") == 0
+    assert browser.js("return document.querySelectorAll('script').length") == 1  # app.js only
+    assert browser.js("return window.__pwned === undefined")
+    marks = browser.js(
+        "return [...document.querySelectorAll('#job-events tr td:first-child span')]"
+        ".map(s => s.textContent)"
+    )
+    assert marks and set(marks) == {"✓"}  # submitted by a trusted operator, the rest by the agent
+    browser.screenshot(artifacts / "status-page-job.png")
+    if os.environ.get("FLEET_README_SCREENSHOT"):
+        shutil.copy(artifacts / "status-page-jobs.png", os.environ["FLEET_README_SCREENSHOT"])
+
+    # The agents tab: both agents with their labels, as text.
+    browser.js("document.querySelector('nav button[data-tab=agents]').click()")
+    rows = await asyncio.to_thread(
+        browser.wait_for,
+        "const rows = [...document.querySelectorAll('#agents tr')];"
+        "return rows.length === 2 && rows.map(r => r.children[0].textContent + ' ' +"
+        "  r.children[1].textContent + ' ' + r.children[4].textContent)",
+    )
+    assert rows == ["db-1 online role=db", "web-1 online role=web"]
