@@ -3,7 +3,7 @@ running jobs, its journal, its publish retries and reconnects, read when scraped
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from bus.metrics import Family, Registry
@@ -13,11 +13,14 @@ if TYPE_CHECKING:
     from agentd.runtime import AgentRuntime
 
 
-def agent_registry(agent: AgentRuntime) -> Registry:
-    """A registry answering for ``agent``."""
+def agent_registry(current: Callable[[], AgentRuntime | None]) -> Registry:
+    """A registry answering for the agent ``current()`` returns (None while it starts)."""
     registry = Registry()
 
     async def collect() -> Iterable[Family]:
+        agent = current()
+        if agent is None:
+            return [Family("fleet_agent_ready", "gauge", "1 while taking jobs").add(0)]
         labels = {"agent": agent.id}
         try:
             journal = agent.config.journal_path.stat().st_size
@@ -60,8 +63,11 @@ def agent_registry(agent: AgentRuntime) -> Registry:
     return registry
 
 
-def agent_readiness(agent: AgentRuntime) -> str | None:
+def agent_readiness(current: Callable[[], AgentRuntime | None]) -> str | None:
     """None when the agent is connected and taking jobs; otherwise why not."""
+    agent = current()
+    if agent is None:
+        return "starting: waiting for NATS and the fleet's streams"
     if not agent.bus.connected:
         return "not connected to NATS"
     if not agent.ready.is_set():

@@ -55,6 +55,7 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.command import fleetbus_version
+from bus.logformat import ids_context
 from bus.tasks import wait_any
 from schemas import (
     AgentConfigChanged,
@@ -460,7 +461,8 @@ class AgentRuntime:
         self._jobs[job_id] = running
         assert self._tg is not None
         running.task = self._tg.create_task(
-            self._run_job(msg, decoded.envelope, decoded.data, running)
+            self._run_job(msg, decoded.envelope, decoded.data, running),
+            context=ids_context(job=job_id, event=str(decoded.envelope.id)),
         )
 
     async def _cancel(self, msg: Msg) -> None:

@@ -71,13 +71,13 @@ class Listen:
 
     @classmethod
     def parse(cls, value: str) -> Listen:
-        """``127.0.0.1:9464``, ``:9464``, ``[::1]:9464``, ``0.0.0.0:8443``.
+        """``127.0.0.1:9464``, ``:9464``, ``[::1]:9464``, ``0.0.0.0:8443`` (port 0: any free one).
 
         Raises:
             UsageError: not that shape.
         """
         host, sep, port = value.strip().rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
             raise UsageError(f"listen address {value!r}: say HOST:PORT (e.g. 127.0.0.1:9464)")
         host = host.strip("[]") or "127.0.0.1"
         return cls(host, int(port))

@@ -33,11 +33,26 @@ _ids: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
 def log_ids(**ids: str | None) -> Iterator[None]:
     """Add ``ids`` (agent, job, event, version) to every JSON line logged in this block."""
     merged = {**_ids.get(), **{k: v for k, v in ids.items() if v is not None}}
-    token = _ids.set(merged)
+    token = _ids.set(MappingProxyType(merged))
     try:
         yield
     finally:
         _ids.reset(token)
+
+
+def set_log_ids(**ids: str | None) -> None:
+    """Add ``ids`` to every line logged from here on, in this context and the tasks it
+    starts (a daemon names itself once, before its event loop)."""
+    _ids.set(MappingProxyType({**_ids.get(), **{k: v for k, v in ids.items() if v is not None}}))
+
+
+def ids_context(**ids: str | None) -> contextvars.Context:
+    """A copy of the current context with ``ids`` added: a task created in it
+    (``create_task(…, context=…)``) logs them on every line."""
+    merged = MappingProxyType({**_ids.get(), **{k: v for k, v in ids.items() if v is not None}})
+    context = contextvars.copy_context()
+    context.run(_ids.set, merged)
+    return context
 
 
 class JsonFormatter(logging.Formatter):

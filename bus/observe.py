@@ -12,8 +12,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from bus.errors import UsageError
 from bus.httpd import Handler, HttpServer, Listen, Request, Response, text
 from bus.metrics import CONTENT_TYPE, Registry
+from bus.tasks import wait_any
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,18 @@ def observe_handler(registry: Registry, readiness: Readiness) -> Handler:
 async def serve_observability(
     listen: str, registry: Registry, readiness: Readiness, stop: asyncio.Event
 ) -> None:
-    """Serve the listener until ``stop`` is set (or the task is cancelled).
-
-    Raises:
-        UsageError: ``listen`` is malformed or cannot be bound.
+    """Serve the listener until ``stop`` is set (or the task is cancelled). One that
+    cannot listen is logged as an error, never fatal: metrics must not stop the work.
     """
-    server = HttpServer(Listen.parse(listen), observe_handler(registry, readiness))
-    async with server:
-        logger.info("metrics and health on http://%s/metrics", server.listen)
-        await stop.wait()
+    try:
+        server = HttpServer(Listen.parse(listen), observe_handler(registry, readiness))
+        await server.start()
+    except UsageError as exc:
+        logger.error("! no metrics or health endpoints: %s", exc)
+        return
+    try:
+        host = server.listen.host
+        logger.info("metrics and health on http://%s:%d/metrics", host, server.port)
+        await wait_any(stop)
+    finally:
+        await server.close()

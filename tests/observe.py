@@ -24,7 +24,7 @@ async def listening_port(log: Callable[[], str], what: str, timeout: float = 30.
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body of a GET (an error status is returned, not raised)."""
-    request = urllib.request.Request(url, headers=headers or {})
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - http only
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - http only
             return response.status, dict(response.headers), response.read()
@@ -32,9 +32,21 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str,
         return exc.code, dict(exc.headers), exc.read()
 
 
-async def aget(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+async def aget(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """:func:`get` without blocking the event loop."""
     return await asyncio.to_thread(get, url, headers)
+
+
+async def until_status(url: str, status: int, timeout: float = 30.0) -> bytes:
+    """GET ``url`` until it answers ``status``; returns that answer's body."""
+    async with asyncio.timeout(timeout):
+        while True:
+            got, _, body = await aget(url)
+            if got == status:
+                return body
+            await asyncio.sleep(0.2)  # the daemon has not noticed yet: ask again
 
 
 Samples = dict[str, dict[Labels, float]]

@@ -105,12 +105,15 @@ class StatusPage:
         return self.master.ready.is_set(), len(self.master.config.agents)
 
     async def serve(self) -> None:
-        """Listen until the master stops, pushing live updates to open pages."""
+        """Serve (the server is started already) until the master stops, pushing live
+        updates to open pages; then close every connection."""
         self.master.on_folded(self.live.folded)
-        async with self.server:
+        try:
             scheme = "https" if self.tls else "http"
             logger.info("status page on %s://%s:%d/", scheme, self.listen.host, self.server.port)
             await self.live.pump(self.master.stopping)
+        finally:
+            await self.server.close()
 
     # --- requests ---------------------------------------------------------------------
 

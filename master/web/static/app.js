@@ -117,7 +117,7 @@ async function loadJobs() {
   const body = document.getElementById("jobs");
   clear(body);
   for (const job of page.items) body.append(jobRow(job));
-  pager("jobs", state.offsets.jobs, page.more);
+  pager("jobs", state.offsets.jobs, page.more, undefined, page.items.length);
 }
 
 async function showJob(id) {
@@ -176,7 +176,7 @@ async function loadAgents() {
   const body = document.getElementById("agents");
   clear(body);
   for (const a of page.items) body.append(agentRow(a));
-  pager("agents", state.offsets.agents, state.offsets.agents + PAGE < page.total, page.total);
+  pager("agents", state.offsets.agents, state.offsets.agents + PAGE < page.total, page.total, page.items.length);
 }
 
 // --- rollouts -------------------------------------------------------------------------
@@ -217,13 +217,13 @@ async function loadAudit() {
 
 // --- paging and tabs ------------------------------------------------------------------
 
-function pager(name, offset, more, total) {
+function pager(name, offset, more, total, shown) {
   const box = document.querySelector(`.pager[data-for="${name}"]`);
   const [back, label, next] = [box.children[0], box.children[1], box.children[2]];
   back.disabled = offset === 0;
   next.disabled = !more;
   label.textContent = name === "audit" ? `page ${offset + 1}` :
-    `${offset + 1}–${offset + PAGE}` + (total !== undefined ? ` of ${total}` : "");
+    (shown ? `${offset + 1}–${offset + shown}` : "none") + (total !== undefined ? ` of ${total}` : "");
 }
 
 function step(name, direction) {
