@@ -218,3 +218,38 @@ async def test_watchdog_pings_systemd_until_stopped(
         sock.close()
     monkeypatch.delenv("WATCHDOG_USEC")
     await feed_watchdog(asyncio.Event())  # no watchdog asked for: returns at once
+
+
+# --- the status page's pages ------------------------------------------------------------
+
+
+def test_pages_of_a_large_fleet_are_pages() -> None:
+    from ledger.projection import Projection
+    from master.web.pages import MAX_LIMIT, agents_page, jobs_page
+
+    p = Projection()
+    for i in range(10_000):
+        agent = p.agent(f"a{i:05d}")
+        agent.online = i % 2 == 0
+        agent.labels = {"role": "<b>web</b>"}
+    for i in range(1_000):
+        job = p.job(f"j{i:04d}", f"a{i % 3:05d}")
+        job.status = "failed" if i % 10 == 0 else "succeeded"
+        job.submitted_by = "alice" if i % 2 else "bob"
+    page = agents_page(p, {"offset": "100", "limit": "50"})
+    assert page["total"] == 10_000
+    assert [a["id"] for a in page["items"]][:2] == ["a00100", "a00101"]
+    assert len(page["items"]) == 50
+    assert page["items"][0]["labels"] == {"role": "<b>web</b>"}  # data, escaped by the page
+    assert agents_page(p, {"online": "0", "limit": "100000"})["total"] == 5_000
+    assert len(agents_page(p, {"limit": "100000"})["items"]) == MAX_LIMIT
+    newest = jobs_page(p, {"limit": "3"})
+    assert [j["job_id"] for j in newest["items"]] == ["j0999", "j0998", "j0997"]
+    assert newest["more"] is True
+    failed = jobs_page(p, {"status": "failed", "agent": "a00000", "limit": "500"})
+    assert {j["job_id"] for j in failed["items"]} == {f"j{i:04d}" for i in range(0, 1000, 30)}
+    assert failed["more"] is False
+    by_user = jobs_page(p, {"user": "alice", "limit": "500"})
+    assert all(int(j["job_id"][1:]) % 2 for j in by_user["items"])
+    with pytest.raises(ValueError, match="invalid literal"):
+        jobs_page(p, {"offset": "x"})

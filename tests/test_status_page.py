@@ -170,9 +170,10 @@ async def test_a_job_run_appears_and_finishes_live_and_markup_stays_text(
     )
     assert marks
     assert set(marks) == {"✓"}
+    browser.resize(1280, 1250)
     browser.screenshot(artifacts / "status-page-job.png")
-    if os.environ.get("FLEET_README_SCREENSHOT"):
-        shutil.copy(artifacts / "status-page-jobs.png", os.environ["FLEET_README_SCREENSHOT"])
+    if os.environ.get("FLEET_README_SCREENSHOT"):  # docs/status-page.png is this one
+        shutil.copy(artifacts / "status-page-job.png", os.environ["FLEET_README_SCREENSHOT"])
 
     # The agents tab: both agents with their labels, as text.
     browser.js("document.querySelector('nav button[data-tab=agents]').click()")

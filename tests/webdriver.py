@@ -104,6 +104,9 @@ class Browser:
                 raise TimeoutError(f"the page never satisfied: {script}")
             time.sleep(0.1)  # the page has not changed yet: look again
 
+    def resize(self, width: int, height: int) -> None:
+        self._session("POST", "/window/rect", {"width": width, "height": height})
+
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(self._session("GET", "/screenshot")))

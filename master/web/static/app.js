@@ -107,7 +107,8 @@ function liveJob(job) {
     else old.remove();
   } else if (state.offsets.jobs === 0 && jobMatches(job, filters)) {
     body.prepend(jobRow(job));
-    while (body.rows.length > PAGE) body.deleteRow(-1);
+    while (body.rows.length > PAGE) { body.deleteRow(-1); state.jobsMore = true; }
+    pager("jobs", 0, state.jobsMore, undefined, body.rows.length);
   }
   if (state.job === job.job_id) showJob(job.job_id);
 }
@@ -117,6 +118,7 @@ async function loadJobs() {
   const body = document.getElementById("jobs");
   clear(body);
   for (const job of page.items) body.append(jobRow(job));
+  state.jobsMore = page.more;
   pager("jobs", state.offsets.jobs, page.more, undefined, page.items.length);
 }
 
