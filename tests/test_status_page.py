@@ -6,16 +6,29 @@ output that holds markup is shown as text. Screenshots are kept as test artifact
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
+import secrets
 import shutil
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env, job_request, submit
+from agents import (
+    FLEET,
+    MASTER,
+    AgentProcess,
+    MasterProcess,
+    finished,
+    fleet_env,
+    job_request,
+    submit,
+)
 from natsserver import NatsServer
 from observe import aget, listening_port
+from tlsutil import make_ca_and_server_cert
 from webdriver import Browser, find_browser
 
 from bus import Bus, Signer, public_key_of, read_seed_file
@@ -53,7 +66,7 @@ def page_master(
     made: list[MasterProcess] = []
 
     def make(**config: object) -> MasterProcess:
-        m = MasterProcess(tmp_path, nats_server.url, web_listen="127.0.0.1:0", **config)
+        m = MasterProcess(tmp_path, nats_server.url, **{"web_listen": "127.0.0.1:0", **config})
         made.append(m)
         return m
 
@@ -184,3 +197,74 @@ async def test_a_job_run_appears_and_finishes_live_and_markup_stays_text(
         "  r.children[1].textContent + ' ' + r.children[4].textContent)",
     )
     assert rows == ["db-1 online role=db", "web-1 online role=web"]
+
+
+def _https(port: int, ca: Path, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status, dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+async def test_beyond_loopback_the_page_needs_tls_and_its_token(
+    tmp_path: Path, bus: Bus, page_master: Callable[..., MasterProcess]
+) -> None:
+    tls = make_ca_and_server_cert(tmp_path / "tls")
+    token_file = tmp_path / "web.token"
+    token = secrets.token_urlsafe(32)
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o644)
+    master = page_master(
+        web_listen="0.0.0.0:0",
+        web_tls_cert=str(tls.cert),
+        web_tls_key=str(tls.key),
+        web_token_file=str(token_file),
+    )
+    refused = await asyncio.create_subprocess_exec(
+        MASTER, "run", "-c", str(master.config_path), stderr=subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(refused.communicate(), 60)
+    assert refused.returncode == 2
+    assert b"readable by others" in err
+
+    token_file.chmod(0o600)
+    master.start()
+    port = await listening_port(master.log, "status page")
+    await master.wait_ready(bus)
+
+    def get(path: str, **headers: str) -> tuple[int, dict[str, str]]:
+        return _https(port, tls.ca, path, headers)
+
+    assert (await asyncio.to_thread(get, "/"))[0] == 401
+    assert (await asyncio.to_thread(get, "/api/jobs"))[0] == 401
+    assert (await asyncio.to_thread(get, "/api/stream"))[0] == 401
+    wrong = {"Authorization": "Bearer " + "x" * len(token)}
+    assert (await asyncio.to_thread(get, "/api/jobs", **wrong))[0] == 401
+    assert (await asyncio.to_thread(get, "/?token=" + "x" * len(token)))[0] == 401
+    right = {"Authorization": f"Bearer {token}"}
+    assert (await asyncio.to_thread(get, "/api/jobs", **right))[0] == 200
+    status, headers = await asyncio.to_thread(get, "/?token=" + token)
+    assert status == 303
+    assert headers["Location"] == "/"
+    cookie = headers["Set-Cookie"]
+    for attribute in ("HttpOnly", "Secure", "SameSite=Strict"):
+        assert attribute in cookie
+    status, _ = await asyncio.to_thread(get, "/api/summary", Cookie=cookie.split(";")[0])
+    assert status == 200
+    # Plain HTTP on the TLS port gets no page.
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        await asyncio.to_thread(_plain, port, "/api/jobs", right)
+
+
+def _plain(port: int, path: str, headers: dict[str, str]) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path, headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
