@@ -253,3 +253,28 @@ def test_pages_of_a_large_fleet_are_pages() -> None:
     assert all(int(j["job_id"][1:]) % 2 for j in by_user["items"])
     with pytest.raises(ValueError, match="invalid literal"):
         jobs_page(p, {"offset": "x"})
+
+
+def test_rollout_families_count_agents_by_state() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from ledger.projection import Projection
+    from master.metrics import MasterMetrics
+
+    p = Projection()
+    p.target = "1.1.0"
+    rollout = p.rollout("1.1.0")
+    rollout.agents = {"a": "applied", "b": "applied", "c": "failed", "d": "token"}
+    rollout.failures, rollout.halted = 1, "2 failures"
+    p.rollout("1.0.0").agents = {"a": "applied"}
+    metrics = MasterMetrics(cast(Any, SimpleNamespace(projection=p)))
+    text = "".join(f.render() for f in metrics._rollouts())
+    s = parse(text)
+    assert sample(s, "fleet_rollout_agents", version="1.1.0", state="applied") == 2
+    assert sample(s, "fleet_rollout_agents", version="1.1.0", state="failed") == 1
+    assert sample(s, "fleet_rollout_agents", version="1.1.0", state="downloaded") == 0
+    assert sample(s, "fleet_rollout_failures_total", version="1.1.0") == 1
+    assert sample(s, "fleet_rollout_halted", version="1.1.0") == 1
+    assert sample(s, "fleet_rollout_halted", version="1.0.0") == 0
+    assert sample(s, "fleet_rollout_target", version="1.1.0") == 1

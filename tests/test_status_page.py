@@ -31,7 +31,7 @@ from observe import aget, listening_port
 from tlsutil import make_ca_and_server_cert
 from webdriver import Browser, find_browser
 
-from bus import Bus, Signer, public_key_of, read_seed_file
+from bus import Bus, Signer, generate_seed, public_key_of, read_seed_file
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -187,6 +187,23 @@ async def test_a_job_run_appears_and_finishes_live_and_markup_stays_text(
     browser.screenshot(artifacts / "status-page-job.png")
     if os.environ.get("FLEET_README_SCREENSHOT"):  # docs/status-page.png is this one
         shutil.copy(artifacts / "status-page-job.png", os.environ["FLEET_README_SCREENSHOT"])
+
+    # A job submitted under the tester's name with another key: marked, never hidden.
+    forger = Signer(generate_seed())
+    forged = await submit(bus, forger, "db-1", job_request(["true"]))
+    await finished(bus, "db-1", forged)
+    browser.js("document.querySelector('nav button[data-tab=audit]').click()")
+    audit = await asyncio.to_thread(
+        browser.wait_for,
+        "const rows = [...document.querySelectorAll('#audit tr')];"
+        "return rows.length > 3 && rows.map(r => [r.children[0].textContent,"
+        "  r.children[3].textContent, r.children[4].textContent, r.children[6].textContent])",
+    )
+    submitted = [row for row in audit if row[1] == "job.submitted"]
+    assert submitted[0][:3] == ["✗", "job.submitted", "tester"]
+    assert "signed by" in submitted[0][3] or "not trusted" in submitted[0][3]
+    assert all(row[0] == "✓" for row in submitted[1:])
+    browser.screenshot(artifacts / "status-page-audit.png")
 
     # The agents tab: both agents with their labels, as text.
     browser.js("document.querySelector('nav button[data-tab=agents]').click()")
