@@ -190,6 +190,11 @@ class MasterMetrics:
                 "gauge",
                 "since the last checkpoint was published (or the master started)",
             ).add(max(0.0, now - durability.last_checkpoint_at)),
+            Family(
+                "fleet_master_events_since_checkpoint",
+                "gauge",
+                "events folded that no checkpoint covers yet",
+            ).add(durability.since_checkpoint),
         ]
 
     async def _streams(self) -> list[Family]:

@@ -118,6 +118,7 @@ async def test_metrics_and_health_after_a_few_jobs(
     )
     assert 0 <= sample(s, "fleet_master_snapshot_age_seconds") < 600
     assert 0 <= sample(s, "fleet_master_checkpoint_age_seconds") < 600
+    assert 0 <= sample(s, "fleet_master_events_since_checkpoint") <= stored
     assert sample(s, "fleet_bus_connected") == 1
     assert sample(s, "fleet_scrape_collector_success", collector="master") == 1
     assert (await aget(base + "/readyz"))[:3:2] == (200, b"ready\n")

@@ -278,3 +278,16 @@ def test_rollout_families_count_agents_by_state() -> None:
     assert sample(s, "fleet_rollout_halted", version="1.1.0") == 1
     assert sample(s, "fleet_rollout_halted", version="1.0.0") == 0
     assert sample(s, "fleet_rollout_target", version="1.1.0") == 1
+
+
+def test_alert_rules_name_only_metrics_the_daemons_export() -> None:
+    import re
+
+    root = Path(__file__).parent.parent
+    rules = (root / "ops" / "prometheus" / "alerts.yml").read_text()
+    code = "".join(
+        (root / p).read_text() for p in ("master/metrics.py", "agentd/metrics.py", "bus/metrics.py")
+    )
+    named = set(re.findall(r"\b(fleet_[a-z_]+)", rules))
+    assert named
+    assert {n for n in named if f'"{n}"' not in code} == set()
