@@ -96,13 +96,42 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-class HttpServer:
-    """Serves ``handler`` on ``listen`` (with TLS when ``tls`` is given) until closed."""
+def loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names this machine's loopback (port or not)."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rpartition(":")[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, listen: Listen, handler: Handler, *, tls: ssl.SSLContext | None = None):
+
+class HttpServer:
+    """Serves ``handler`` on ``listen`` (with TLS when ``tls`` is given) until closed.
+
+    On a loopback address it answers only requests whose ``Host`` names loopback: a web
+    page elsewhere whose name an attacker re-resolved to 127.0.0.1 (DNS rebinding)
+    gets 421, never the data. At most ``max_connections`` are served at once (streams
+    included); more get 503.
+    """
+
+    def __init__(
+        self,
+        listen: Listen,
+        handler: Handler,
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = 256,
+    ):
         self.listen = listen
         self.handler = handler
         self.tls = tls
+        self.max_connections = max_connections
         self.port = listen.port
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -146,14 +175,35 @@ class HttpServer:
         await self.close()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer), name="http")
+        busy = len(self._connections) >= self.max_connections
+        serve = self._busy(reader, writer) if busy else self._serve(reader, writer)
+        task = asyncio.get_running_loop().create_task(serve, name="http")
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
+
+    async def _busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            # Read the request first: closing on unread data would reset the connection
+            # before the client reads why.
+            async with asyncio.timeout(_READ_TIMEOUT_S):
+                await reader.readuntil(b"\r\n\r\n")
+            await self._write_plain(writer, text(503, "too many connections; try again later"))
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        except asyncio.LimitOverrunError:
+            pass
+        finally:
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await self._read_request(reader, writer)
             if request is None:
+                return
+            host = request.headers.get("host")
+            if self.listen.loopback and host is not None and not loopback_host(host):
+                refusal = text(421, "this listener answers to loopback names only")
+                await self._write(writer, request, refusal)
                 return
             try:
                 response = await self.handler(request)

@@ -85,7 +85,7 @@ async def test_http_server_serves_get_and_refuses_the_rest() -> None:
         return text(200, f"path={request.path} q={request.query.get('a')}")
 
     async with HttpServer(Listen("127.0.0.1", 0), handler) as server:
-        ok = await _raw(server.port, b"GET /x?a=1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        ok = await _raw(server.port, b"GET /x?a=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert ok.startswith(b"HTTP/1.1 200 OK\r\n")
         assert ok.endswith(b"path=/x q=1\n")
         post = await _raw(server.port, b"POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
@@ -117,6 +117,49 @@ async def test_closing_the_server_ends_open_streams() -> None:
         rest = await reader.read()  # EOF: the server closed the stream
     assert b"data: 1" in rest
     writer.close()
+
+
+async def test_a_loopback_listener_answers_only_to_loopback_names() -> None:
+    """DNS rebinding: a web page of evil.example re-resolved to 127.0.0.1 must not read a
+    loopback listener; its requests carry ``Host: evil.example``."""
+
+    async def handler(request: Request) -> Response:
+        return text(200, "secret")
+
+    async with HttpServer(Listen("127.0.0.1", 0), handler) as server:
+        port = server.port
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+            answer = await _raw(port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 200 "), host
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+            answer = await _raw(port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 421 "), host
+            assert b"secret" not in answer
+
+
+async def test_connections_beyond_the_limit_are_turned_away() -> None:
+    release = asyncio.Event()
+
+    async def held() -> object:
+        yield b"data: 1\n\n"
+        await release.wait()
+
+    async def handler(request: Request) -> Response:
+        return Response(200, content_type="text/event-stream", stream=held())  # type: ignore[arg-type]
+
+    async with HttpServer(Listen("127.0.0.1", 0), handler, max_connections=2) as server:
+        streams = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            async with asyncio.timeout(10):
+                await reader.readuntil(b"data: 1\n\n")
+            streams.append(writer)
+        busy = await _raw(server.port, b"GET / HTTP/1.1\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.1 503 ")
+        release.set()
+        for writer in streams:
+            writer.close()
 
 
 def test_listen_addresses() -> None:

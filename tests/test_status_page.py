@@ -95,6 +95,10 @@ async def test_page_is_safe_by_headers_and_refuses_writes(
     status, headers, _ = await aget(f"http://127.0.0.1:{port}/api/jobs")
     assert status == 200
     assert headers["Content-Type"] == "application/json"
+    # DNS rebinding: another site's name pointed at 127.0.0.1 reads nothing.
+    status, _, body = await aget(f"http://127.0.0.1:{port}/api/jobs", {"Host": "rebound.example"})
+    assert status == 421
+    assert b"jobs" not in body
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /api/jobs HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
     async with asyncio.timeout(10):

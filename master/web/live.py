@@ -91,7 +91,7 @@ class Live:
     async def pump(self, stop: asyncio.Event) -> None:
         """Send batches to subscribers until ``stop`` (an owned task of the master)."""
         while not stop.is_set():
-            if not await wait_any(self.changed, timeout=KEEPALIVE_S):
+            if not await wait_any(self.changed, stop, timeout=KEEPALIVE_S):
                 continue
             if await wait_any(stop, timeout=FLUSH_S):
                 break  # coalesce: changes keep coming for a moment
