@@ -250,7 +250,10 @@ class HttpServer:
         return Request(method, url.path or "/", query, headers, str(peer[0]) if peer else "?")
 
     async def _write(self, writer: asyncio.StreamWriter, request: Request, r: Response) -> None:
-        reason = HTTPStatus(r.status).phrase if r.status in HTTPStatus._value2member_map_ else ""
+        try:
+            reason = HTTPStatus(r.status).phrase
+        except ValueError:
+            reason = ""
         head = [f"HTTP/1.1 {r.status} {reason}", f"Content-Type: {r.content_type}"]
         head += [f"{k}: {v}" for k, v in r.headers.items()]
         head.append("Connection: close")

@@ -74,10 +74,10 @@ class MasterMetrics:
             self.submitted.inc(agent=data.agent)
         elif isinstance(data, JobFinished):
             self.finished.inc(status=data.status, agent=data.agent)
+            duration = data.duration_s
             job = self.master.projection.jobs.get(data.job_id)
-            duration = data.duration_s if data.duration_s is not None else None
             if duration is None and job is not None:
-                duration = job.duration_s
+                duration = job.duration_s  # e.g. abandoned: the fold's own account
             if duration is not None:
                 self.duration.observe(duration)
         elif isinstance(data, AuthDenied):
