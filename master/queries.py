@@ -108,6 +108,7 @@ def query(master: Master, op: str, args: dict[str, Any]) -> dict[str, Any]:
             "seq": p.seq,
             "events": p.events,
             "unverified": master.unverified,
+            "refused": dict(master.driver.counts),
             "config_hash": master.config.config_hash(),
             "ready": master.ready.is_set(),
         }
