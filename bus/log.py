@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.aio.subscription import Subscription
+from nats.js import api
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
 from bus.retry import Backoff
 from bus.tasks import wait_any
+from schemas.ids import new_id
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ _BUFFER_BYTES = 64 * 1024 * 1024
 """The client library's own buffer, before a message reaches :meth:`Tail.fetch`'s."""
 _READ_AHEAD_BYTES = 8 * 1024 * 1024
 """What a reader takes ahead of what it has fetched before it holds the server back."""
+_INACTIVE_S = 10.0
+"""How long the server keeps a reader's consumer once nobody listens."""
+_QUIET_S = 3 * _HEARTBEAT_S
+"""Silence (no message, no heartbeat) after which a reader counts as lost."""
+_STATUS, _STALLED = "Status", "Nats-Consumer-Stalled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,19 +57,34 @@ class LogRecord:
 
 
 class Tail:
-    """Follows the messages of ``subject`` in ``stream`` from the first (or ``start_seq``)."""
+    """Follows the messages of ``subject`` in ``stream`` from the first (or ``start_seq``).
+
+    The consumer is created through the named, filtered create subject
+    (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``): the only form a reader's
+    permissions allow, because the unnamed form takes the consumer's name from the request
+    body and would let any reader rewrite an agent's durable consumer. nats-py's ordered
+    consumer uses the unnamed form, so ordering, heartbeats and flow control are kept
+    here: a gap in the consumer's delivery sequence, or a reader that goes quiet (no
+    message and no heartbeat), breaks the tail, and :func:`follow` opens a new one after
+    the last message it had.
+    """
 
     def __init__(self, bus: Bus, stream: str, subject: str) -> None:
         self._bus = bus
         self.stream = stream
         self.subject = subject
-        self._sub: JetStreamContext.PushSubscription | None = None
+        self.name = f"tail_{new_id()}"
+        self._sub: Subscription | None = None
         self.last_seq = 0
         self._behind: int | None = None  # messages after the last one read, as it said
+        self._delivered = 0  # the consumer's delivery sequence of the last message taken
+        self._broken: str | None = None
         self._arrived: deque[Msg] = deque()
         self._buffered = 0  # bytes in _arrived
         self._more = asyncio.Event()
         self._room = asyncio.Event()
+        self._heard = asyncio.get_running_loop().time()
+        self._reconnects = bus.reconnects
 
     @classmethod
     async def open(cls, bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> Tail:
@@ -70,38 +92,65 @@ class Tail:
 
         Raises:
             ConnectionFailedError: the stream does not exist or the bus is down.
+            FleetTimeoutError: the server did not answer.
         """
         tail = cls(bus, stream, subject)
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
-            if start_seq
-            else api.DeliverPolicy.ALL,
-            opt_start_seq=start_seq or None,
-            mem_storage=True,
-        )
         try:
-            tail._sub = await bus.js.subscribe(
-                subject,
-                stream=stream,
-                config=config,
-                cb=tail._on_msg,
-                ordered_consumer=True,
-                idle_heartbeat=_HEARTBEAT_S,
-                pending_bytes_limit=_BUFFER_BYTES,
+            inbox = bus.nc.new_inbox()
+            # Subscribed before the consumer exists, so its first push has somewhere to go.
+            tail._sub = await bus.nc.subscribe(
+                inbox, cb=tail._on_msg, pending_bytes_limit=_BUFFER_BYTES
             )
-        except nats.js.errors.NotFoundError:
-            raise ConnectionFailedError(
-                f"stream {stream} does not exist; run `fleet ops init`"
-            ) from None
-        except nats.errors.TimeoutError as exc:
-            raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc
-        except (nats.errors.Error, OSError) as exc:
-            raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
+            config = api.ConsumerConfig(
+                name=tail.name,
+                filter_subject=subject,
+                deliver_subject=inbox,
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+                if start_seq
+                else api.DeliverPolicy.ALL,
+                opt_start_seq=start_seq or None,
+                flow_control=True,
+                idle_heartbeat=_HEARTBEAT_S,
+                inactive_threshold=_INACTIVE_S,
+                mem_storage=True,
+                num_replicas=1,
+            )
+            await bus.js.add_consumer(stream, config=config)
+        except BaseException as exc:
+            await tail.close()
+            if isinstance(exc, nats.js.errors.NotFoundError):
+                raise ConnectionFailedError(
+                    f"stream {stream} does not exist; run `fleet ops init`"
+                ) from None
+            if isinstance(exc, nats.errors.TimeoutError):
+                refusal = bus.denial(f"$JS.API.CONSUMER.CREATE.{stream}.{tail.name}.{subject}")
+                if refusal is not None:
+                    raise refusal from exc
+                raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc
+            if isinstance(exc, (nats.errors.Error, OSError)):
+                raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
+            raise
         return tail
 
     async def _on_msg(self, msg: Msg) -> None:
-        # A reader slower than the server holds it back here: while this waits, no flow
-        # control reply goes out and the server stops sending, so memory stays bounded.
+        if self._sub is None:
+            return
+        self._heard = asyncio.get_running_loop().time()
+        headers = msg.headers or {}
+        if headers.get(_STATUS) == "100":
+            # A heartbeat (answered if it says we stalled the server) or a flow-control
+            # request. Answered in order, after the messages before it were taken: a
+            # reader slower than the server holds it back this way.
+            answer = msg.reply or headers.get(_STALLED)
+            if answer:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await self._bus.nc.publish(answer, b"")
+            return
+        if headers.get(_STATUS):
+            self._broken = f"the server ended the reader (status {headers.get(_STATUS)})"
+            self._more.set()
+            return
         while self._buffered > _READ_AHEAD_BYTES and self._sub is not None:
             self._room.clear()
             await self._room.wait()
@@ -111,33 +160,68 @@ class Tail:
 
     async def fetch(self, batch: int = _BATCH, timeout: float = 1.0) -> list[LogRecord]:
         """The next messages (at most ``batch``), waiting up to ``timeout`` for the first;
-        [] if none came."""
+        [] if none came.
+
+        Raises:
+            ConnectionFailedError: the reader broke (a gap in delivery, the consumer lost
+                with the server, a closed connection); open a new one after
+                :attr:`last_seq`.
+        """
         assert self._sub is not None
-        if self._bus.nc.is_closed and not self._arrived:
-            raise ConnectionFailedError(f"reading {self.stream}: the connection is closed")
-        records: list[LogRecord] = []
         if not self._arrived:
+            await self._check()
             self._more.clear()
             try:
                 async with asyncio.timeout(timeout):
                     await self._more.wait()
             except TimeoutError:
-                return records
+                await self._check()
+                return []
+        records: list[LogRecord] = []
         while self._arrived and len(records) < batch:
             msg = self._arrived.popleft()
             self._buffered -= len(msg.data)
             self._room.set()
-            seq = msg.metadata.sequence.stream
-            self.last_seq = seq
-            self._behind = msg.metadata.num_pending
-            records.append(LogRecord(seq, msg.subject, msg.data, dict(msg.headers or {})))
+            meta = msg.metadata
+            if meta.sequence.consumer != self._delivered + 1:
+                self._arrived.clear()
+                self._broken = (
+                    f"delivery skipped from {self._delivered} to {meta.sequence.consumer}"
+                )
+                break
+            self._delivered = meta.sequence.consumer
+            self.last_seq = meta.sequence.stream
+            self._behind = meta.num_pending
+            records.append(LogRecord(self.last_seq, msg.subject, msg.data, dict(msg.headers or {})))
+        if not records and self._broken:
+            await self._check()
         return records
+
+    async def _check(self) -> None:
+        """Raise if this reader can no longer deliver what follows."""
+        if self._broken:
+            raise ConnectionFailedError(f"reading {self.stream}: {self._broken}")
+        if self._bus.nc.is_closed:
+            raise ConnectionFailedError(f"reading {self.stream}: the connection is closed")
+        quiet = asyncio.get_running_loop().time() - self._heard
+        if quiet > _QUIET_S:
+            raise ConnectionFailedError(
+                f"reading {self.stream}: nothing heard for {quiet:.0f}s (the reader is lost)"
+            )
+        if self._bus.reconnects != self._reconnects:
+            # A restarted server forgets a memory consumer: ask rather than wait it out.
+            self._reconnects = self._bus.reconnects
+            await self.pending()
 
     async def pending(self) -> int:
         """Messages stored but not yet read."""
         assert self._sub is not None
         try:
-            info = await self._sub.consumer_info()
+            info = await self._bus.js.consumer_info(self.stream, self.name)
+        except nats.js.errors.NotFoundError:
+            raise ConnectionFailedError(f"reading {self.stream}: the reader is gone") from None
+        except nats.errors.TimeoutError as exc:
+            raise FleetTimeoutError(f"reading {self.stream}: no answer") from exc
         except (nats.errors.Error, OSError) as exc:
             raise ConnectionFailedError(f"reading {self.stream}: {exc}") from exc
         return int(info.num_pending or 0) + self._sub.pending_msgs + len(self._arrived)
@@ -164,6 +248,8 @@ class Tail:
         return behind == 0
 
     async def close(self) -> None:
+        """Stop reading. The consumer goes away by itself once nobody listens (operators
+        may not delete consumers)."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
             self._room.set()  # a delivery waiting for room ends

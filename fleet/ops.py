@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from bus import StorageSettings, connect
+from bus import StorageSettings, UsageError, connect
+from bus.codec import DEFAULT_MAX_SIZE
 from bus.command import add_connection_args, connect_settings
 from bus.streams import provision_fleet
 from fleet.permissions import load_registry, render
@@ -44,11 +45,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     config.add_argument("--registry", type=Path, required=True, metavar="FILE")
     config.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    config.add_argument(
+        "--max-payload",
+        type=int,
+        default=DEFAULT_MAX_SIZE,
+        metavar="BYTES",
+        help="the server's max_payload, for every principal (nats-server has no per-user "
+        f"limit); default {DEFAULT_MAX_SIZE}",
+    )
     config.set_defaults(handler=server_config)
 
 
 def server_config(args: argparse.Namespace) -> int:
-    text = render(load_registry(args.registry))
+    if not 1024 <= args.max_payload <= 64 * 1024 * 1024:
+        raise UsageError("--max-payload must be between 1024 and 67108864 bytes")
+    text = render(load_registry(args.registry), max_payload=args.max_payload)
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -86,6 +86,12 @@ class MasterConfig(BaseModel):
     users_file: Path | None = Field(
         default=None, description="headless users (default: users.json in data_dir)"
     )
+    auth_throttle_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="pause after 3 failed headless logins of a user from one caller; "
+        "doubles per failure, at most 300 s",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(
         default="text",

@@ -32,7 +32,7 @@ from ledger.gate import guard
 from ledger.projection import Projection
 from ledger.snapshot import load_snapshot, save_snapshot
 from ledger.verify import signature_check
-from master.auth import AuthService
+from master.auth import THROTTLE_CAP_S, AuthService, Throttle
 from master.config import MasterConfig
 from master.durability import Durability
 from master.ingest import follow_log
@@ -72,7 +72,13 @@ class Master:
         self.tasks = TaskOwner("master")
         self.durability = Durability(self)
         self.grace_timers = GraceTimers(self)
-        self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
+        self.auth = AuthService(
+            bus,
+            UserStore(config.users_path),
+            signer,
+            config.id,
+            Throttle(first=config.auth_throttle_s, cap=max(THROTTLE_CAP_S, config.auth_throttle_s)),
+        )
         self.rollout_changed = asyncio.Event()
         self._listeners: list[FoldListener] = [self._note_rollout_change]
         self._periodic: list[tuple[float, Callable[[], Awaitable[None]], str]] = []
