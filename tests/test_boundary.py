@@ -12,8 +12,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bus", "schemas", "ledger", "agentd", "master", "updater", "headless", "fleet")
 # Only bus/ talks to NATS; the tests and benchmarks measure it directly.
