@@ -140,6 +140,15 @@ class AgentConfig(BaseModel):
     log_file: Path | None = Field(
         default=None, description="log here instead of stderr (default with -d: data_dir)"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text, or json: one object per line with time, level, logger, message, ids",
+    )
+    metrics_listen: str = Field(
+        default="",
+        description="HOST:PORT for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9465); "
+        "empty: off",
+    )
     pid_file: Path | None = Field(
         default=None, description="pid file for -d/-K/-Q; default: agentd.pid in data_dir"
     )

@@ -25,6 +25,7 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.consumer import ConsumerSpec, Delivery, DurableConsumer
+from bus.logformat import ids_context
 from bus.retry import Backoff
 from bus.tasks import first_of, wait_any
 from schemas import Envelope, Event, EventData, JobCancelRequested, JobSubmitted
@@ -185,7 +186,9 @@ class JobConsumer:
         running = RunningJob(job_id)
         ctx.jobs[job_id] = running
         running.task = jobs.create_task(
-            self._runner.run(msg, decision, running), name=f"job {job_id}"
+            self._runner.run(msg, decision, running),
+            name=f"job {job_id}",
+            context=ids_context(job=job_id, event=str(envelope.id)),  # on its JSON log lines
         )
 
     async def _cancel(self, msg: Delivery) -> None:

@@ -4,22 +4,27 @@ log buffer, restart on request, the stock event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from agentd import logbuffer
 from agentd.agent import Agent, agent_version, updater_options
 from agentd.config import AgentConfig, load_config
 from agentd.identity import ensure_identity
+from agentd.metrics import agent_readiness, agent_registry
 from agentd.presence import UpdateView
 from agentd.record import Emitter
 from agentd.trust import load_trust
 from bus import FleetError, Signer, daemon_shell
 from bus.connection import Bus
 from bus.daemon_shell import DaemonSettings, configure_daemon_logging, serve
+from bus.logformat import set_log_ids
+from bus.observe import serve_observability
 from bus.paths import private_dir
 from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
@@ -37,6 +42,7 @@ def _settings(config: AgentConfig, level: str | None) -> DaemonSettings:
         log_level=level or config.log_level,
         log_file=config.log_file,
         default_log_file=config.data_dir / "agentd.log",
+        log_format=config.log_format,
         # The stock loop: CPython spawns jobs with vfork, much faster than uvloop's fork.
         use_uvloop=False,
     )
@@ -115,14 +121,36 @@ async def serve_agent(config_path: Path | None, config: AgentConfig, level: str 
     async def presence(bus: Bus) -> object:
         return await bus.kv(bus.subjects.presence_bucket)
 
-    await serve(
-        config.connect_settings(),
-        build,
-        storage=presence,
-        reload=reload,
-        when_ready=_report_healthy,
-    )
+    async with observed(config, lambda: agent):
+        await serve(
+            config.connect_settings(),
+            build,
+            storage=presence,
+            reload=reload,
+            when_ready=_report_healthy,
+        )
     return restart
+
+
+@contextlib.asynccontextmanager
+async def observed(config: AgentConfig, agent: Callable[[], Agent | None]) -> AsyncIterator[None]:
+    """``/metrics``, ``/healthz`` and ``/readyz`` while the block runs, if configured."""
+    if not config.metrics_listen:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve_observability(
+            config.metrics_listen, agent_registry(agent), lambda: agent_readiness(agent), stop
+        ),
+        name="metrics",
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _report_healthy() -> None:
@@ -139,6 +167,7 @@ def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int
     # config-set writes the file back, possibly after -d changed the directory to /.
     config_path = config_path.resolve() if config_path is not None else None
     settings = _settings(config, level)
+    set_log_ids(agent=config.id)  # on every JSON log line
 
     def configure_logging(detached: bool) -> None:
         private_dir(config.data_dir)  # narrowed even when an older version made it 0755

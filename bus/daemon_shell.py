@@ -25,6 +25,7 @@ from bus.detach import PidFile, daemonize, report_ready
 from bus.errors import FleetError
 from bus.eventloop import run
 from bus.log import last_seq
+from bus.logformat import LogFormat, use_format
 from bus.tasks import first_of, wait_any
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class DaemonSettings:
     """Where to log; None: stderr in the foreground, ``default_log_file`` detached."""
     default_log_file: Path | None = None
     use_uvloop: bool = True
+    log_format: LogFormat = "text"
 
 
 def configure_daemon_logging(settings: DaemonSettings, *, detached: bool) -> None:
@@ -70,6 +72,7 @@ def configure_daemon_logging(settings: DaemonSettings, *, detached: bool) -> Non
     else:
         handlers = [logging.StreamHandler(sys.stderr)]
     logging.basicConfig(level=settings.log_level, format=LOG_FORMAT, handlers=handlers, force=True)
+    use_format(settings.log_format)
     # nats-py logs its own reconnect chatter; ours says the same once, in our words.
     logging.getLogger("nats").setLevel(logging.ERROR)
 

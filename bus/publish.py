@@ -47,6 +47,17 @@ _ERR_WRONG_LAST_SEQUENCE = 10071
 HEADER_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 
+@dataclass(slots=True)
+class PublishStats:
+    """Counts for this process's metrics."""
+
+    retries: int = 0
+    """Publish attempts repeated because no stream answered (a reconnect, an election)."""
+
+
+STATS = PublishStats()
+
+
 @dataclass(frozen=True, slots=True)
 class PublishResult:
     """Where the message was stored; ``duplicate`` when an earlier attempt had stored it."""
@@ -120,6 +131,7 @@ async def publish_with_retry(
             delay = backoff.delay(attempt)
             if attempt == attempts or loop.time() + delay >= give_up_at:
                 raise PublishTimeoutError(subject, msg_id, attempt) from exc
+            STATS.retries += 1
             logger.warning(
                 "↻ publish %s (msg id %s) attempt %d: %s; retrying in %.2fs",
                 subject,

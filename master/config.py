@@ -12,16 +12,27 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
+from bus.httpd import Listen
 from bus.paths import config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
 from ledger.policy import Principals
 from schemas import ids
 from schemas.fields import Labels, PublicKey
 from schemas.registry import summarize_validation_error
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+"""Loopback: Prometheus scrapes through a local agent or a tunnel unless told otherwise."""
 
 
 def default_config_path() -> Path:
@@ -82,8 +93,26 @@ class MasterConfig(BaseModel):
         "doubles per failure, at most 300 s",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text, or json: one object per line with time, level, logger, message, ids",
+    )
     log_file: Path | None = None
     pid_file: Path | None = None
+    metrics_listen: str = Field(
+        default=DEFAULT_METRICS_LISTEN,
+        description="HOST:PORT for /metrics, /healthz and /readyz; empty: off",
+    )
+    web_listen: str = Field(
+        default="",
+        description="HOST:PORT of the read-only status page (no host: 127.0.0.1); empty: off. "
+        "Beyond loopback it needs web_tls_cert, web_tls_key and web_token_file",
+    )
+    web_tls_cert: Path | None = Field(default=None, description="the status page's certificate")
+    web_tls_key: Path | None = Field(default=None, description="the status page's key")
+    web_token_file: Path | None = Field(
+        default=None, description="file (mode 0600) holding the status page's access token"
+    )
     agents: dict[str, Principal] = Field(default_factory=dict, description="[agents.ID]")
     operators: dict[str, Principal] = Field(default_factory=dict, description="[operators.NAME]")
     headless: dict[str, Principal] = Field(
@@ -99,6 +128,33 @@ class MasterConfig(BaseModel):
             if problem:
                 raise ValueError(problem)
         return value
+
+    @field_validator("metrics_listen", "web_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value.strip():
+            try:
+                Listen.parse(value)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _web_safety(self) -> MasterConfig:
+        if (self.web_tls_cert is None) != (self.web_tls_key is None):
+            raise ValueError("web_tls_cert and web_tls_key go together")
+        if self.web_listen and not Listen.parse(self.web_listen).loopback:
+            missing = [
+                key
+                for key in ("web_tls_cert", "web_tls_key", "web_token_file")
+                if getattr(self, key) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"web_listen {self.web_listen} is reachable beyond this machine: "
+                    f"it needs TLS and a token; set {', '.join(missing)}"
+                )
+        return self
 
     @property
     def key_path(self) -> Path:

@@ -36,6 +36,7 @@ from master.auth import THROTTLE_CAP_S, AuthService, Throttle
 from master.config import MasterConfig
 from master.durability import Durability
 from master.ingest import follow_log
+from master.observe import start_observability
 from master.presence import GraceTimers, watch_presence
 from master.queries import serve_queries
 from master.registry import register_configured
@@ -151,6 +152,7 @@ class Master:
             logger.info("loaded the snapshot at seq %d", snapshot.seq)
         try:
             async with self.tasks:
+                await start_observability(self)
                 fold = self.tasks.spawn(follow_log(self), "fold")
                 # Queries are answered while catching up too (``status`` says not ready).
                 queries = self.tasks.spawn(self._keep_running("queries", serve_queries), "queries")

@@ -37,6 +37,9 @@ class Durability:
         self.since_snapshot = 0
         self.since_checkpoint = 0
         self._last_snapshot = self._last_checkpoint = time.monotonic()
+        self.last_snapshot_at = self.last_checkpoint_at = time.time()
+        """Wall-clock times of the last stored snapshot and checkpoint (or of the start),
+        for metrics."""
         self.witness = Witness(master.config.data_dir)
 
     def folded(self, entry: Entry) -> None:
@@ -65,6 +68,8 @@ class Durability:
             await save_snapshot(self.master.bus, self.master.projection, self.master.chain)
         except FleetError as exc:
             logger.error("! snapshot failed: %s", exc)
+        else:
+            self.last_snapshot_at = time.time()
 
     async def checkpoint(self) -> None:
         """Publish a signed checkpoint of the chain now, and keep it outside the log."""
@@ -81,6 +86,8 @@ class Durability:
             await kv.put(CHECKPOINT_KEY, pack(data.model_dump()))
         except FleetError as exc:
             logger.error("! checkpoint failed: %s", exc)
+        else:
+            self.last_checkpoint_at = time.time()
 
     async def tick(self) -> None:
         """Snapshot and checkpoint on time when events came but not enough to count."""

@@ -66,6 +66,7 @@ def run_master(config_path: Path | None, level: str | None, detach: bool) -> int
         log_level=level or config.log_level,
         log_file=config.log_file,
         default_log_file=config.data_dir / "master.log",
+        log_format=config.log_format,
     )
     code, _ = run_daemon(settings, lambda: serve_master(config_path, config), detach=detach)
     return code

@@ -282,6 +282,8 @@ class MasterProcess(_Daemon):
             "server": url,
             "data_dir": str(self.dir / "data"),
             "log_level": "DEBUG",
+            # Tests run many masters at once: none may take the default port.
+            "metrics_listen": "127.0.0.1:0",
             **config,
         }
         self.write_config()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from agents import FLEET, AgentProcess, MasterProcess, fleet_env
 from natsserver import NatsServer
+from observe import listening_port, scrape_until
 from samples import sample_envelope
 
 from bus import (
@@ -23,6 +24,7 @@ from bus import (
     generate_seed,
     write_seed_file,
 )
+from bus.metrics import sample
 from schemas import JobFinished
 
 pytestmark = pytest.mark.slow
@@ -116,6 +118,11 @@ async def test_each_principal_gets_only_what_its_role_needs(
             listed, err = await asyncio.wait_for(jobs.communicate(), 60)
             assert jobs.returncode == 0, err.decode()
             assert b'"status": "succeeded"' in listed
+            # Its metrics need nothing beyond the master's grants (a denial would be logged).
+            port = await listening_port(master.log, "metrics and health")
+            scraped = await scrape_until(f"http://127.0.0.1:{port}/metrics", lambda _: True)
+            assert sample(scraped, "fleet_scrape_collector_success", collector="master") == 1
+            assert sample(scraped, "fleet_stream_messages", stream="FLEET_OUTPUT") >= 1
             master.stop()
             assert "denied" not in master.log(), master.log()[-3000:]
 

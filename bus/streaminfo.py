@@ -1,0 +1,57 @@
+"""How full a stream is: what metrics and alerts need to see a limit coming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+
+from bus.connection import Bus
+from bus.errors import ConnectionFailedError, FleetTimeoutError
+
+
+@dataclass(frozen=True, slots=True)
+class StreamUsage:
+    """A stream's state and limits (a limit of 0 means none)."""
+
+    name: str
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    max_messages: int
+    max_bytes: int
+    max_age_s: float
+
+
+async def stream_usage(bus: Bus, stream: str) -> StreamUsage:
+    """Ask the server about ``stream``.
+
+    Raises:
+        ConnectionFailedError: the stream does not exist or the bus is down.
+        FleetTimeoutError: the server did not answer.
+    """
+    try:
+        info = await bus.js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        raise ConnectionFailedError(f"stream {stream} does not exist") from None
+    except nats.errors.TimeoutError as exc:
+        raise FleetTimeoutError(f"no answer about {stream}") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
+    state, config = info.state, info.config
+
+    def limit(value: int | float | None) -> int:
+        return int(value) if value is not None and value > 0 else 0
+
+    return StreamUsage(
+        name=stream,
+        messages=int(state.messages),
+        bytes=int(state.bytes),
+        first_seq=int(state.first_seq),
+        last_seq=int(state.last_seq),
+        max_messages=limit(config.max_msgs),
+        max_bytes=limit(config.max_bytes),
+        max_age_s=float(config.max_age or 0),
+    )

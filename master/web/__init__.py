@@ -1,0 +1,1 @@
+"""The master's read-only status page (see :mod:`master.web.server`)."""
