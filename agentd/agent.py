@@ -1,6 +1,6 @@
 """One agent identity's jobs, presence and control, in one event loop.
 
-The daemon (:mod:`agentd.daemon`) is a thin shell around :class:`Agent`; tests and
+The daemon (:mod:`agentd.startup`) is a thin shell around :class:`Agent`; tests and
 benchmarks host many agents in one process through the same code, each with its own
 identity, consumers, presence key and journal. The agent owns its parts and their tasks:
 the consumer (:mod:`agentd.consumer`) feeds admitted jobs to the runner
