@@ -43,11 +43,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     config.add_argument("--registry", type=Path, required=True, metavar="FILE")
     config.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    config.add_argument(
+        "--store-dir",
+        type=Path,
+        metavar="DIR",
+        help="also render the jetstream block (store in DIR, fsync on every write); "
+        "then the output replaces the server config's own jetstream block",
+    )
     config.set_defaults(handler=server_config)
 
 
+def jetstream_block(store_dir: Path | None) -> str:
+    """The durable ``jetstream`` block, or a reminder of its one required setting.
+
+    nats-server keeps the last ``jetstream`` block of a file whole, so the block is only
+    rendered when asked for (it would otherwise replace the one it is included after).
+    """
+    if store_dir is None:
+        return (
+            "# The server's jetstream block must say `sync_interval: always` (fsync before\n"
+            "# acknowledging), as ops/nats/*.conf do; --store-dir DIR renders one.\n"
+        )
+    return f'jetstream {{\n  store_dir: "{store_dir}"\n  sync_interval: always\n}}\n'
+
+
 def server_config(args: argparse.Namespace) -> int:
-    text = render(load_registry(args.registry))
+    text = jetstream_block(args.store_dir) + render(load_registry(args.registry))
     if args.output is None:
         sys.stdout.write(text)
     else:
