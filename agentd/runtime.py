@@ -33,6 +33,7 @@ from nats.js import api
 
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.config import AgentConfig
+from agentd.contain import kill_leftover_cgroups, kill_tagged
 from agentd.journal import Journal
 from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
@@ -708,8 +709,10 @@ class AgentRuntime:
 
     async def _recover(self) -> None:
         """Report jobs a crash left behind as abandoned, after killing what is left of them."""
+        kill_leftover_cgroups()
         for entry in self._journal.unfinished():
             killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
+            killed += len(kill_tagged(entry.job_id))  # what had left the group
             if await self._already_finished(entry.job_id):
                 # The master recorded it abandoned while we were away: one record only.
                 self._journal.record(entry.job_id, "finished", status="abandoned")

@@ -1,0 +1,318 @@
+"""Every process a job starts ends with the job.
+
+A process group is not enough: a job's child may call ``setsid`` or double-fork into a
+daemon and leave the group. Three nets catch it, each covering the others' gaps:
+
+- a cgroup v2 per job (``fleet-job-<id>`` under the agent's own cgroup), where the agent
+  may create one: ``cgroup.kill`` ends everything inside, however it detached;
+- the agent is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so a detached descendant
+  is reparented to the agent, not to init, and the agent can reap what it kills;
+- the job tag ``FLEET_JOB_ID=<id>`` in every job's environment
+  (:func:`agentd.process.base_environment`): at the job's end every process still
+  carrying it is killed. This also covers a child forked in the moment between the
+  job's start and its move into the cgroup, and the leftovers of an agent that was
+  killed itself (:func:`kill_tagged` on restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+JOB_TAG = "FLEET_JOB_ID"
+"""The environment variable that marks every process of a job (set at spawn)."""
+
+_PROC = Path("/proc")
+_PR_SET_CHILD_SUBREAPER = 36
+_CGROUP_PREFIX = "fleet-job-"
+_SETTLE_S = 5.0  # how long killed processes get to disappear before we give up waiting
+
+_scopes: dict[int, JobScope] = {}
+_subreaper = False
+_home: tuple[Path | None] | None = None
+_spawn_lock = asyncio.Lock()
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux). Idempotent."""
+    global _subreaper
+    if not _subreaper:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _subreaper = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            _subreaper = False
+        if not _subreaper:
+            logger.warning("cannot become a child subreaper: detached job processes go to init")
+    return _subreaper
+
+
+def own_cgroup_dir() -> Path | None:
+    """The agent's own cgroup v2 directory, or None without a cgroup v2 hierarchy.
+
+    Read once: later the agent may be inside a job's cgroup for a moment (see
+    :func:`spawning`).
+    """
+    global _home
+    if _home is None:
+        _home = (_read_own_cgroup(),)
+    return _home[0]
+
+
+def _move(pid: int, cgroup: Path) -> bool:
+    try:
+        (cgroup / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        # E.g. a parent cgroup with controllers enabled (the no-internal-process rule).
+        logger.debug("cannot move pid %d into %s: %s", pid, cgroup, exc)
+        return False
+    return True
+
+
+def _read_own_cgroup() -> Path | None:
+    try:
+        lines = (_PROC / "self" / "cgroup").read_text().splitlines()
+        mounts = (_PROC / "self" / "mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    rel = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if rel is None:
+        return None
+    for mount in mounts:
+        fields, _, rest = mount.partition(" - ")
+        if rest.split()[:1] == ["cgroup2"]:
+            return Path(fields.split()[4]) / rel.lstrip("/")
+    return None
+
+
+class JobScope:
+    """Everything one job started: its cgroup (if any) and its tag.
+
+    Args:
+        job_id: the job, as in its ``FLEET_JOB_ID``.
+        cgroup_parent: where to create the job's cgroup; None for no cgroup (the
+            subreaper and the tag still apply).
+    """
+
+    def __init__(self, job_id: str, cgroup_parent: Path | None) -> None:
+        self.job_id = job_id
+        self.leader: int | None = None
+        self.cgroup: Path | None = None
+        become_subreaper()
+        if cgroup_parent is not None:
+            path = cgroup_parent / f"{_CGROUP_PREFIX}{job_id}"
+            try:
+                path.mkdir(exist_ok=True)
+                self.cgroup = path
+            except OSError as exc:
+                logger.debug("no cgroup for job %s: %s", job_id, exc)
+
+    def adopt(self, pid: int) -> None:
+        """Take the job's leader in (into the cgroup, if it is not there yet)."""
+        self.leader = pid
+        _scopes[pid] = self
+        if self.cgroup is not None and not _move(pid, self.cgroup):
+            self._remove_cgroup()
+
+    async def end(self) -> int:
+        """Kill every process of the job that is left, reap them, remove the cgroup.
+
+        Returns:
+            How many processes were killed (besides the leader's group).
+        """
+        _scopes.pop(self.leader or -1, None)
+        killed = 0
+        if self.cgroup is not None:
+            killed += _kill_cgroup(self.cgroup)
+        pids = kill_tagged(self.job_id, spare={self.leader} if self.leader else set())
+        killed += len(pids)
+        await _settle(self.cgroup, pids)
+        self._remove_cgroup()
+        if killed:
+            logger.warning("job %s: killed %d processes left behind", self.job_id, killed)
+        return killed
+
+    def _remove_cgroup(self) -> None:
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
+            self.cgroup = None
+
+
+@contextlib.asynccontextmanager
+async def spawning(job_id: str | None) -> AsyncIterator[JobScope | None]:
+    """Around starting a job's leader: the leader is born inside the job's cgroup.
+
+    The agent steps into the job's cgroup for the moment of the fork and back out, so
+    the leader never runs outside it (moving it afterwards would race its first forks).
+    Spawns are serialised meanwhile, so no other job's leader is born in this cgroup.
+    The caller passes the new leader's pid to :meth:`JobScope.adopt`.
+    """
+    if job_id is None:
+        yield None
+        return
+    async with _spawn_lock:
+        home = own_cgroup_dir()
+        scope = JobScope(job_id, home)
+        entered = scope.cgroup is not None and _move(os.getpid(), scope.cgroup)
+        if scope.cgroup is not None and not entered:
+            scope._remove_cgroup()
+        try:
+            yield scope
+        finally:
+            if entered and home is not None and not _move(os.getpid(), home):
+                logger.error("the agent could not leave job %s's cgroup", job_id)
+
+
+def scope_of(pid: int) -> JobScope | None:
+    """The scope of the job whose leader is ``pid``, if it was contained."""
+    return _scopes.get(pid)
+
+
+def kill_tagged(job_id: str, *, spare: set[int] | None = None) -> list[int]:
+    """SIGKILL every live process whose environment carries this job's tag.
+
+    Repeats until none is found (a process may fork while its siblings are killed).
+
+    Returns:
+        The pids signalled.
+    """
+    marker = f"\0{JOB_TAG}={job_id}\0".encode()
+    signalled: list[int] = []
+    for _ in range(10):
+        found = [
+            pid
+            for pid in _tagged(marker)
+            if pid not in signalled and pid != os.getpid() and pid not in (spare or set())
+        ]
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        signalled += found
+    return signalled
+
+
+def kill_leftover_cgroups() -> int:
+    """After a restart: kill whatever is left in job cgroups of an earlier incarnation."""
+    parent = own_cgroup_dir()
+    if parent is None or not parent.is_dir():
+        return 0
+    killed = 0
+    for path in parent.glob(f"{_CGROUP_PREFIX}*"):
+        if path.name.removeprefix(_CGROUP_PREFIX) in {s.job_id for s in _scopes.values()}:
+            continue
+        killed += _kill_cgroup(path)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    return killed
+
+
+def _tagged(marker: bytes) -> list[int]:
+    pids = []
+    for entry in os.scandir(_PROC):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue  # gone, a kernel thread, or not ours to read
+        if marker in b"\0" + environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_cgroup(path: Path) -> int:
+    try:
+        procs = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return 0
+    if not procs:
+        return 0
+    try:
+        (path / "cgroup.kill").write_text("1")  # Linux 5.14+: atomic, no fork race
+    except OSError:
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    return len(procs)
+
+
+async def _settle(cgroup: Path | None, pids: list[int]) -> None:
+    """Wait until the killed processes are gone, reaping those reparented to us."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _SETTLE_S
+    waiting = set(pids)
+    while loop.time() < give_up:
+        for pid in list(waiting):
+            if _reap_or_gone(pid):
+                waiting.discard(pid)
+        if not waiting and not _populated(cgroup):
+            _reap_orphans()
+            return
+        await asyncio.sleep(0.01)  # SIGKILL takes effect asynchronously; poll briefly
+    logger.error("processes %s of a job did not go away after SIGKILL", sorted(waiting))
+
+
+def _reap_or_gone(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return not _alive(pid)  # not our child: gone once it is not running
+    return done == pid
+
+
+def _reap_orphans() -> None:
+    """Reap zombies reparented to us that no job leader's watcher will wait for."""
+    me = str(os.getpid())
+    for entry in os.scandir(_PROC):
+        if not entry.name.isdigit() or int(entry.name) in _scopes:
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and fields[0] == "Z" and fields[1] == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
+def _populated(cgroup: Path | None) -> bool:
+    if cgroup is None:
+        return False
+    try:
+        return "populated 1" in (cgroup / "cgroup.events").read_text()
+    except OSError:
+        return False
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+__all__ = [
+    "JOB_TAG",
+    "JobScope",
+    "become_subreaper",
+    "kill_leftover_cgroups",
+    "kill_tagged",
+    "own_cgroup_dir",
+    "scope_of",
+    "spawning",
+]

@@ -1,0 +1,161 @@
+"""Helpers for the fault scenarios: counting what the log says, and job processes in /proc.
+
+Every scenario ends with :func:`report`, which prints its counts (so CI's output shows
+them) and asserts the invariants: every acknowledged job is in the log, nothing ran
+twice, and every job that ended has exactly one terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents import pid_alive
+
+from bus import Bus, decode_envelope
+from bus.codec import decode_data
+from bus.log import read_log
+from schemas import JobFinished
+
+#: A job that detaches two processes from its group and waits until both run: one with
+#: ``setsid``, and a classic double-forking daemon with its stdio on /dev/null. Each
+#: writes its pid to a file in DIR (atomically). Then ``$1`` says what the job does:
+#: ``exit`` ends it at once, ``hang`` leaves it running (for a cancel or a timeout).
+ESCAPING_JOB = r"""
+D="$1"; shift
+setsid sh -c 'echo $$ > "$0/setsid.tmp"; mv "$0/setsid.tmp" "$0/setsid.pid"; exec sleep 1000' "$D" &
+python3 - "$D" <<'EOF'
+import os, sys, time
+if os.fork():
+    sys.exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+with open(sys.argv[1] + "/daemon.tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(sys.argv[1] + "/daemon.tmp", sys.argv[1] + "/daemon.pid")
+time.sleep(1000)
+EOF
+while [ ! -s "$D/setsid.pid" ] || [ ! -s "$D/daemon.pid" ]; do sleep 0.02; done
+echo detached
+if [ "$1" = hang ]; then sleep 1000; fi
+"""
+
+
+def escapee_pids(directory: Path) -> dict[str, int]:
+    """The pids the escaping job wrote: ``{"setsid": pid, "daemon": pid}``."""
+    return {name: int((directory / f"{name}.pid").read_text()) for name in ("setsid", "daemon")}
+
+
+def cgroup_of(pid: int) -> str:
+    """The cgroup membership of a process, as /proc lists it."""
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def tagged_processes(job_id: str) -> list[int]:
+    """Live processes whose environment carries this job's tag."""
+    marker = f"\0FLEET_JOB_ID={job_id}\0".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker in b"\0" + environ and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+async def terminal_events(bus: Bus) -> dict[str, list[str]]:
+    """Every job's terminal statuses in log order: ``{job_id: ["succeeded", ...]}``."""
+    records = await read_log(
+        bus, bus.subjects.events_stream, f"{bus.subjects.prefix}.evt.job.*.*.finished"
+    )
+    out: dict[str, list[str]] = {}
+    for record in records:
+        data = decode_data(decode_envelope(record.data)).data
+        assert isinstance(data, JobFinished)
+        out.setdefault(data.job_id, []).append(data.status)
+    return out
+
+
+async def events_named(bus: Bus, name: str) -> Counter[str]:
+    """How many events named ``name`` (``submitted``, ``started``, …) each job has."""
+    records = await read_log(
+        bus, bus.subjects.events_stream, f"{bus.subjects.prefix}.evt.job.*.*.{name}"
+    )
+    return Counter(r.subject.split(".")[-2] for r in records)
+
+
+def side_effects(directory: Path) -> Counter[str]:
+    """How many times each job ran: one line per run in ``directory/<job marker>``."""
+    counts: Counter[str] = Counter()
+    for path in directory.iterdir():
+        counts[path.name] = len(path.read_text().splitlines())
+    return counts
+
+
+@dataclass
+class Counts:
+    """What a scenario observed; :meth:`check` asserts the invariants and prints."""
+
+    scenario: str
+    submitted: int = 0
+    acknowledged: set[str] = field(default_factory=set)
+    executed: Counter[str] = field(default_factory=Counter)
+    terminal: dict[str, list[str]] = field(default_factory=dict)
+    stored: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def check(self, *, all_ended: bool = True, ran: set[str] | None = None) -> None:
+        """Print the counts, then assert them.
+
+        Args:
+            all_ended: every acknowledged job must have its terminal event.
+            ran: the side-effect names that must have run once each (default: none
+                checked beyond "at most once").
+        """
+        twice = sorted(k for k, n in self.executed.items() if n > 1)
+        multi = {j: s for j, s in self.terminal.items() if len(s) > 1}
+        unended = sorted(j for j in self.acknowledged if j not in self.terminal)
+        statuses = Counter(s[0] for s in self.terminal.values())
+        print(
+            f"\nFAULT {self.scenario}: submitted={self.submitted} "
+            f"acknowledged={len(self.acknowledged)} stored={self.stored} "
+            f"executed={sum(self.executed.values())} (jobs run >1: {len(twice)}) "
+            f"jobs with a terminal event={len(self.terminal)} "
+            f"(>1 terminal: {len(multi)}) statuses={dict(statuses)} "
+            + " ".join(f"{k}={v}" for k, v in self.extra.items()),
+            flush=True,
+        )
+        assert not twice, f"ran more than once: {twice[:10]}"
+        assert not multi, f"more than one terminal event: {dict(list(multi.items())[:10])}"
+        assert self.stored >= len(self.acknowledged), "an acknowledged job is not in the log"
+        if all_ended:
+            assert not unended, f"{len(unended)} acknowledged jobs never ended: {unended[:10]}"
+        if ran is not None:
+            missing = sorted(ran - set(self.executed))
+            assert not missing, f"{len(missing)} jobs never ran: {missing[:10]}"
+
+
+async def wait_until(predicate: object, timeout: float, what: str) -> None:
+    """Until ``predicate()`` (sync or async) is true; AssertionError after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while True:
+        result = predicate()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > give_up:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.1)  # polling a condition with no event to await (/proc, files)
