@@ -34,7 +34,10 @@ from bus.errors import (
     PermissionDeniedError,
 )
 from bus.keys import read_seed_file
+from bus.kv import KeyValueStore
+from bus.objects import ObjectStoreHandle
 from bus.publish import PublishResult, publish_event
+from bus.retry import Backoff
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from schemas import Envelope
 
@@ -69,7 +72,7 @@ class ConnectSettings(BaseModel):
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform in ``[0, min(cap, initial·2^attempt)]``."""
-    return rng.uniform(0, min(cap, initial * (2 ** min(attempt, 30))))
+    return Backoff(initial, cap, rng=rng).delay(attempt)
 
 
 def _reconnect_handler(
@@ -167,8 +170,18 @@ class Bus:
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
-    async def publish_event(self, envelope: Envelope, *, timeout: float = 2.0) -> PublishResult:
-        """Store an event in the event log, deduplicated by its id (see :mod:`bus.publish`)."""
+    async def publish_event(
+        self,
+        envelope: Envelope,
+        *,
+        timeout: float = 2.0,
+        expected_last_subject_seq: int | None = None,
+    ) -> PublishResult:
+        """Store an event in the event log, deduplicated by its id (see :mod:`bus.publish`).
+
+        With ``expected_last_subject_seq=0`` the event is stored only as the first on its
+        subject; otherwise :class:`~bus.errors.SubjectTakenError` says who was first.
+        """
         return await publish_event(
             self.js,
             envelope,
@@ -176,6 +189,7 @@ class Bus:
             timeout=timeout,
             max_size=self.settings.max_msg_size,
             denied=self.denial,
+            expected_last_subject_seq=expected_last_subject_seq,
         )
 
     def denial(self, subject: str) -> PermissionDeniedError | None:
@@ -187,6 +201,24 @@ class Bus:
                 return PermissionDeniedError(refusal.operation, subject)
         return None
 
+    async def kv(self, bucket: str) -> KeyValueStore:
+        """A provisioned KV bucket behind fleetbus types (see :mod:`bus.kv`).
+
+        Raises:
+            ConnectionFailedError: the bucket does not exist (``fleet ops init``) or the
+                server cannot be reached.
+        """
+        return KeyValueStore(await self.key_value(bucket), bucket)
+
+    async def objects(self, bucket: str) -> ObjectStoreHandle:
+        """A provisioned object store behind fleetbus types (see :mod:`bus.objects`).
+
+        Raises:
+            ConnectionFailedError: the store does not exist (``fleet ops init``) or the
+                server cannot be reached.
+        """
+        return ObjectStoreHandle(await self.object_store(bucket), bucket, self.subjects, self.js)
+
     async def key_value(self, bucket: str) -> KeyValue:
         """A provisioned KV bucket (cached)."""
         if bucket not in self._kv:
@@ -196,6 +228,8 @@ class Bus:
                 raise ConnectionFailedError(
                     f"KV bucket {bucket} does not exist; run `fleet ops init` first"
                 ) from None
+            except (nats.errors.Error, OSError) as exc:
+                raise ConnectionFailedError(f"KV bucket {bucket}: {exc}") from exc
         return self._kv[bucket]
 
     async def object_store(self, bucket: str) -> ObjectStore:
@@ -206,6 +240,8 @@ class Bus:
             raise ConnectionFailedError(
                 f"object store {bucket} does not exist; run `fleet ops init` first"
             ) from None
+        except (nats.errors.Error, OSError) as exc:
+            raise ConnectionFailedError(f"object store {bucket}: {exc}") from exc
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drain (deliver what is in flight, then close), bounded by ``timeout``."""

@@ -135,6 +135,32 @@ class PayloadTooLargeError(BadMessageError):
         super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
 
 
+class SubjectTakenError(FleetError):
+    """A publish that must be the first on its subject found another message there.
+
+    ``seq`` is the stream sequence of the message that got there first: for a job's
+    ``.finished`` subject, the outcome that was recorded instead of ours.
+    """
+
+    def __init__(self, subject: str, seq: int) -> None:
+        super().__init__(f"{subject} already holds message {seq}")
+        self.subject = subject
+        self.seq = seq
+
+
+class RevisionMismatchError(FleetError):
+    """A conditional KV write found another revision than the one it was based on."""
+
+    def __init__(self, bucket: str, key: str) -> None:
+        super().__init__(f"{bucket}/{key} was changed by someone else")
+        self.bucket = bucket
+        self.key = key
+
+
+class KeyExistsError(RevisionMismatchError):
+    """A KV create found the key already there."""
+
+
 class JobFailedError(FleetError):
     """The job ran and did not succeed on at least one target."""
 

@@ -16,6 +16,7 @@ import nats.js.errors
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError
+from bus.subjects import Subjects
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ class Lease:
 
     def __init__(self, bus: Bus, bucket: str, key: str, holder: str, ttl_s: float) -> None:
         self.bus = bus
-        self.stream = f"KV_{bucket}"
+        self.stream = Subjects.kv_stream(bucket)
         self.bucket = bucket
         self.key = key
-        self.subject = f"$KV.{bucket}.{key}"
+        self.subject = Subjects.kv_key(bucket, key)
         self.holder = holder
         self.ttl_s = max(1.0, ttl_s)
         self.revision: int | None = None
@@ -72,10 +73,9 @@ class Lease:
         """Take the lease, waiting up to ``wait_s`` for its holder to let go."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        kv = await self.bus.key_value(self.bucket)
+        kv = await self.bus.kv(self.bucket)
         while True:
-            watcher = await kv.watch(self.key, include_history=False)
-            try:
+            async with kv.watch(self.key) as changes:
                 if await self.try_acquire():
                     return True
                 remaining = deadline - loop.time()
@@ -83,13 +83,11 @@ class Lease:
                     return False
                 try:
                     async with asyncio.timeout(remaining):
-                        async for entry in watcher:
-                            if entry is not None and entry.operation in _FREE_OPERATIONS:
+                        async for entry in changes:
+                            if entry is not None and entry.deleted:
                                 break
                 except TimeoutError:
                     return await self.try_acquire()
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def renew(self) -> bool:
         """Extend the lease; False if it was lost (expired and taken by another)."""

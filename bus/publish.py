@@ -5,13 +5,19 @@ acknowledgement does not arrive (a slow server, a reconnect, a leader election),
 same bytes are published again with the same id: the stream's duplicate window turns a
 retry of something already stored into a no-op (``duplicate=True`` in the ack), so a
 retry can never store an event twice.
+
+An event that must be the only one on its subject (a job's terminal outcome) is
+published with ``Nats-Expected-Last-Subject-Sequence``: the server stores it only if
+nothing is there yet. A retry of our own stored attempt then meets the same refusal as a
+competitor's message would, so the refusal is resolved by reading the subject's last
+message: our id means it was ours (a duplicate), another id means we lost
+(:class:`~bus.errors.SubjectTakenError`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +32,9 @@ from bus.errors import (
     FleetError,
     PermissionDeniedError,
     PublishTimeoutError,
+    SubjectTakenError,
 )
+from bus.retry import Backoff
 from schemas import Envelope
 
 logger = logging.getLogger(__name__)
@@ -35,6 +43,8 @@ DEFAULT_DEADLINE_S = 30.0
 """How long a publish keeps retrying in all: longer than a JetStream leader election."""
 _ERR_WRONG_STREAM = 10060  # expected stream does not match
 _ERR_TOO_LARGE = 10054  # message size exceeds maximum allowed
+_ERR_WRONG_LAST_SEQUENCE = 10071
+HEADER_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,7 @@ async def publish_with_retry(
     backoff_initial_s: float = 0.1,
     backoff_max_s: float = 2.0,
     denied: Callable[[str], PermissionDeniedError | None] | None = None,
+    expected_last_subject_seq: int | None = None,
 ) -> PublishResult:
     """Publish and wait for the stream's acknowledgement, retrying with the same id.
 
@@ -76,8 +87,12 @@ async def publish_with_retry(
         denied: looks up a refusal of ``subject`` by the server (see
             :meth:`bus.connection.Bus.denial`): the server reports those only through
             the error callback, so without it a forbidden publish looks like a timeout.
+        expected_last_subject_seq: store only if the subject's last message has this
+            sequence (0: the subject is empty); needs ``stream``.
 
     Raises:
+        SubjectTakenError: ``expected_last_subject_seq`` did not hold and the subject's
+            last message is not an earlier attempt of ours.
         PermissionDeniedError: the server refused this subject to this principal.
         PublishTimeoutError: no acknowledgement before the deadline (or the cap).
         ConnectionFailedError: the connection is closed for good.
@@ -85,7 +100,11 @@ async def publish_with_retry(
     """
     hdrs = dict(headers or {})
     hdrs[HEADER_MSG_ID] = msg_id
-    rng = random.Random()
+    if expected_last_subject_seq is not None:
+        if stream is None:
+            raise ValueError("expected_last_subject_seq needs the stream's name")
+        hdrs[HEADER_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+    backoff = Backoff(backoff_initial_s, backoff_max_s)
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + deadline_s
     attempt = 0
@@ -98,7 +117,7 @@ async def publish_with_retry(
             if refusal is not None:
                 raise refusal from exc
             # No stream answered: a reconnect or an election in progress. Same id again.
-            delay = rng.uniform(0, min(backoff_max_s, backoff_initial_s * 2 ** min(attempt, 30)))
+            delay = backoff.delay(attempt)
             if attempt == attempts or loop.time() + delay >= give_up_at:
                 raise PublishTimeoutError(subject, msg_id, attempt) from exc
             logger.warning(
@@ -114,10 +133,26 @@ async def publish_with_retry(
         except nats.errors.ConnectionClosedError as exc:
             raise ConnectionFailedError(f"cannot publish to {subject}: connection closed") from exc
         except nats.js.errors.APIError as exc:
+            if exc.err_code == _ERR_WRONG_LAST_SEQUENCE and stream is not None:
+                return await _resolve_taken(js, stream, subject, msg_id, exc)
             if exc.err_code in (_ERR_WRONG_STREAM, _ERR_TOO_LARGE):
                 raise BadMessageError(f"server refused {subject}: {exc.description}") from exc
             raise FleetError(f"server refused {subject}: {exc.description}") from exc
         return PublishResult(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+
+async def _resolve_taken(
+    js: JetStreamContext, stream: str, subject: str, msg_id: str, refusal: Exception
+) -> PublishResult:
+    """Tell our own earlier stored attempt from a competitor's message on ``subject``."""
+    try:
+        last = await js.get_last_msg(stream, subject, direct=True)
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot read the last message on {subject}: {exc}") from exc
+    seq = int(last.seq or 0)
+    if (last.headers or {}).get(HEADER_MSG_ID) == msg_id:
+        return PublishResult(stream=stream, seq=seq, duplicate=True)
+    raise SubjectTakenError(subject, seq) from refusal
 
 
 async def publish_event(
@@ -130,10 +165,12 @@ async def publish_event(
     attempts: int | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
     denied: Callable[[str], PermissionDeniedError | None] | None = None,
+    expected_last_subject_seq: int | None = None,
 ) -> PublishResult:
     """Encode an envelope and publish it on its own subject, deduplicated by its id.
 
     Raises:
+        SubjectTakenError: as :func:`publish_with_retry`.
         PayloadTooLargeError: the event is too large; nothing was sent.
         PublishTimeoutError, ConnectionFailedError, BadMessageError: as
             :func:`publish_with_retry`.
@@ -150,4 +187,5 @@ async def publish_event(
         deadline_s=deadline_s,
         attempts=attempts,
         denied=denied,
+        expected_last_subject_seq=expected_last_subject_seq,
     )

@@ -15,11 +15,12 @@ import nats.errors
 from bus.codec import decode_model, encode_model
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetError, FleetTimeoutError
+from bus.retry import CONTROL_BACKOFF_CAP_S, Backoff
 from schemas import ControlReply, ControlRequest
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_CAP_S = 60.0
+BACKOFF_CAP_S = CONTROL_BACKOFF_CAP_S
 
 OP_TIMEOUTS_S: dict[str, float] = {
     "status": 5.0,
@@ -33,7 +34,7 @@ OP_TIMEOUTS_S: dict[str, float] = {
 
 def retry_delays(attempts: int, first: float = 1.0, cap: float = BACKOFF_CAP_S) -> list[float]:
     """The pauses between ``attempts`` tries: 1, 2, 4 … seconds, never above ``cap``."""
-    return [min(cap, first * 2**n) for n in range(max(0, attempts - 1))]
+    return list(Backoff(first, cap, jitter=False).delays(max(0, attempts - 1)))
 
 
 async def control(

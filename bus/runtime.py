@@ -11,6 +11,10 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from bus.tasks import wait_any
+
+__all__ = ["loop_factory", "run", "wait_any"]
+
 T = TypeVar("T")
 
 
@@ -30,19 +34,3 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run ``main`` to completion in a new event loop and return its result."""
     with asyncio.Runner(loop_factory=loop_factory(use_uvloop)) as runner:
         return runner.run(main)
-
-
-async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Wait until one of ``events`` is set, or ``timeout`` seconds pass (None: no limit).
-
-    Loops that must end on shutdown wait on their stop flag this way rather than rely on
-    cancellation alone: on Python 3.11 a cancellation that lands as a nats-py request
-    completes can be swallowed by ``asyncio.wait_for``.
-    """
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in waits:
-            task.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)

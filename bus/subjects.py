@@ -100,6 +100,29 @@ class Subjects:
     def snapshots_bucket(self) -> str:
         return f"{self.prefix}-snapshots"
 
+    # --- JetStream's own names for KV buckets and object stores ---------------------------
+    # Built here so no other module spells out ``KV_``, ``OBJ_``, ``$KV.`` or ``$O.``.
+
+    @staticmethod
+    def kv_stream(bucket: str) -> str:
+        """The stream behind a KV bucket."""
+        return f"KV_{bucket}"
+
+    @staticmethod
+    def kv_key(bucket: str, key: str) -> str:
+        """The subject a KV key is stored on (``key`` may be a wildcard)."""
+        return f"$KV.{bucket}.{key}"
+
+    @staticmethod
+    def object_stream(bucket: str) -> str:
+        """The stream behind an object store."""
+        return f"OBJ_{bucket}"
+
+    @staticmethod
+    def object_chunks(bucket: str, nuid: str) -> str:
+        """The subject an object's chunks are stored on."""
+        return f"$O.{bucket}.C.{nuid}"
+
     # --- the event log ------------------------------------------------------------------
 
     @property

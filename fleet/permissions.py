@@ -129,6 +129,7 @@ def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
                             f"$KV.{s.presence_bucket}.{agent}",
                             f"{p}.evt.job.{agent}.*.started",
                             f"{p}.evt.job.{agent}.*.finished",
+                            f"{p}.evt.job.{agent}.*.late_result",
                             f"{p}.evt.agent.{agent}.>",
                             f"{p}.evt.update.*.{agent}.*",
                             f"{p}.out.{agent}.>",
@@ -166,6 +167,7 @@ def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
                             f"{p}.evt.auth.>",
                             f"{p}.evt.job.*.*.submitted",
                             f"{p}.evt.job.*.*.finished",
+                            f"{p}.evt.job.*.*.late_result",
                             f"{p}.evt.update.*.rollout_halted",
                             f"{p}.evt.settings.changed",
                         ]

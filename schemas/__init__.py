@@ -20,6 +20,7 @@ from schemas.events import (
     EventData,
     JobCancelRequested,
     JobFinished,
+    JobLateResult,
     JobStarted,
     JobStatus,
     JobSubmitted,
@@ -34,7 +35,7 @@ from schemas.events import (
     UpdateTokenReleased,
     event_name,
 )
-from schemas.ids import new_id
+from schemas.ids import new_id, stable_id
 from schemas.jobs import ArgvCommand, Command, JobRequest, ModuleCommand, ScriptCommand
 from schemas.presence import Presence
 from schemas.registry import EventRegistry, InvalidEventError, Upcaster, default_registry
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidEventError",
     "JobCancelRequested",
     "JobFinished",
+    "JobLateResult",
     "JobRequest",
     "JobStarted",
     "JobStatus",
@@ -86,4 +88,5 @@ __all__ = [
     "event_name",
     "make_envelope",
     "new_id",
+    "stable_id",
 ]

@@ -81,10 +81,9 @@ class JobStarted(EventData):
     effective_user: UserName
 
 
-class JobFinished(EventData):
-    """The job ended; ``status`` says how. The only terminal job event."""
+class _JobOutcome(EventData):
+    """What is known of how a job ended: shared by the outcome and a late report of one."""
 
-    TYPE = "job.finished"
     job_id: EventId
     agent: AgentId
     status: JobStatus
@@ -99,6 +98,28 @@ class JobFinished(EventData):
     output once it holds this many."""
     truncated: bool = False
     reason: Text | None = None
+
+
+class JobFinished(_JobOutcome):
+    """The job ended; ``status`` says how. The only terminal job event.
+
+    Published on ``fleet.evt.job.<agent>.<job>.finished`` only if that subject holds
+    nothing yet (``Nats-Expected-Last-Subject-Sequence: 0``), so the server, not luck,
+    decides which of competing outcomes (the agent's result, the master's ``abandoned``
+    or ``expired``, a cancel without the agent) is the one.
+    """
+
+    TYPE = "job.finished"
+
+
+class JobLateResult(_JobOutcome):
+    """An outcome that lost: another ``job.finished`` was already recorded for the job.
+
+    Not terminal. It keeps what the loser knew (an agent that ran the job after the
+    master had abandoned it reports its exit here), shown beside the recorded outcome.
+    """
+
+    TYPE = "job.late_result"
 
 
 # --- agents: fleet.evt.agent.<agent>.<event> ------------------------------------------
@@ -287,6 +308,7 @@ JOB_EVENTS: tuple[type[EventData], ...] = (
     JobCancelRequested,
     JobStarted,
     JobFinished,
+    JobLateResult,
 )
 AGENT_EVENTS: tuple[type[EventData], ...] = (
     AgentRegistered,
@@ -317,6 +339,7 @@ AnyEventData = (
     | JobCancelRequested
     | JobStarted
     | JobFinished
+    | JobLateResult
     | AgentRegistered
     | AgentDeregistered
     | AgentOnline

@@ -12,6 +12,7 @@ and ``-``, starting with a letter or digit, at most 64 characters.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -84,6 +85,15 @@ def version_token(version: str) -> str:
     return token
 
 
+def _encode(value: int) -> str:
+    """128 bits as 26 Crockford base-32 characters, most significant first."""
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
 class _IdGenerator:
     """ULID-shaped ids: 48 bits of milliseconds, 80 bits that only grow within one ms.
 
@@ -108,12 +118,7 @@ class _IdGenerator:
             else:
                 rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for +1
             self._last_ms, self._last_rand = ms, rand
-        value = (ms << 80) | rand
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        return _encode((ms << 80) | rand)
 
 
 _generator = _IdGenerator()
@@ -122,6 +127,23 @@ _generator = _IdGenerator()
 def new_id() -> str:
     """A new time-ordered unique id (26 characters, a valid subject token)."""
     return _generator.new()
+
+
+def stable_id(anchor: str, *parts: str) -> str:
+    """The same id every time for the same ``anchor`` and ``parts``.
+
+    An event that a retry can repeat (an agent's ``job.finished`` after a reconnect, the
+    master's ``abandoned`` after a restart) must carry one id on every try, or the
+    stream's duplicate window cannot recognise the repeat. The time part is the anchor's
+    (a job id's creation time), so the id still sorts near its job; the rest is a hash of
+    the anchor and ``parts``.
+
+    Raises:
+        ValueError: ``anchor`` is not an id made by :func:`new_id`.
+    """
+    ms = id_time_ns(anchor) // 1_000_000
+    digest = hashlib.sha256("\x1f".join((anchor, *parts)).encode()).digest()
+    return _encode((ms << 80) | int.from_bytes(digest[:10], "big"))
 
 
 def id_time_ns(identifier: str) -> int:

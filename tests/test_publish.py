@@ -8,7 +8,7 @@ import logging
 import pytest
 from busutil import LogEvent, stream_envelopes
 from natsserver import NatsServer
-from samples import sample_data, sample_envelope
+from samples import AGENT, JOB, sample_data, sample_envelope
 
 from bus import (
     BadMessageError,
@@ -16,11 +16,14 @@ from bus import (
     PayloadTooLargeError,
     PublishTimeoutError,
     Signer,
+    SubjectTakenError,
     generate_seed,
     publish_event,
     sign_envelope,
     verify_envelope,
 )
+from schemas import JobFinished, make_envelope, stable_id
+from schemas.ids import id_time_ns
 
 pytestmark = pytest.mark.both_loops
 
@@ -92,3 +95,37 @@ async def test_event_on_a_subject_outside_the_log_is_refused(bus: Bus) -> None:
     env = sample_envelope(sample_data()[3]).model_copy(update={"subject": "fleet.out.a.b"})
     with pytest.raises(BadMessageError, match="refused"):
         await bus.publish_event(env)
+
+
+async def test_first_outcome_wins_and_our_own_retry_is_a_duplicate(bus: Bus) -> None:
+    """Two competing terminal events: the server keeps the first; a retry is not a loser."""
+    agent_result = make_envelope(
+        JobFinished(job_id=JOB, agent=AGENT, status="succeeded", exit_code=0),
+        source=AGENT,
+        subject=bus.subjects.job_event(AGENT, JOB, "finished"),
+        event_id=stable_id(JOB, "finished", AGENT),
+    )
+    abandoned = make_envelope(
+        JobFinished(job_id=JOB, agent=AGENT, status="abandoned"),
+        source="master",
+        subject=agent_result.subject,
+        event_id=stable_id(JOB, "finished", "master"),
+    )
+    first = await bus.publish_event(agent_result, expected_last_subject_seq=0)
+    again = await bus.publish_event(agent_result, expected_last_subject_seq=0)
+    assert not first.duplicate
+    assert again.duplicate
+    assert again.seq == first.seq
+    with pytest.raises(SubjectTakenError) as lost:
+        await bus.publish_event(abandoned, expected_last_subject_seq=0)
+    assert lost.value.seq == first.seq
+    stored = await stream_envelopes(bus.js, "FLEET_EVENTS")
+    assert [e.id for e in stored] == [agent_result.id]
+
+
+def test_stable_ids_repeat_for_the_same_event_and_differ_otherwise() -> None:
+    assert stable_id(JOB, "finished") == stable_id(JOB, "finished")
+    assert stable_id(JOB, "finished") != stable_id(JOB, "started")
+    assert id_time_ns(stable_id(JOB, "finished")) == id_time_ns(JOB)
+    with pytest.raises(ValueError, match="not a fleetbus id"):
+        stable_id("job-1", "finished")
