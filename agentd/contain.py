@@ -11,7 +11,7 @@ daemon and leave the group. Three nets catch it, each covering the others' gaps:
   (:func:`agentd.process.base_environment`): at the job's end every process still
   carrying it is killed. This also covers a child forked in the moment between the
   job's start and its move into the cgroup, and the leftovers of an agent that was
-  killed itself (:func:`kill_tagged` on restart).
+  killed itself (:func:`kill_job_leftovers` on restart).
 """
 
 from __future__ import annotations
@@ -202,19 +202,33 @@ def kill_tagged(job_id: str, *, spare: set[int] | None = None) -> list[int]:
     return signalled
 
 
-def kill_leftover_cgroups() -> int:
-    """After a restart: kill whatever is left in job cgroups of an earlier incarnation."""
+def kill_job_leftovers(job_id: str) -> int:
+    """After a restart: kill what is left of a job the agent no longer supervises.
+
+    Returns:
+        How many processes were signalled (its cgroup's and those carrying its tag).
+    """
+    parent = own_cgroup_dir()
+    cgroup = parent / f"{_CGROUP_PREFIX}{job_id}" if parent is not None else None
+    killed = _kill_cgroup(cgroup) if cgroup is not None else 0
+    killed += len(kill_tagged(job_id))
+    if cgroup is not None:
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()  # may still be busy with the dying; removed on the next restart
+    return killed
+
+
+def remove_stale_cgroups() -> None:
+    """After a restart's recovery: remove job cgroups no running job owns."""
     parent = own_cgroup_dir()
     if parent is None or not parent.is_dir():
-        return 0
-    killed = 0
+        return
+    owned = {f"{_CGROUP_PREFIX}{s.job_id}" for s in _scopes.values()}
     for path in parent.glob(f"{_CGROUP_PREFIX}*"):
-        if path.name.removeprefix(_CGROUP_PREFIX) in {s.job_id for s in _scopes.values()}:
-            continue
-        killed += _kill_cgroup(path)
-        with contextlib.suppress(OSError):
-            path.rmdir()
-    return killed
+        if path.name not in owned:
+            _kill_cgroup(path)
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _tagged(marker: bytes) -> list[int]:
@@ -310,9 +324,10 @@ __all__ = [
     "JOB_TAG",
     "JobScope",
     "become_subreaper",
-    "kill_leftover_cgroups",
+    "kill_job_leftovers",
     "kill_tagged",
     "own_cgroup_dir",
+    "remove_stale_cgroups",
     "scope_of",
     "spawning",
 ]

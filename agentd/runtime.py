@@ -33,7 +33,7 @@ from nats.js import api
 
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.config import AgentConfig
-from agentd.contain import kill_leftover_cgroups, kill_tagged
+from agentd.contain import kill_job_leftovers, remove_stale_cgroups
 from agentd.journal import Journal
 from agentd.logbuffer import recent_log_lines
 from agentd.output import JobOutput
@@ -709,10 +709,9 @@ class AgentRuntime:
 
     async def _recover(self) -> None:
         """Report jobs a crash left behind as abandoned, after killing what is left of them."""
-        kill_leftover_cgroups()
         for entry in self._journal.unfinished():
             killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
-            killed += len(kill_tagged(entry.job_id))  # what had left the group
+            killed += kill_job_leftovers(entry.job_id)  # what had left the group
             if await self._already_finished(entry.job_id):
                 # The master recorded it abandoned while we were away: one record only.
                 self._journal.record(entry.job_id, "finished", status="abandoned")
@@ -722,6 +721,7 @@ class AgentRuntime:
                 reason += f"; {killed} leftover processes killed"
             logger.warning("job %s abandoned: %s", entry.job_id, reason)
             await self._finish(entry.job_id, "abandoned", reason=reason)
+        remove_stale_cgroups()
 
     async def _already_finished(self, job_id: str) -> bool:
         subject = self._subjects.job_event(self.id, job_id, "finished")

@@ -127,3 +127,19 @@ async def read_log(bus: Bus, stream: str, subject: str) -> list[LogRecord]:
     """Every message of ``subject`` stored in ``stream`` now, in order."""
     async with await Tail.open(bus, stream, subject) as tail:
         return await tail.read_available()
+
+
+async def last_record(bus: Bus, stream: str, subject: str) -> LogRecord | None:
+    """The last message stored on ``subject`` (a direct get), or None if it has none.
+
+    Raises:
+        ConnectionFailedError: the server could not be asked.
+    """
+    try:
+        msg = await bus.js.get_last_msg(stream, subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot read the last message on {subject}: {exc}") from exc
+    headers = dict(msg.headers or {})
+    return LogRecord(int(msg.seq or 0), msg.subject or subject, msg.data or b"", headers)

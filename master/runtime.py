@@ -38,6 +38,7 @@ from bus.runtime import wait_any
 from master.auth import AuthFailed, AuthService
 from master.chain import Chain
 from master.config import MasterConfig
+from master.outcomes import Outcomes
 from master.projection import Projection, RolloutView
 from master.rollout import next_step
 from master.snapshot import load_snapshot, save_snapshot
@@ -50,12 +51,10 @@ from schemas import (
     ControlReply,
     ControlRequest,
     EventData,
-    JobFinished,
     UpdateRolloutHalted,
     make_envelope,
 )
 from schemas.auth import AuthStart, AuthSubmit
-from schemas.events import event_name
 from schemas.registry import summarize_validation_error
 from schemas.update import RolloutStage
 from updater.settings import read_settings, write_setting
@@ -83,12 +82,12 @@ class MasterRuntime:
         self._since_checkpoint = 0
         self._last_snapshot = time.monotonic()
         self._last_checkpoint = time.monotonic()
-        self._abandoned: set[str] = set()
         self._grace_timers: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[Any]] = set()
         self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
         self._rollout_changed = asyncio.Event()
         self._presence_watcher: Any = None
+        self.outcomes = Outcomes(bus, signer, config.id, config.offline_grace_s)
 
     def stop(self) -> None:
         """Snapshot and stop. Safe from a signal handler."""
@@ -128,7 +127,11 @@ class MasterRuntime:
                 "→ master ready at seq %d (%d events)", self.projection.seq, self.projection.events
             )
             await self._register_configured()
+            await self.outcomes.catch_up(self.projection)
             async with asyncio.TaskGroup() as tg:
+                outcomes = tg.create_task(
+                    self.outcomes.run(self.projection, self._stopping), name="outcomes"
+                )
                 watcher = tg.create_task(self._watch_presence(), name="presence")
                 ticker = tg.create_task(self._tick(), name="tick")
                 steer = tg.create_task(self._steer_rollouts(), name="rollouts")
@@ -138,7 +141,7 @@ class MasterRuntime:
                     # Ends its `async for` even if a cancellation gets lost (see above).
                     with contextlib.suppress(nats.errors.Error, OSError):
                         await self._presence_watcher.stop()
-                for task in (watcher, ticker, steer):
+                for task in (outcomes, watcher, ticker, steer):
                     task.cancel()
         finally:
             for sub_ in (sub, control):
@@ -167,6 +170,7 @@ class MasterRuntime:
             if self.ready.is_set():
                 self._verify(seq, envelope, msg.subject)
             self.projection.apply(seq, event)
+            self.outcomes.observe(event)
             if envelope.type.startswith(("update.", "settings.")):
                 self._rollout_changed.set()
         self._since_snapshot += 1
@@ -359,20 +363,10 @@ class MasterRuntime:
     async def _abandon_after_grace(self, agent_id: str) -> None:
         await asyncio.sleep(self.config.offline_grace_s)
         self._grace_timers.pop(agent_id, None)
-        view = self.projection.agents.get(agent_id)
-        if view is None or view.online:
-            return
-        for job_id in list(view.running):
-            job = self.projection.jobs.get(job_id)
-            if job is None or job.finished or job_id in self._abandoned:
-                continue
-            self._abandoned.add(job_id)
-            reason = f"agent {agent_id} offline for more than {self.config.offline_grace_s:g}s"
-            logger.warning("job %s abandoned: %s", job_id, reason)
-            await self._emit(
-                JobFinished(job_id=job_id, agent=agent_id, status="abandoned", reason=reason),
-                self._subjects.job_event(agent_id, job_id, event_name(JobFinished.TYPE)),
-            )
+        try:
+            await self.outcomes.abandon(self.projection, agent_id)
+        except FleetError as exc:
+            logger.error("! cannot record %s's jobs abandoned: %s", agent_id, exc)
 
     # --- queries -----------------------------------------------------------------------------
 
