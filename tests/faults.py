@@ -8,17 +8,19 @@ twice, and every job that ended has exactly one terminal event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats.errors
 from agents import pid_alive
 
 from bus import Bus, decode_envelope
 from bus.codec import decode_data
 from bus.log import read_log
-from schemas import JobFinished
+from schemas import Event, JobFinished
 
 #: A job that detaches two processes from its group and waits until both run: one with
 #: ``setsid``, and a classic double-forking daemon with its stdio on /dev/null. Each
@@ -74,6 +76,30 @@ def tagged_processes(job_id: str) -> list[int]:
     return found
 
 
+async def fill_store(bus: Bus) -> int:
+    """Publish ever smaller messages until the server stops acknowledging any.
+
+    512 KiB chunks to the output stream, then 4 KiB and 256 B filler to the event log
+    (on ``<prefix>.evt.filler.*``, which no fold reads), so every stream's next write fails.
+
+    Returns:
+        How many were stored.
+    """
+    stored = 0
+    for size, subject in (
+        (512 << 10, bus.subjects.output("filler", "f")),
+        (4 << 10, f"{bus.subjects.prefix}.evt.filler.f"),
+        (256, f"{bus.subjects.prefix}.evt.filler.f"),
+    ):
+        while True:
+            try:
+                await bus.js.publish(subject, b"\xff" * size, timeout=2.0)
+            except nats.errors.TimeoutError:
+                break
+            stored += 1
+    return stored
+
+
 async def terminal_events(bus: Bus) -> dict[str, list[str]]:
     """Every job's terminal statuses in log order: ``{job_id: ["succeeded", ...]}``."""
     records = await read_log(
@@ -81,8 +107,10 @@ async def terminal_events(bus: Bus) -> dict[str, list[str]]:
     )
     out: dict[str, list[str]] = {}
     for record in records:
-        data = decode_data(decode_envelope(record.data)).data
-        assert isinstance(data, JobFinished)
+        event = decode_data(decode_envelope(record.data))
+        assert isinstance(event, Event)
+        assert isinstance(event.data, JobFinished)
+        data = event.data
         out.setdefault(data.job_id, []).append(data.status)
     return out
 
@@ -144,6 +172,81 @@ class Counts:
         if ran is not None:
             missing = sorted(ran - set(self.executed))
             assert not missing, f"{len(missing)} jobs never ran: {missing[:10]}"
+
+
+class FreezingProxy:
+    """A TCP proxy to a server that freezes a connection once it carries ``pattern``.
+
+    From the first client chunk holding ``pattern`` on, nothing is forwarded either way:
+    the client's bytes are held, as a network or a stopped server would hold them, and it
+    gets no acknowledgement. :meth:`release` delivers the held bytes to the server.
+    """
+
+    def __init__(self, upstream_port: int, pattern: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.pattern = pattern
+        self.frozen = asyncio.Event()
+        self._released = asyncio.Event()
+        self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> FreezingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        down = asyncio.create_task(self._pipe(up_reader, writer, upstream=False))
+        try:
+            await self._pipe(reader, up_writer, upstream=True)
+            if self.frozen.is_set():
+                await self._released.wait()  # the held bytes go out before the close
+        finally:
+            down.cancel()
+            up_writer.close()
+            writer.close()
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if upstream and self.pattern in data:
+                    self.frozen.set()
+                if self.frozen.is_set() and not self._released.is_set():
+                    if upstream:
+                        self._held.append((writer, data))
+                    continue  # the client hears nothing more
+                writer.write(data)
+                await writer.drain()
+
+    async def release(self) -> int:
+        """Deliver what was held to the server; returns how many bytes."""
+        sent = 0
+        for writer, data in self._held:
+            writer.write(data)
+            await writer.drain()
+            sent += len(data)
+        self._held.clear()
+        self._released.set()
+        return sent
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def wait_until(predicate: object, timeout: float, what: str) -> None:

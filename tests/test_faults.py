@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agents import AgentProcess, fleet_env, job_request, pid_alive, submit, wait_event
+from agents import FLEET, AgentProcess, fleet_env, job_request, pid_alive, submit, wait_event
 from faults import (
     ESCAPING_JOB,
     Counts,
+    FreezingProxy,
     cgroup_of,
     escapee_pids,
+    events_named,
+    fill_store,
+    side_effects,
     tagged_processes,
     terminal_events,
     wait_until,
@@ -28,7 +33,7 @@ from faults import (
 from natsserver import NatsServer
 
 from agentd.contain import own_cgroup_dir
-from bus import Bus, Signer
+from bus import Bus, ConnectSettings, Signer, connect, provision
 
 Agents = Callable[..., AgentProcess]
 Operator = tuple[Path, Signer]
@@ -125,3 +130,132 @@ asyncio.run(main())
 
 
 __all__ = ["Counts"]
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+def _fleet_cli(url: str, key: Path, *args: str, timeout: float = 120) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [FLEET, *args],
+        env=fleet_env(url, key),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.slow
+async def test_an_outage_longer_than_the_publish_deadline_is_unknown_not_failed(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    """`fleet run` whose job sits unacknowledged past the deadline: exit 3 with the id;
+    when the server comes back the job is stored and runs once, under that one id."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    await agent_factory("web-1").started(bus)
+    script = f"echo ran >> {runs}/$FLEET_JOB_ID"
+    # The submission is held (unacknowledged) on its way to the server, past the deadline.
+    proxy = await FreezingProxy(nats_server.port or 0, b".submitted ").start()
+    try:
+        code, out, err = await asyncio.to_thread(
+            _fleet_cli,
+            proxy.url,
+            operator[0],
+            "run",
+            "--async",
+            "--json",
+            "-a",
+            "web-1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        )
+        held = await proxy.release()  # the network delivers it after all
+    finally:
+        await proxy.close()
+    [job] = json.loads(out)["jobs"]
+    assert code == 3, err
+    assert job["status"] == "unknown"
+    assert job["job_id"] in err
+    assert "unknown whether the server stored it" in err
+    result = await wait_event(bus, "web-1", job["job_id"], "finished", timeout=60)
+    counts = Counts(
+        "outage-past-deadline",
+        submitted=1,
+        acknowledged=set(),
+        executed=side_effects(runs),
+        terminal=await terminal_events(bus),
+        stored=sum((await events_named(bus, "submitted")).values()),
+    )
+    counts.extra["exit"] = code
+    counts.extra["held_bytes"] = held
+    counts.check(ran={job["job_id"]})
+    assert counts.stored == 1, "a retry stored the job under a second id"
+    assert result.data.status == "succeeded"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (root only), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+async def test_a_full_store_says_so_and_recovers_after_a_restart(
+    small_disk: Path, operator: Operator
+) -> None:
+    """A full disk under the server: clients are told the store is full; after space is
+    freed, nats-server 2.15 keeps refusing writes until it restarts, then all is well."""
+    filler = small_disk / "filler"
+    await asyncio.to_thread(filler.write_bytes, b"\0" * (6 << 20))
+    store = small_disk / "nats"
+    # max_file_store above the disk's size: the disk, not the limit, runs out.
+    config = (
+        f'jetstream {{ store_dir: "{store / "js"}", max_file_store: 4GB, sync_interval: always }}'
+    )
+    server = NatsServer(store, name="full", config=config).start()
+    submit_one = ("run", "--async", "--json", "-a", "web-1", "--", "true")
+    try:
+        async with await connect(ConnectSettings(servers=[server.url])) as bus:
+            await provision(bus.js)
+            filled = await fill_store(bus)
+            code, _, err = await asyncio.to_thread(_fleet_cli, server.url, operator[0], *submit_one)
+            print(f"\nFAULT full-disk: filled with {filled} messages; fleet run: {code} {err}")
+            assert code == 3, err
+            assert "the server's store is full" in err
+            assert "restart nats-server" in err
+
+            await asyncio.to_thread(filler.unlink)
+            code, _, err = await asyncio.to_thread(_fleet_cli, server.url, operator[0], *submit_one)
+            print(f"FAULT full-disk: space freed, no restart: fleet run: {code} {err}")
+        server.restart()
+        async with await connect(ConnectSettings(servers=[server.url])) as bus:
+            code, out, err = await asyncio.to_thread(
+                _fleet_cli, server.url, operator[0], *submit_one
+            )
+            assert code == 0, err
+            [job] = json.loads(out)["jobs"]
+            submitted = await events_named(bus, "submitted")
+            print(
+                f"FAULT full-disk: after restart: fleet run {code}; submitted events "
+                f"stored={sum(submitted.values())} (the refused ones are not in the log)"
+            )
+            assert submitted[job["job_id"]] == 1
+    finally:
+        server.stop()
