@@ -39,6 +39,9 @@ _scopes: dict[int, JobScope] = {}
 _subreaper = False
 _home: tuple[Path | None] | None = None
 _spawn_lock = asyncio.Lock()
+_leaders: set[int] = set()  # job leaders whose exit status asyncio has yet to collect
+_ORPHAN_SCAN_S = 30.0
+_last_orphan_scan = -_ORPHAN_SCAN_S
 
 
 def become_subreaper() -> bool:
@@ -119,26 +122,31 @@ class JobScope:
         """Take the job's leader in (into the cgroup, if it is not there yet)."""
         self.leader = pid
         _scopes[pid] = self
+        _leaders.add(pid)
         if self.cgroup is not None and not _move(pid, self.cgroup):
             self._remove_cgroup()
 
     async def end(self) -> int:
         """Kill every process of the job that is left, reap them, remove the cgroup.
 
+        With a cgroup, its members are the job: the leader was born inside it, so only
+        a process that moved itself out (root, deliberately) could be elsewhere. Without
+        one, every process is searched for the job's tag.
+
         Returns:
             How many processes were killed (besides the leader's group).
         """
         _scopes.pop(self.leader or -1, None)
-        killed = 0
+        spare = {self.leader} if self.leader else set()
         if self.cgroup is not None:
-            killed += _kill_cgroup(self.cgroup)
-        pids = kill_tagged(self.job_id, spare={self.leader} if self.leader else set())
-        killed += len(pids)
+            pids = [p for p in _kill_cgroup(self.cgroup) if p not in spare]
+        else:
+            pids = kill_tagged(self.job_id, spare=spare)
         await _settle(self.cgroup, pids)
         self._remove_cgroup()
-        if killed:
-            logger.warning("job %s: killed %d processes left behind", self.job_id, killed)
-        return killed
+        if pids:
+            logger.warning("job %s: killed %d processes left behind", self.job_id, len(pids))
+        return len(pids)
 
     def _remove_cgroup(self) -> None:
         if self.cgroup is not None:
@@ -210,7 +218,7 @@ def kill_job_leftovers(job_id: str) -> int:
     """
     parent = own_cgroup_dir()
     cgroup = parent / f"{_CGROUP_PREFIX}{job_id}" if parent is not None else None
-    killed = _kill_cgroup(cgroup) if cgroup is not None else 0
+    killed = len(_kill_cgroup(cgroup)) if cgroup is not None else 0
     killed += len(kill_tagged(job_id))
     if cgroup is not None:
         with contextlib.suppress(OSError):
@@ -246,20 +254,21 @@ def _tagged(marker: bytes) -> list[int]:
     return pids
 
 
-def _kill_cgroup(path: Path) -> int:
+def _kill_cgroup(path: Path) -> list[int]:
+    """SIGKILL everything in a cgroup; returns the pids it held."""
     try:
         procs = [int(p) for p in (path / "cgroup.procs").read_text().split()]
     except (OSError, ValueError):
-        return 0
+        return []
     if not procs:
-        return 0
+        return []
     try:
         (path / "cgroup.kill").write_text("1")  # Linux 5.14+: atomic, no fork race
     except OSError:
         for pid in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-    return len(procs)
+    return procs
 
 
 async def _settle(cgroup: Path | None, pids: list[int]) -> None:
@@ -272,13 +281,15 @@ async def _settle(cgroup: Path | None, pids: list[int]) -> None:
             if _reap_or_gone(pid):
                 waiting.discard(pid)
         if not waiting and not _populated(cgroup):
-            _reap_orphans()
+            _reap_orphans_now_and_then(loop.time())
             return
         await asyncio.sleep(0.01)  # SIGKILL takes effect asynchronously; poll briefly
     logger.error("processes %s of a job did not go away after SIGKILL", sorted(waiting))
 
 
 def _reap_or_gone(pid: int) -> bool:
+    if pid in _leaders:
+        return not _alive(pid)  # a leader is reaped by asyncio's child watcher
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -286,16 +297,30 @@ def _reap_or_gone(pid: int) -> bool:
     return done == pid
 
 
-def _reap_orphans() -> None:
-    """Reap zombies reparented to us that no job leader's watcher will wait for."""
+def _reap_orphans_now_and_then(now: float) -> None:
+    """Reap zombies reparented to us that exited on their own (at most every 30 s).
+
+    A detached child that ends before its job does is reparented to the agent (the
+    subreaper) and waits as a zombie; scanning /proc for those costs milliseconds, so it
+    is done now and then, not per job. Job leaders are left to asyncio's watcher.
+    """
+    global _last_orphan_scan
+    if now - _last_orphan_scan < _ORPHAN_SCAN_S:
+        return
+    _last_orphan_scan = now
     me = str(os.getpid())
     for entry in os.scandir(_PROC):
-        if not entry.name.isdigit() or int(entry.name) in _scopes:
+        if not entry.name.isdigit() or int(entry.name) in _leaders:
             continue
         fields = _stat_fields(int(entry.name))
         if fields is not None and fields[0] == "Z" and fields[1] == me:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(entry.name), os.WNOHANG)
+
+
+def leader_reaped(pid: int) -> None:
+    """The job leader ``pid`` has been waited for by its owner: no longer protected."""
+    _leaders.discard(pid)
 
 
 def _populated(cgroup: Path | None) -> bool:
@@ -326,6 +351,7 @@ __all__ = [
     "become_subreaper",
     "kill_job_leftovers",
     "kill_tagged",
+    "leader_reaped",
     "own_cgroup_dir",
     "remove_stale_cgroups",
     "scope_of",

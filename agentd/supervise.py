@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass
 from typing import Literal
 
-from agentd.contain import scope_of
+from agentd.contain import leader_reaped, scope_of
 from agentd.output import JobOutput
 from agentd.process import signal_group
 
@@ -122,6 +122,8 @@ async def supervise(
         await asyncio.shield(
             asyncio.gather(*pumps, exited, stopped, _end_scope(proc.pid), return_exceptions=True)
         )
+        if proc.returncode is not None:
+            leader_reaped(proc.pid)
 
 
 async def _stop(

@@ -13,14 +13,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.errors
-from agents import pid_alive
+from agents import job_request, pid_alive, submit
 
-from bus import Bus, decode_envelope
+from bus import Bus, FleetError, Signer, decode_envelope
 from bus.codec import decode_data
 from bus.log import read_log
-from schemas import Event, JobFinished
+from schemas import Event, JobFinished, JobRequest, new_id
 
 #: A job that detaches two processes from its group and waits until both run: one with
 #: ``setsid``, and a classic double-forking daemon with its stdio on /dev/null. Each
@@ -74,6 +75,85 @@ def tagged_processes(job_id: str) -> list[int]:
         if marker in b"\0" + environ and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def marker_job(runs: Path, **kw: Any) -> JobRequest:
+    """A job that appends one line to ``runs/<its job id>`` each time it runs."""
+    return job_request(["sh", "-c", f'echo run >> "{runs}/$FLEET_JOB_ID"'], **kw)
+
+
+@dataclass
+class Submissions:
+    """Jobs a scenario tried to submit, and those the server acknowledged."""
+
+    attempted: list[str] = field(default_factory=list)
+    acknowledged: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def submit_many(
+    bus: Bus,
+    signer: Signer,
+    agent: str,
+    requests: list[JobRequest],
+    into: Submissions,
+    *,
+    concurrency: int = 16,
+) -> Submissions:
+    """Submit jobs (``concurrency`` in flight), each once under its own id.
+
+    A submission that raises is counted as not acknowledged, never retried anew.
+    """
+    queue: asyncio.Queue[JobRequest] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+
+    async def worker() -> None:
+        while not queue.empty():
+            request = queue.get_nowait()
+            job_id = new_id()
+            into.attempted.append(job_id)
+            try:
+                await submit(bus, signer, agent, request, job_id=job_id)
+            except FleetError as exc:
+                into.failed[job_id] = str(exc)
+            else:
+                into.acknowledged.add(job_id)
+            into.progress.set()
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(worker())
+    return into
+
+
+async def count(
+    scenario: str, bus: Bus, runs: Path, subs: Submissions, **extra: object
+) -> Counts:
+    """Everything the log and the side-effect files say, as :class:`Counts`."""
+    stored = await events_named(bus, "submitted")
+    counts = Counts(
+        scenario,
+        submitted=len(subs.attempted),
+        acknowledged=subs.acknowledged,
+        executed=side_effects(runs),
+        terminal=await terminal_events(bus),
+        stored=sum(stored.values()),
+        extra=dict(extra),
+    )
+    counts.extra["stored_twice"] = sum(1 for n in stored.values() if n > 1)
+    counts.extra["not_acknowledged"] = len(subs.failed)
+    return counts
+
+
+async def wait_all_ended(bus: Bus, jobs: set[str], timeout: float) -> None:
+    """Until every job in ``jobs`` has a terminal event (or ``timeout``)."""
+
+    async def ended() -> bool:
+        return jobs <= set(await terminal_events(bus))
+
+    await wait_until(ended, timeout, f"{len(jobs)} jobs to end")
 
 
 async def fill_store(bus: Bus) -> int:

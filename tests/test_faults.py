@@ -21,13 +21,18 @@ from faults import (
     ESCAPING_JOB,
     Counts,
     FreezingProxy,
+    Submissions,
     cgroup_of,
+    count,
     escapee_pids,
     events_named,
     fill_store,
+    marker_job,
     side_effects,
+    submit_many,
     tagged_processes,
     terminal_events,
+    wait_all_ended,
     wait_until,
 )
 from natsserver import NatsServer
@@ -259,3 +264,31 @@ async def test_a_full_store_says_so_and_recovers_after_a_restart(
             assert submitted[job["job_id"]] == 1
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+async def test_server_sigkill_during_a_thousand_submissions(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    await agent_factory("web-1", max_jobs=8).started(bus)
+    subs = Submissions()
+    total = 1000
+
+    async def crash_midway() -> None:
+        while len(subs.acknowledged) < total // 3:
+            await subs.progress.wait()
+            subs.progress.clear()
+        await asyncio.to_thread(nats_server.restart, kill=True)
+
+    crasher = asyncio.create_task(crash_midway())
+    await submit_many(bus, operator[1], "web-1", [marker_job(runs)] * total, subs)
+    await crasher
+    await wait_all_ended(bus, subs.acknowledged, timeout=240)
+    counts = await count("server-sigkill-1000", bus, runs, subs)
+    counts.check(ran=subs.acknowledged)
