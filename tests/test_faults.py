@@ -10,13 +10,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agents import FLEET, AgentProcess, fleet_env, job_request, pid_alive, submit, wait_event
+from agents import (
+    FLEET,
+    AgentProcess,
+    MasterProcess,
+    fleet_env,
+    job_events,
+    job_request,
+    pid_alive,
+    submit,
+    wait_event,
+)
 from faults import (
     ESCAPING_JOB,
     Counts,
@@ -38,7 +50,16 @@ from faults import (
 from natsserver import NatsServer
 
 from agentd.contain import own_cgroup_dir
-from bus import Bus, ConnectSettings, Signer, connect, provision
+from bus import (
+    Bus,
+    ConnectSettings,
+    FleetError,
+    Signer,
+    StorageSettings,
+    connect,
+    provision,
+)
+from bus.request import control
 
 Agents = Callable[..., AgentProcess]
 Operator = tuple[Path, Signer]
@@ -292,3 +313,180 @@ async def test_server_sigkill_during_a_thousand_submissions(
     await wait_all_ended(bus, subs.acknowledged, timeout=240)
     counts = await count("server-sigkill-1000", bus, runs, subs)
     counts.check(ran=subs.acknowledged)
+
+
+# --- agents and the master --------------------------------------------------------------
+
+
+@pytest.fixture
+async def fast_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """A bus whose presence entries expire after 2 s, so a stopped agent is noticed."""
+    async with await connect(ConnectSettings(servers=[nats_server.url])) as b:
+        await provision(b.js, settings=StorageSettings(presence_ttl_s=2.0, marker_ttl_s=5.0))
+        yield b
+
+
+@pytest.fixture
+def master_factory(
+    tmp_path: Path, nats_server: NatsServer
+) -> Iterator[Callable[..., MasterProcess]]:
+    made: list[MasterProcess] = []
+
+    def make(**config: object) -> MasterProcess:
+        m = MasterProcess(tmp_path, nats_server.url, **config)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        try:
+            m.stop()
+        except Exception:
+            m.kill()
+            raise
+
+
+@pytest.mark.slow
+async def test_agent_sigkill_mid_job(
+    bus: Bus, agent_factory: Agents, operator: Operator, tmp_path: Path
+) -> None:
+    """Killed with jobs running (one of them with detached children): each job ends once,
+    abandoned; none runs again; nothing it started survives the agent's return."""
+    runs, escape = tmp_path / "runs", tmp_path / "escape"
+    runs.mkdir()
+    escape.mkdir()
+    agent = await agent_factory("web-1", max_jobs=4).started(bus)
+    script = f'echo run >> "{runs}/$FLEET_JOB_ID"; sleep 1000'
+    running = [
+        await submit(bus, operator[1], "web-1", job_request(["sh", "-c", script])) for _ in range(3)
+    ]
+    escaping = await submit(
+        bus,
+        operator[1],
+        "web-1",
+        job_request(["sh", "-c", ESCAPING_JOB, "job", str(escape), "hang"]),
+    )
+    started = [await wait_event(bus, "web-1", j, "started") for j in [*running, escaping]]
+    await wait_until(
+        lambda: (escape / "daemon.pid").exists() and (escape / "setsid.pid").exists(),
+        30,
+        "escapees",
+    )
+    agent.kill()
+    # Submitted while the agent is down: they wait, then run once.
+    subs = Submissions(attempted=[*running, escaping], acknowledged={*running, escaping})
+    await submit_many(bus, operator[1], "web-1", [marker_job(runs)] * 10, subs)
+    await agent.started(bus)
+    await wait_all_ended(bus, subs.acknowledged, timeout=60)
+    counts = await count("agent-sigkill-mid-job", bus, runs, subs)
+    leaders = [e.data.pid for e in started]
+    survivors = [p for p in [*leaders, *escapee_pids(escape).values()] if pid_alive(p)]
+    counts.extra["survivors"] = len(survivors)
+    counts.check(ran=subs.acknowledged - {escaping})
+    assert all(counts.terminal[j] == ["abandoned"] for j in [*running, escaping])
+    assert not survivors
+    assert not tagged_processes(escaping)
+
+
+@pytest.mark.slow
+async def test_agent_sigstop_past_the_grace(
+    nats_server: NatsServer,
+    fast_bus: Bus,
+    agent_factory: Agents,
+    master_factory: Callable[..., MasterProcess],
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    """Stopped past offline_grace_s: the master records the job abandoned; resumed, the
+    agent's own result loses the race on the .finished subject and becomes a late_result.
+    One terminal event; the job ran once."""
+    bus = fast_bus
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    master = master_factory(
+        offline_grace_s=1.0, operators={"tester": {"public_key": operator[1].public_key}}
+    ).start()
+    await master.wait_ready(bus)
+    agent = await agent_factory("web-1").started(bus)
+    gate = tmp_path / "gate"
+    script = f'while [ ! -e "{gate}" ]; do sleep 0.05; done; echo run >> "{runs}/$FLEET_JOB_ID"'
+    job = await submit(bus, operator[1], "web-1", job_request(["sh", "-c", script]))
+    await wait_event(bus, "web-1", job, "started")
+    agent.signal(signal.SIGSTOP)
+    try:
+        abandoned = await wait_event(bus, "web-1", job, "finished", timeout=60)
+        gate.touch()  # the job finishes while its agent is stopped
+        await wait_until(lambda: (runs / job).exists(), 30, "the job to finish")
+    finally:
+        agent.signal(signal.SIGCONT)
+
+    async def reported() -> bool:
+        return any(
+            e.source == "web-1" and e.type in ("job.late_result", "job.finished")
+            for e in await job_events(bus, job)
+        )
+
+    await wait_until(reported, 60, "the agent's own report of the job")
+    events = await job_events(bus, job)
+    late = [e for e in events if e.type == "job.late_result"]
+    subs = Submissions(attempted=[job], acknowledged={job})
+    counts = await count("agent-sigstop-past-grace", bus, runs, subs, late_results=len(late))
+    counts.check(ran={job})
+    assert abandoned.data.status == "abandoned"
+    assert counts.terminal[job] == ["abandoned"]
+    assert [e.data["status"] for e in late] == ["succeeded"]
+
+
+@pytest.mark.slow
+async def test_master_sigkill_during_catch_up(
+    nats_server: NatsServer,
+    bus: Bus,
+    master_factory: Callable[..., MasterProcess],
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    """A master killed while folding a long log: restarted, it catches up, expires the
+    queued jobs of an offline agent exactly once, and equals a replay."""
+    past = time.time_ns() - 1_000_000_000
+    subs = Submissions()
+    expiring = [job_request(["true"], expires_at=past)] * 300
+    await submit_many(
+        bus,
+        operator[1],
+        "ghost",
+        [*expiring, *[job_request(["true"])] * 6000],
+        subs,
+        concurrency=32,
+    )
+    master = master_factory(offline_grace_s=1.0, snapshot_every=1_000_000).start()
+    caught_mid_catch_up = False
+    async with asyncio.timeout(60):
+        while True:
+            try:
+                reply = await control(
+                    bus, bus.subjects.master_control("status"), timeout=0.5, attempts=1
+                )
+            except FleetError:
+                await asyncio.sleep(0.01)  # not answering yet
+                continue
+            caught_mid_catch_up = not reply.data["ready"]
+            break
+    master.kill()
+    master.start()
+    await master.wait_ready(bus, timeout=60)
+    expired_ids = set(subs.attempted[:300])
+    await wait_all_ended(bus, expired_ids, timeout=60)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    counts = await count(
+        "master-sigkill-catch-up", bus, runs, subs, killed_before_ready=caught_mid_catch_up
+    )
+    counts.check(all_ended=False)
+    assert set(counts.terminal) == expired_ids
+    assert all(s == ["expired"] for s in counts.terminal.values())
+    replay = await asyncio.to_thread(
+        _fleet_cli, nats_server.url, operator[0], "replay", "--verify", "--json"
+    )
+    assert replay[0] == 0, replay[2]
+    by_id = {j["job_id"]: j["status"] for j in json.loads(replay[1])["jobs"]}
+    assert sum(1 for s in by_id.values() if s == "expired") == 300
