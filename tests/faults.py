@@ -61,6 +61,17 @@ def cgroup_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text()
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def tagged_processes(job_id: str) -> list[int]:
     """Live processes whose environment carries this job's tag."""
     marker = f"\0FLEET_JOB_ID={job_id}\0".encode()

@@ -8,6 +8,7 @@ has exactly one terminal event. Slow ones are marked ``slow``; CI runs them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from agents import (
     job_events,
     job_request,
     pid_alive,
+    stop_all,
     submit,
     wait_event,
 )
@@ -40,6 +42,7 @@ from faults import (
     events_named,
     fill_store,
     marker_job,
+    rss_kib,
     side_effects,
     submit_many,
     tagged_processes,
@@ -47,7 +50,7 @@ from faults import (
     wait_all_ended,
     wait_until,
 )
-from natsserver import NatsServer
+from natsserver import NatsCluster, NatsServer
 
 from agentd.contain import own_cgroup_dir
 from bus import (
@@ -490,3 +493,107 @@ async def test_master_sigkill_during_catch_up(
     assert replay[0] == 0, replay[2]
     by_id = {j["job_id"]: j["status"] for j in json.loads(replay[1])["jobs"]}
     assert sum(1 for s in by_id.values() if s == "expired") == 300
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+async def test_r3_stream_leader_sigkill(
+    nats_cluster: NatsCluster, operator: Operator, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The event log's R3 leader killed while jobs are submitted and run: the rest elect a
+    new one; publishers and the agent retry with the same ids."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    settings = ConnectSettings(servers=nats_cluster.urls, request_timeout_s=10)
+    async with await connect(settings) as bus:
+        await provision(bus.js, settings=StorageSettings(replicas=3))
+        agent = AgentProcess(tmp_path, ",".join(nats_cluster.urls), "web-1", max_jobs=8)
+        try:
+            await agent.started(bus, timeout=60)
+            subs = Submissions()
+            total = 300
+            killed: list[str] = []
+
+            async def kill_leader() -> None:
+                while len(subs.acknowledged) < total // 3:
+                    await subs.progress.wait()
+                    subs.progress.clear()
+                info = await bus.js.stream_info(bus.subjects.events_stream)
+                assert info.cluster is not None
+                leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+                killed.append(leader.name)
+                await asyncio.to_thread(leader.kill)
+
+            killer = asyncio.create_task(kill_leader())
+            await submit_many(bus, operator[1], "web-1", [marker_job(runs)] * total, subs)
+            await killer
+            await wait_all_ended(bus, subs.acknowledged, timeout=120)
+            counts = await count("r3-leader-sigkill", bus, runs, subs, killed_leader=killed[0])
+            counts.check(ran=subs.acknowledged)
+        finally:
+            stop_all([agent], request)
+
+
+@pytest.mark.slow
+async def test_a_flood_of_jobs_with_bounded_memory(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    master_factory: Callable[..., MasterProcess],
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    """A flood of jobs at once (FLEET_FLOOD_JOBS, default 5,000: 10,000 take ~110 s on
+    this 2-core machine under load, past the ~60 s budget of a scenario). The agent runs
+    what it can before each job's expiry and expires the rest unrun; each ends once;
+    agent and master memory stay bounded."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # A long grace: the agent, online and busy, decides every expiry itself here.
+    master = master_factory(offline_grace_s=120.0).start()
+    await master.wait_ready(bus)
+    agent = await agent_factory("web-1", max_jobs=8).started(bus)
+    assert agent.proc is not None
+    assert master.proc is not None
+    peaks = {"agent": 0, "master": 0}
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            for name, proc in (("agent", agent.proc), ("master", master.proc)):
+                assert proc is not None
+                peaks[name] = max(peaks[name], rss_kib(proc.pid))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.25)
+
+    sampler = asyncio.create_task(sample())
+    subs = Submissions()
+    total = int(os.environ.get("FLEET_FLOOD_JOBS", "5000"))
+    expires = time.time_ns() + 10_000_000_000
+    try:
+        await submit_many(
+            bus,
+            operator[1],
+            "web-1",
+            [marker_job(runs, expires_at=expires)] * total,
+            subs,
+            concurrency=32,
+        )
+        await wait_all_ended(bus, subs.acknowledged, timeout=120)
+    finally:
+        done.set()
+        await sampler
+    counts = await count(
+        f"flood-{total}",
+        bus,
+        runs,
+        subs,
+        agent_peak_rss_mib=peaks["agent"] // 1024,
+        master_peak_rss_mib=peaks["master"] // 1024,
+    )
+    counts.check()
+    executed = set(counts.executed)
+    assert all(counts.terminal[j] == ["succeeded"] for j in executed)
+    assert all(counts.terminal[j] == ["expired"] for j in subs.acknowledged - executed)
+    assert peaks["agent"] < 300 * 1024, peaks
+    assert peaks["master"] < 400 * 1024, peaks
