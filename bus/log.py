@@ -8,6 +8,7 @@ costs one round trip, not a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 
@@ -129,17 +130,24 @@ async def read_log(bus: Bus, stream: str, subject: str) -> list[LogRecord]:
         return await tail.read_available()
 
 
-async def last_record(bus: Bus, stream: str, subject: str) -> LogRecord | None:
-    """The last message stored on ``subject`` (a direct get), or None if it has none.
+async def last_message(
+    bus: Bus, stream: str, subject: str, *, timeout: float = 5.0
+) -> LogRecord | None:
+    """The last message stored on ``subject`` (a direct get), or None if there is none.
 
     Raises:
-        ConnectionFailedError: the server could not be asked.
+        FleetTimeoutError: no answer in ``timeout`` seconds (a server outage, an election).
+        ConnectionFailedError: the stream does not exist or the connection is gone.
     """
     try:
-        msg = await bus.js.get_last_msg(stream, subject, direct=True)
+        async with asyncio.timeout(timeout):
+            raw = await bus.js.get_last_msg(stream, subject, direct=True)
     except nats.js.errors.NotFoundError:
         return None
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        raise FleetTimeoutError(f"no answer reading the last of {subject}") from exc
     except (nats.errors.Error, OSError) as exc:
-        raise ConnectionFailedError(f"cannot read the last message on {subject}: {exc}") from exc
-    headers = dict(msg.headers or {})
-    return LogRecord(int(msg.seq or 0), msg.subject or subject, msg.data or b"", headers)
+        raise ConnectionFailedError(f"reading the last of {subject}: {exc}") from exc
+    return LogRecord(
+        int(raw.seq or 0), raw.subject or subject, raw.data or b"", dict(raw.headers or {})
+    )

@@ -37,7 +37,7 @@ from bus import (
     sign_envelope,
 )
 from bus.codec import decode_data
-from bus.log import last_record
+from bus.log import last_message
 from bus.runtime import wait_any
 from schemas import (
     Event,
@@ -112,7 +112,7 @@ class Outcomes:
                 continue
             subject = self.bus.subjects.job_event(job.agent, job.job_id, "submitted")
             try:
-                record = await last_record(self.bus, self.bus.subjects.events_stream, subject)
+                record = await last_message(self.bus, self.bus.subjects.events_stream, subject)
                 event = decode_data(decode_envelope(record.data)) if record else None
             except (FleetError, BadMessageError) as exc:
                 logger.warning("! cannot read job %s's submission: %s", job.job_id, exc)
