@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -68,6 +69,17 @@ Agents = Callable[..., AgentProcess]
 Operator = tuple[Path, Signer]
 
 pytestmark = pytest.mark.timeout(180)
+
+# The agent-side half of issue 12 (helper A1, branch a1-agent-core: agentd/record.py)
+# publishes the agent's job.finished first-on-subject and records job.late_result when it
+# loses. Until it is merged, an agent that lost the race adds a second terminal event, and
+# these scenarios fail for that reason alone: strict, so they fail loudly once it lands if
+# they still do not pass.
+needs_agent_late_result = pytest.mark.xfail(
+    importlib.util.find_spec("agentd.record") is None,
+    reason="needs a1-agent-core: the agent's outcome first-on-subject, else job.late_result",
+    strict=True,
+)
 
 
 # --- processes that try to outlive their job -----------------------------------------------
@@ -392,6 +404,7 @@ async def test_agent_sigkill_mid_job(
 
 
 @pytest.mark.slow
+@needs_agent_late_result
 async def test_agent_sigstop_past_the_grace(
     nats_server: NatsServer,
     fast_bus: Bus,
@@ -597,3 +610,48 @@ async def test_a_flood_of_jobs_with_bounded_memory(
     assert all(counts.terminal[j] == ["expired"] for j in subs.acknowledged - executed)
     assert peaks["agent"] < 300 * 1024, peaks
     assert peaks["master"] < 400 * 1024, peaks
+
+
+@pytest.mark.slow
+@needs_agent_late_result
+async def test_cancel_of_a_job_queued_behind_a_busy_agent(
+    nats_server: NatsServer,
+    bus: Bus,
+    agent_factory: Agents,
+    master_factory: Callable[..., MasterProcess],
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    """An online agent whose only slot is busy does not look at its queue: the master
+    records the queued job cancelled after the grace; the agent, when the slot frees,
+    finds the outcome and does not run it."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    key, signer = operator
+    master = master_factory(
+        offline_grace_s=1.0, operators={"tester": {"public_key": signer.public_key}}
+    ).start()
+    await master.wait_ready(bus)
+    await agent_factory("web-1", max_jobs=1).started(bus)
+    gate = tmp_path / "gate"
+    busy = await submit(
+        bus,
+        signer,
+        "web-1",
+        job_request(["sh", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.05; done']),
+    )
+    await wait_event(bus, "web-1", busy, "started")
+    queued = await submit(bus, signer, "web-1", marker_job(runs))
+    code, _, err = await asyncio.to_thread(
+        _fleet_cli, nats_server.url, key, "job", "cancel", queued, "--wait", "30"
+    )
+    assert code == 0, err
+    gate.touch()
+    await wait_event(bus, "web-1", busy, "finished")
+    after = await submit(bus, signer, "web-1", marker_job(runs))  # the slot works again
+    await wait_event(bus, "web-1", after, "finished")
+    subs = Submissions(attempted=[busy, queued, after], acknowledged={busy, queued, after})
+    counts = await count("cancel-queued-behind-busy-agent", bus, runs, subs)
+    counts.check(ran={after})
+    assert counts.terminal[queued] == ["cancelled"]
+    assert queued not in counts.executed
