@@ -127,7 +127,9 @@ class Outcomes:
     # --- deciding ----------------------------------------------------------------------------
 
     async def run(self, projection: Projection, stopping: asyncio.Event) -> None:
-        """Expire and cancel queued jobs as they fall due, until ``stopping``."""
+        """Learn what a snapshot hid, then record outcomes as they fall due, until
+        ``stopping``."""
+        await self.catch_up(projection)
         while not stopping.is_set():
             try:
                 await self.sweep(projection, time.time_ns())

@@ -127,7 +127,6 @@ class MasterRuntime:
                 "→ master ready at seq %d (%d events)", self.projection.seq, self.projection.events
             )
             await self._register_configured()
-            await self.outcomes.catch_up(self.projection)
             async with asyncio.TaskGroup() as tg:
                 outcomes = tg.create_task(
                     self.outcomes.run(self.projection, self._stopping), name="outcomes"
