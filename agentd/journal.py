@@ -48,14 +48,21 @@ class Journal:
         self.path = path
         self.jobs: dict[str, JournalEntry] = {}
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._load()
+        torn = self._load()
         if self.path.exists() and self.path.stat().st_size > _COMPACT_BYTES:
             self.compact()
+            torn = False  # compaction wrote whole lines only
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with us
+        if torn:
+            # End the torn line, or the next entry would be glued to it and lost too.
+            self._file.write("\n")
+            self._file.flush()
 
-    def _load(self) -> None:
+    def _load(self) -> bool:
+        """Read every entry; True when the file ends in a line without its newline."""
         if not self.path.exists():
-            return
+            return False
+        line = ""
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -67,6 +74,7 @@ class Journal:
                     logger.warning("%s:%d: unreadable journal line skipped", self.path, number)
                     continue
                 self.jobs[entry.job_id] = entry
+        return bool(line) and not line.endswith("\n")
 
     def record(
         self,
@@ -114,6 +122,9 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)  # atomic: the old file or the new one, never half
         self.jobs = {e.job_id: e for e in keep}
+        if hasattr(self, "_file"):  # an open journal: append to the new file, not the old
+            self._file.close()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         self._file.close()

@@ -11,7 +11,6 @@ from bus import FleetError, UsageError
 
 UNIT_NAME = "fleet-agentd.service"
 UNIT_PATH = Path("/etc/systemd/system") / UNIT_NAME
-PAM_SERVICE = "fleet-agentd"
 
 
 def systemd_unit(config_path: Path) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.connection import DEFAULT_SERVER, ConnectSettings
-from bus.errors import EXIT_USAGE, FleetError, exit_code_for
+from bus.errors import FleetError, exit_code_for
 from bus.runtime import run
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -131,9 +131,3 @@ def run_command(prog: str, main: Coroutine[Any, Any, int], *, use_uvloop: bool =
     except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted", file=sys.stderr)
         return exit_code_for(exc)
-
-
-def not_available(prog: str, what: str) -> int:
-    """For commands whose part is not built yet: say so plainly, exit as a usage error."""
-    print(f"{prog}: {what} is not available in fleetbus {fleetbus_version()} yet", file=sys.stderr)
-    return EXIT_USAGE

