@@ -100,8 +100,8 @@ async def supervise(
         _, pending = await asyncio.wait(pumps, timeout=_PIPE_DRAIN_S)
         if pending:
             logger.warning("job pid %d: output pipes still open; stopped reading", proc.pid)
+        returncode = await _returncode(proc)  # reaped, whichever way it ended
         if exited in done:
-            returncode = await _returncode(proc)
             outcome = _exit_outcome(returncode)
         elif stopped in done:
             if stop.reason == "cancel":
