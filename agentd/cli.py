@@ -11,7 +11,7 @@ from agentd import service
 from agentd.config import default_config_path, load_config, render_config, update_config_text
 from agentd.daemon import PROGRAM, run_daemon
 from bus.command import add_version_flag
-from bus.daemon import EXIT_NOT_RUNNING, kill_daemon, running_pid
+from bus.detach import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError
 
 PROG = "fleet-agentd"

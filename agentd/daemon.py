@@ -1,11 +1,10 @@
-"""The daemon around :class:`~agentd.runtime.AgentRuntime`: signals, reload, restart."""
+"""What the agent adds to the daemon shell (:mod:`bus.daemon_shell`): its updater and
+launcher, the in-memory log buffer, restart on request, the stock event loop."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -13,15 +12,9 @@ from agentd import logbuffer
 from agentd.config import AgentConfig, load_config
 from agentd.identity import ensure_identity
 from agentd.runtime import AgentRuntime
-from bus import FleetError, UsageError
-from bus.command import LOG_FORMAT
-from bus.daemon import (
-    PidFile,
-    connect_unless_stopped,
-    daemonize,
-    report_ready,
-    wait_for_storage,
-)
+from bus import FleetError, daemon_shell
+from bus.connection import Bus
+from bus.daemon_shell import DaemonSettings, configure_daemon_logging, serve
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
 
@@ -30,64 +23,35 @@ logger = logging.getLogger(__name__)
 PROGRAM = "fleet-agentd"
 
 
-def configure_logging(config: AgentConfig, level: str | None, daemon: bool) -> None:
-    """stderr in the foreground; a file under data_dir (or ``log_file``) as a daemon."""
-    handlers: list[logging.Handler]
-    log_file = config.log_file or (config.data_dir / "agentd.log" if daemon else None)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers = [logging.FileHandler(log_file)]
-    else:
-        handlers = [logging.StreamHandler(sys.stderr)]
-    logging.basicConfig(
-        level=level or config.log_level, format=LOG_FORMAT, handlers=handlers, force=True
+def _settings(config: AgentConfig, level: str | None) -> DaemonSettings:
+    return DaemonSettings(
+        program=PROGRAM,
+        pid_path=config.pid_path,
+        log_level=level or config.log_level,
+        log_file=config.log_file,
+        default_log_file=config.data_dir / "agentd.log",
+        # The stock loop: CPython spawns jobs with vfork, much faster than uvloop's fork.
+        use_uvloop=False,
     )
-    logging.getLogger("nats").setLevel(logging.ERROR)
-    logbuffer.install()
 
 
-async def serve(config_path: Path | None, config: AgentConfig, level: str | None) -> bool:
+async def serve_agent(config_path: Path | None, config: AgentConfig, level: str | None) -> bool:
     """Run the agent until SIGTERM/SIGINT. Returns True when a restart was requested."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     restart = False
-    runtime: AgentRuntime | None = None
-
-    def on_stop() -> None:
-        stop.set()
-        if runtime is not None:
-            runtime.stop()
-
-    def on_reload() -> None:
-        try:
-            new = load_config(config_path)
-        except FleetError as exc:
-            logger.error("reload refused, keeping the running configuration: %s", exc)
-            return
-        logging.getLogger().setLevel(level or new.log_level)
-        if runtime is not None:
-            runtime.reload(new)
+    signer = ensure_identity(config)
+    agent: AgentRuntime | None = None
 
     def on_restart() -> None:
         nonlocal restart
         restart = True
-        on_stop()
+        if agent is not None:
+            agent.stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-
-    signer = ensure_identity(config)
-    bus = await connect_unless_stopped(config.connect_settings(), stop)
-    if bus is None:
-        return False
-    async with bus:
-        presence = bus.subjects.presence_bucket
-        if not await wait_for_storage(bus, stop, lambda b: b.key_value(presence)):
-            return False
+    async def build(bus: Bus) -> AgentRuntime:
+        nonlocal agent
         root = install_root_from_env()
         installed = InstallRoot(root) if root is not None else None
-        runtime = AgentRuntime(
+        agent = AgentRuntime(
             bus,
             config,
             signer,
@@ -95,20 +59,32 @@ async def serve(config_path: Path | None, config: AgentConfig, level: str | None
             install_root=root,
             version=installed.version_of(installed.current_dir()) if installed else None,
         )
-        if stop.is_set():
-            return False
-        notifier = asyncio.create_task(_notify_when_ready(runtime.ready), name="ready")
+        return agent
+
+    def reload(runtime: AgentRuntime) -> None:
         try:
-            await runtime.run()
-        finally:
-            notifier.cancel()
-            await asyncio.gather(notifier, return_exceptions=True)
+            new = load_config(config_path)
+        except FleetError as exc:
+            logger.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        logging.getLogger().setLevel(level or new.log_level)
+        runtime.reload(new)
+
+    async def presence(bus: Bus) -> object:
+        return await bus.kv(bus.subjects.presence_bucket)
+
+    await serve(
+        config.connect_settings(),
+        build,
+        storage=presence,
+        reload=reload,
+        when_ready=_report_healthy,
+    )
     return restart
 
 
-async def _notify_when_ready(ready: asyncio.Event) -> None:
+def _report_healthy() -> None:
     """Tell the launcher (if one runs us) that this agent is healthy."""
-    await ready.wait()
     if notify_ready():
         logger.info("reported healthy to the launcher")
 
@@ -116,30 +92,24 @@ async def _notify_when_ready(ready: asyncio.Event) -> None:
 def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
     """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``)."""
     config = load_config(config_path)
-    ready_fd = daemonize() if detach else None
-    configure_logging(config, level, detach)
-    pidfile = PidFile(config.pid_path, PROGRAM)
-    try:
-        pidfile.acquire()
-    except UsageError as exc:
-        logger.error("%s", exc)
-        report_ready(ready_fd, ok=False)
-        return exc.exit_code
-    report_ready(ready_fd, ok=True)
-    try:
-        # The stock loop: CPython spawns jobs with vfork, much faster than uvloop's fork.
-        restart = asyncio.run(serve(config_path, config, level))
-    except FleetError as exc:
-        logger.error("%s", exc)
-        return exc.exit_code
-    finally:
-        pidfile.release()
-    if restart:
-        if install_root_from_env() is not None:
-            # The launcher restarts us, into whatever version `current` names now.
-            logger.warning("exiting to be restarted by the launcher")
-            return RESTART_EXIT
-        logger.warning("restarting on request")
-        argv = [a for a in sys.argv[1:] if a not in ("-d", "--daemon")]
-        os.execv(sys.executable, [sys.executable, "-m", "agentd", *argv])  # noqa: S606 - re-exec ourselves
-    return 0
+    settings = _settings(config, level)
+
+    def configure_logging(detached: bool) -> None:
+        configure_daemon_logging(settings, detached=detached)
+        logbuffer.install()
+
+    code, restart = daemon_shell.run_daemon(
+        settings,
+        lambda: serve_agent(config_path, config, level),
+        detach=detach,
+        configure_logging=configure_logging,
+    )
+    if code != 0 or not restart:
+        return code
+    if install_root_from_env() is not None:
+        # The launcher restarts us, into whatever version `current` names now.
+        logger.warning("exiting to be restarted by the launcher")
+        return RESTART_EXIT
+    logger.warning("restarting on request")
+    argv = [a for a in sys.argv[1:] if a not in ("-d", "--daemon")]
+    os.execv(sys.executable, [sys.executable, "-m", "agentd", *argv])  # noqa: S606 - re-exec ourselves

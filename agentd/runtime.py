@@ -56,7 +56,7 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.command import fleetbus_version
-from bus.runtime import wait_any
+from bus.tasks import wait_any
 from schemas import (
     AgentConfigChanged,
     AgentOffline,

@@ -20,7 +20,7 @@ from bench.stats import ratios, summary
 from bus import ConnectSettings, Signer, connect, generate_seed, provision, sign_envelope
 from bus.codec import encode_envelope
 from bus.embedded import running_server
-from bus.runtime import run
+from bus.eventloop import run
 from schemas import ArgvCommand, Envelope, JobRequest, JobSubmitted, make_envelope, new_id
 
 

@@ -28,10 +28,10 @@ from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision,
 from bus.codec import HEADER_MSG_ID, encode_envelope
 from bus.embedded import running_server
 from bus.log import Tail
-from fleet.audit import fold_records
+from ledger.driver import fold_records
+from ledger.snapshot import save_snapshot
 from master.config import MasterConfig
-from master.runtime import MasterRuntime
-from master.snapshot import save_snapshot
+from master.controller import Master
 from schemas import (
     ArgvCommand,
     JobFinished,
@@ -110,7 +110,7 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
         # The master restarting from a snapshot of everything.
         await save_snapshot(bus, projection, chain)
         config = MasterConfig(data_dir=work / "master")
-        runtime = MasterRuntime(bus, config, Signer(generate_seed()))
+        runtime = Master(bus, config, Signer(generate_seed()))
         t0 = time.perf_counter()
         task = asyncio.create_task(runtime.run())
         await runtime.ready.wait()

@@ -20,7 +20,7 @@ from typing import Any
 
 from bus.connection import DEFAULT_SERVER, ConnectSettings
 from bus.errors import FleetError, exit_code_for
-from bus.runtime import run
+from bus.eventloop import run
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -39,6 +39,8 @@ class KvEntry:
     value: bytes
     revision: int
     deleted: bool = False
+    purged: bool = False
+    """Removed by a purge (which is how a per-key TTL expiry shows), not by a delete."""
 
 
 def _entry(entry: Any) -> KvEntry:
@@ -47,6 +49,7 @@ def _entry(entry: Any) -> KvEntry:
         value=bytes(entry.value or b""),
         revision=int(entry.revision or 0),
         deleted=entry.operation in _FREE_OPERATIONS,
+        purged=entry.operation == "PURGE",
     )
 
 

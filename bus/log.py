@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.errors
@@ -18,6 +20,10 @@ from nats.js import api
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
+from bus.retry import Backoff
+from bus.tasks import wait_any
+
+logger = logging.getLogger(__name__)
 
 _INACTIVE_S = 60.0
 _BATCH = 1024
@@ -111,6 +117,15 @@ class Tail:
         self._behind = None  # later reads must look again: the log may have grown
         return out
 
+    async def caught_up(self) -> bool:
+        """Whether everything stored before the last message read has been read.
+
+        Each message says how many followed it when it was sent; before the first, the
+        server is asked.
+        """
+        behind = self._behind if self._behind is not None else await self.pending()
+        return behind == 0
+
     async def close(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error, OSError):
@@ -151,3 +166,85 @@ async def last_message(
     return LogRecord(
         int(raw.seq or 0), raw.subject or subject, raw.data or b"", dict(raw.headers or {})
     )
+
+
+async def last_seq(bus: Bus, stream: str) -> int:
+    """The sequence of the newest message in ``stream`` (0 when it is empty).
+
+    Raises:
+        ConnectionFailedError: the stream does not exist or the bus is down.
+        FleetTimeoutError: the server did not answer.
+    """
+    try:
+        info = await bus.js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        raise ConnectionFailedError(
+            f"stream {stream} does not exist; run `fleet ops init`"
+        ) from None
+    except nats.errors.TimeoutError as exc:
+        raise FleetTimeoutError(f"no answer about {stream}") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
+    return int(info.state.last_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What :func:`follow` read at once: records in order (maybe none), and whether the
+    reader has caught up with what was stored when it last asked."""
+
+    records: list[LogRecord]
+    caught_up: bool
+
+
+_FOLLOW_BACKOFF = Backoff(initial=0.5, cap=10.0)
+
+
+async def follow(
+    bus: Bus,
+    stream: str,
+    subject: str,
+    *,
+    start_seq: int = 0,
+    wait_s: float = 1.0,
+    stop: asyncio.Event | None = None,
+    batch: int = _BATCH,
+    opened: Tail | None = None,
+) -> AsyncIterator[Batch]:
+    """Every message of ``subject`` in ``stream`` from ``start_seq`` (0: the first) on, in
+    order, for as long as the caller iterates (or until ``stop`` is set).
+
+    A batch comes as soon as messages do, and an empty one after ``wait_s`` without any,
+    so the caller can look at its own flags. A reader lost with the connection (a
+    server restart, a timeout) is opened again after a growing pause, from the message
+    after the last one yielded: nothing is skipped and nothing repeated. ``opened`` is a
+    reader the caller opened already (to be sure nothing stored after that moment is
+    missed); it is used first, and closed with the iteration.
+    """
+    next_seq, attempt, tail = start_seq, 0, opened
+    while stop is None or not stop.is_set():
+        try:
+            if tail is None:
+                tail = await Tail.open(bus, stream, subject, start_seq=next_seq)
+            async with tail:
+                attempt = 0
+                if await tail.caught_up():
+                    yield Batch([], True)  # nothing stored past the start: say so now
+                while stop is None or not stop.is_set():
+                    records = await tail.fetch(batch=batch, timeout=wait_s)
+                    if records:
+                        next_seq = records[-1].seq + 1
+                    yield Batch(records, await tail.caught_up())
+        except (ConnectionFailedError, FleetTimeoutError) as exc:
+            if stop is not None and stop.is_set():
+                return  # a read cut short by stopping is no failure
+            delay = _FOLLOW_BACKOFF.delay(attempt)
+            attempt += 1
+            logger.warning(
+                "! reading %s from seq %d: %s; again in %.1fs", subject, next_seq, exc, delay
+            )
+            if stop is not None:
+                await wait_any(stop, timeout=delay)
+            else:
+                await asyncio.sleep(delay)  # a pause before trying again, not a poll
+        tail = None

@@ -18,7 +18,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
@@ -32,6 +32,9 @@ from bus.errors import (
     ProvisioningConflictError,
 )
 from bus.subjects import Subjects
+
+if TYPE_CHECKING:
+    from bus.connection import Bus
 
 logger = logging.getLogger(__name__)
 
@@ -320,3 +323,8 @@ async def provision(
         created = await ensure_stream(js, spec)
         (report.created if created else report.unchanged).append(spec.name)
     return report
+
+
+async def provision_fleet(bus: Bus, settings: StorageSettings | None = None) -> ProvisionReport:
+    """:func:`provision` this bus's fleet (its subject prefix), for callers outside ``bus``."""
+    return await provision(bus.js, bus.subjects, settings)

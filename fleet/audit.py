@@ -1,9 +1,10 @@
 """``fleet replay`` and ``fleet audit``: the log, rebuilt and checked, with no master needed.
 
-``replay`` folds the whole log with the master's own fold and can compare the result with
-the running master and with its newest snapshot. ``audit`` lists events with filters and,
-with ``--verify``, checks every signature against the trusted keys and the hash chain
-against the master's checkpoints. Events that cannot be decoded are listed as such.
+Both read the log through :mod:`ledger`'s one record driver. ``replay`` folds the whole
+log with the master's own fold and can compare the result with the running master and
+with its newest snapshot. ``audit`` lists events with filters and, with ``--verify``,
+checks every signature against the trusted keys and the hash chain against the master's
+checkpoints. Events that cannot be decoded are listed as such.
 """
 
 from __future__ import annotations
@@ -14,35 +15,31 @@ import datetime
 import fnmatch
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import nats.js.errors
 
 from bus import (
     BadMessageError,
     Bus,
     FleetError,
     FleetTimeoutError,
-    SignatureError,
     UsageError,
     VerificationError,
     connect,
-    decode_envelope,
-    verify_envelope,
 )
-from bus.codec import decode_data, unpack
+from bus.codec import unpack
 from bus.command import add_connection_args, connect_settings
 from bus.keys import public_key_of, read_seed_file
 from bus.log import LogRecord, Tail
 from bus.request import control
-from master.chain import Chain
+from ledger.chain import CHECKPOINT_KEY, Chain
+from ledger.driver import Entry, Problem, RecordDriver, fold_records
+from ledger.projection import Projection, differences
+from ledger.snapshot import load_snapshot
+from ledger.verify import CheckpointCheck, check_end, signature_check
+from ledger.views import iso
 from master.config import MasterConfig, default_config_path, load_master_config
-from master.projection import Projection, differences, iso
-from master.runtime import CHECKPOINT_KEY
-from master.snapshot import load_snapshot
-from schemas import AuditCheckpoint, Envelope, Event
+from schemas import AuditCheckpoint
 
 _MASTER_TIMEOUT_S = 5.0
 
@@ -115,27 +112,6 @@ def parse_time(text: str) -> int:
 async def read_all(bus: Bus) -> list[LogRecord]:
     async with await Tail.open(bus, bus.subjects.events_stream, bus.subjects.all_events) as tail:
         return await tail.read_available()
-
-
-def fold_records(
-    records: list[LogRecord], until_seq: int | None = None, until_ts: int | None = None
-) -> tuple[Projection, Chain]:
-    """The projection and chain of the log's first events (all, or up to a bound)."""
-    projection, chain = Projection(), Chain()
-    for record in records:
-        if until_seq is not None and record.seq > until_seq:
-            break
-        try:
-            envelope = decode_envelope(record.data)
-            if until_ts is not None and envelope.ts > until_ts:
-                break
-            event = decode_data(envelope)
-        except BadMessageError:
-            projection.apply_undecodable(record.seq)
-        else:
-            projection.apply(record.seq, event)
-        chain.add(record.data)
-    return projection, chain
 
 
 # --- replay --------------------------------------------------------------------------------
@@ -237,18 +213,6 @@ def _compare(name: str, doc: dict[str, Any], records: list[LogRecord]) -> list[s
 # --- audit ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Findings:
-    """What ``--verify`` found."""
-
-    problems: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, kind: str, text: str) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.problems.append(text)
-
-
 def trusted_keys(path: Path | None) -> dict[str, str] | None:
     """Public key → principal from a master config, or None when there is none."""
     if path is None:
@@ -265,76 +229,28 @@ def trusted_keys(path: Path | None) -> dict[str, str] | None:
 
 
 class Auditor:
-    """Checks events in log order: signatures, trust, and the chain at checkpoints."""
+    """``--verify``: signatures and trust, and the chain at every checkpoint, through the
+    one record driver; problems are collected to print at the end."""
 
     def __init__(self, trusted: dict[str, str] | None) -> None:
-        self.trusted = trusted
-        self.chain = Chain()
-        self.findings = Findings()
-
-    def check(self, record: LogRecord, envelope: Envelope | None) -> bool | None:
-        """Verify one record (in order); True/False for signed events, None if undecodable."""
-        before = self.chain.count
-        self.chain.add(record.data)
-        if envelope is None:
-            self.findings.add("undecodable", f"seq {record.seq}: cannot be decoded")
-            return None
-        ok = True
-        try:
-            signer = verify_envelope(envelope, subject=record.subject)
-        except SignatureError as exc:
-            kind = "unsigned" if not envelope.signed else "forged"
-            self.findings.add(kind, f"seq {record.seq} {envelope.type} by {envelope.source}: {exc}")
-            ok = False
-        else:
-            if self.trusted is not None and signer not in self.trusted:
-                where = f"seq {record.seq} {envelope.type} by {envelope.source}"
-                self.findings.add("unknown signer", f"{where}: {signer[:12]}… is not trusted")
-                ok = False
-            elif self.trusted is not None and self.trusted[signer] != envelope.source:
-                owner = self.trusted[signer]
-                where = f"seq {record.seq} {envelope.type}"
-                self.findings.add(
-                    "impersonation", f"{where}: claims {envelope.source}, signed by {owner}"
-                )
-                ok = False
-        if envelope.type == AuditCheckpoint.TYPE:
-            self._check_checkpoint(record, envelope, before)
-        return ok
-
-    def _check_checkpoint(self, record: LogRecord, envelope: Envelope, before: int) -> None:
-        try:
-            event = decode_data(envelope)
-        except BadMessageError:
-            return
-        if not isinstance(event, Event) or not isinstance(event.data, AuditCheckpoint):
-            return
-        cp = event.data
-        ours = self.chain.at(cp.count) if cp.count <= before else None
-        if ours is None:
-            text = f"checkpoint covers {cp.count} events, the log has {before} before it"
-            self.findings.add("chain", f"seq {record.seq}: {text}: events were removed or added")
-        elif ours.hex() != cp.chain:
-            text = f"checkpoint of {cp.count} events does not match the log"
-            self.findings.add(
-                "chain", f"seq {record.seq}: {text}: an event was removed, altered or reordered"
-            )
+        self.problems: list[Problem] = []
+        chain = Chain()
+        self.driver = RecordDriver(
+            chain=chain,
+            checks=[signature_check(trusted), CheckpointCheck(chain)],
+            on_problem=self.problems.append,
+        )
 
     def check_end(self, recorded: AuditCheckpoint | None) -> None:
         """Compare the log's length with the master's latest checkpoint outside the log."""
-        if recorded is not None and recorded.count > self.chain.count:
-            held = self.chain.count
-            text = f"the master checkpointed {recorded.count} events, the log holds {held}"
-            self.findings.add("truncated", f"{text}: cut short")
+        assert self.driver.chain is not None
+        problem = check_end(self.driver.chain, recorded)
+        if problem is not None:
+            self.driver.report(problem)
 
 
-def _matches(
-    args: argparse.Namespace,
-    record: LogRecord,
-    envelope: Envelope | None,
-    since: int | None,
-    until: int | None,
-) -> bool:
+def _matches(args: argparse.Namespace, entry: Entry, since: int | None, until: int | None) -> bool:
+    envelope = entry.envelope
     if envelope is None:
         return not any((args.job, args.agent, args.user, args.type))
     data = envelope.data
@@ -351,13 +267,9 @@ def _matches(
     return until is None or envelope.ts <= until
 
 
-def _print(
-    args: argparse.Namespace,
-    record: LogRecord,
-    envelope: Envelope | None,
-    verified: bool | None,
-    problem: str | None,
-) -> None:
+def _print(args: argparse.Namespace, entry: Entry) -> None:
+    record, envelope = entry.record, entry.envelope
+    problem = "; ".join(p.text for p in entry.problems)
     if args.json:
         if envelope is None:
             doc: dict[str, Any] = {
@@ -375,14 +287,14 @@ def _print(
                 "subject": envelope.subject,
                 "data": envelope.data,
                 "signer": envelope.signer,
-                "verified": verified,
+                "verified": entry.verified,
             }
         print(json.dumps(doc, default=str), flush=True)
         return
     if envelope is None:
         print(f"{record.seq:>7}  {'':<24}  UNDECODABLE ({problem}) on {record.subject}", flush=True)
         return
-    mark = {True: "✓", False: "✗", None: " "}[verified]
+    mark = {True: "✓", False: "✗", None: " "}[entry.verified]
     when, kind, source = iso(envelope.ts) or "", envelope.type, envelope.source
     line = f"{record.seq:>7}  {when:<24}  {mark} {kind:<22} {source:<16} {envelope.subject}"
     print(line, flush=True)
@@ -392,53 +304,45 @@ async def audit_command(args: argparse.Namespace) -> int:
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
     auditor = Auditor(trusted_keys(args.trust)) if args.verify else None
+    driver = auditor.driver if auditor is not None else RecordDriver(chain=Chain())
+
+    def audit_one(record: LogRecord) -> None:
+        entry = driver.feed(record)
+        if _matches(args, entry, since, until):
+            _print(args, entry)
+
     async with await connect(connect_settings(args, "fleet audit")) as bus:
         tail = await Tail.open(bus, bus.subjects.events_stream, bus.subjects.all_events)
         async with tail:
             for record in await tail.read_available():
-                _audit_one(args, auditor, record, since, until)
+                audit_one(record)
             if auditor is not None:
                 auditor.check_end(await _recorded_checkpoint(bus))
             while args.follow:
                 for record in await tail.fetch(timeout=1.0):
-                    _audit_one(args, auditor, record, since, until)
+                    audit_one(record)
     if auditor is None:
         return 0
-    findings = auditor.findings
-    for line in findings.problems:
-        print(f"fleet: {line}", file=sys.stderr)
-    if findings.problems:
-        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(findings.counts.items()))
+    for problem in auditor.problems:
+        print(f"fleet: {problem}", file=sys.stderr)
+    if auditor.problems:
+        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(driver.counts.items()))
         raise VerificationError(f"the log does not verify: {summary}")
-    count = auditor.chain.count
+    assert driver.chain is not None
+    count = driver.chain.count
     print(f"fleet: verified {count} events: signatures trusted, hash chain intact", file=sys.stderr)
     return 0
 
 
-def _audit_one(
-    args: argparse.Namespace,
-    auditor: Auditor | None,
-    record: LogRecord,
-    since: int | None,
-    until: int | None,
-) -> None:
-    problem = None
-    try:
-        envelope: Envelope | None = decode_envelope(record.data)
-    except BadMessageError as exc:
-        envelope, problem = None, str(exc)
-    verified = auditor.check(record, envelope) if auditor is not None else None
-    if _matches(args, record, envelope, since, until):
-        _print(args, record, envelope, verified, problem)
-
-
 async def _recorded_checkpoint(bus: Bus) -> AuditCheckpoint | None:
     try:
-        kv = await bus.key_value(bus.subjects.config_bucket)
+        kv = await bus.kv(bus.subjects.config_bucket)
         entry = await kv.get(CHECKPOINT_KEY)
-    except (nats.js.errors.KeyNotFoundError, FleetError):
+    except FleetError:
+        return None
+    if entry is None:
         return None
     try:
-        return AuditCheckpoint.model_validate(unpack(entry.value or b""))
+        return AuditCheckpoint.model_validate(unpack(entry.value))
     except (BadMessageError, ValueError):
         return None

@@ -6,15 +6,12 @@ import fnmatch
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-
-import nats.errors
-import nats.js.errors
 
 from bus import (
     BadMessageError,
     Bus,
+    FleetError,
     SecretFileError,
     Signer,
     UsageError,
@@ -24,11 +21,12 @@ from bus import (
     sign_envelope,
     write_seed_file,
 )
-from bus.codec import decode_data
 from bus.command import principal_name
 from bus.keys import SEED_FILE_SUFFIX, default_key_dir
-from bus.log import LogRecord, read_log
-from master.projection import Projection, iso
+from bus.log import last_message, read_log
+from ledger.driver import fold
+from ledger.projection import Projection
+from ledger.views import iso
 from schemas import EventData, Presence, make_envelope
 from schemas.events import event_name
 
@@ -73,18 +71,6 @@ async def publish_signed(
     return envelope.id
 
 
-def fold(records: list[LogRecord], projection: Projection | None = None) -> Projection:
-    """Fold log records into a projection; undecodable ones are counted, never fatal."""
-    projection = projection or Projection()
-    for record in records:
-        try:
-            projection.apply(record.seq, decode_data(decode_envelope(record.data)))
-        except BadMessageError as exc:
-            logger.warning("event at seq %d cannot be decoded: %s", record.seq, exc)
-            projection.apply_undecodable(record.seq)
-    return projection
-
-
 async def job_projection(bus: Bus, job_id: str = "*", agent: str = "*") -> Projection:
     """The projection of the job events matching ``agent`` and ``job_id``."""
     subject = bus.subjects.job_events(agent, job_id)
@@ -93,22 +79,16 @@ async def job_projection(bus: Bus, job_id: str = "*", agent: str = "*") -> Proje
 
 async def presence(bus: Bus) -> dict[str, Presence]:
     """Every agent with a live heartbeat, by id."""
-    kv = await bus.key_value(bus.subjects.presence_bucket)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return {}
+    kv = await bus.kv(bus.subjects.presence_bucket)
     out: dict[str, Presence] = {}
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+    for key in await kv.keys():
+        entry = await kv.get(key)
+        if entry is None or not entry.value:
             continue  # expired between listing and reading
-        if entry.value:
-            try:
-                out[key] = decode_model(entry.value, Presence)
-            except BadMessageError as exc:
-                logger.warning("presence of %s cannot be decoded: %s", key, exc)
+        try:
+            out[key] = decode_model(entry.value, Presence)
+        except BadMessageError as exc:
+            logger.warning("presence of %s cannot be decoded: %s", key, exc)
     return out
 
 
@@ -116,11 +96,13 @@ async def offline_since(bus: Bus, agent: str) -> str:
     """When an agent was last seen leaving, for "queued (agent offline since …)"."""
     subject = bus.subjects.agent_event(agent, event_name("agent.offline"))
     try:
-        raw = await bus.js.get_last_msg(bus.subjects.events_stream, subject)
-    except (nats.js.errors.NotFoundError, nats.errors.Error):
+        record = await last_message(bus, bus.subjects.events_stream, subject)
+    except FleetError:
+        record = None
+    if record is None:
         return "agent offline, never seen leaving"
     try:
-        ts = decode_envelope(raw.data or b"").ts
+        ts = decode_envelope(record.data).ts
     except BadMessageError:
         return "agent offline"
     return f"agent offline since {iso(ts)}"
@@ -151,7 +133,3 @@ def parse_pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
             raise UsageError(f"{what} must be KEY=VALUE, not {value!r}")
         pairs.append((key, val))
     return pairs
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -25,19 +25,19 @@ from bus import (
     connect,
     decode_model,
     generate_seed,
-    provision,
-    verify_envelope,
     write_seed_file,
 )
-from bus.codec import decode_data, decode_envelope
 from bus.embedded import running_server
 from bus.errors import EXIT_OK, FleetError
+from bus.eventloop import run
 from bus.log import read_log
 from bus.request import control
-from bus.runtime import run
+from bus.streams import provision_fleet
 from fleet.common import publish_signed
 from fleet.follow import JobFollower, OutputPrinter
-from master.projection import iso
+from ledger.driver import RecordDriver
+from ledger.verify import signature_check
+from ledger.views import iso
 from schemas import Event, JobRequest, JobSubmitted, Presence, ScriptCommand, new_id
 
 DEMO_SCRIPT = """\
@@ -102,7 +102,7 @@ def _demo(work: Path) -> int:
 async def _round_trip(url: str, config: Path, operator_key: Path, started: float) -> int:
     settings = ConnectSettings(servers=[url], name="fleet demo")
     async with await connect(settings) as bus:
-        report = await provision(bus.js, bus.subjects)
+        report = await provision_fleet(bus)
         _say(f"created {len(report.created)} streams and buckets: {', '.join(report.created)}")
         master_config = config.with_name("master.toml")
         _say("starting the master (fleet-master) and an agent (fleet-agentd) as processes")
@@ -182,30 +182,28 @@ async def _master_view(bus: Bus, job_id: str, seq: int) -> dict[str, Any]:
 
 
 async def _wait_for_agent(bus: Bus, agent: str) -> Presence:
-    kv = await bus.key_value(bus.subjects.presence_bucket)
-    watcher = await kv.watch(agent)
+    kv = await bus.kv(bus.subjects.presence_bucket)
     try:
-        async with asyncio.timeout(_AGENT_START_S):
-            async for entry in watcher:
-                if entry is not None and entry.value:
+        async with asyncio.timeout(_AGENT_START_S), kv.watch(agent) as updates:
+            async for entry in updates:
+                if entry is not None and not entry.deleted and entry.value:
                     return decode_model(entry.value, Presence)
     except TimeoutError:
         raise FleetError(f"the demo agent did not come online within {_AGENT_START_S:g}s") from None
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
     raise FleetError("presence watch ended before the agent came online")
 
 
 async def _print_trail(bus: Bus) -> None:
     _say("the event trail, read back from the log and verified:")
+    driver = RecordDriver(checks=[signature_check()])
     for record in await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events):
-        envelope = decode_envelope(record.data)
-        try:
-            verify_envelope(envelope, subject=record.subject)
-            verified = "signed ✓"
-        except FleetError as exc:
-            verified = f"NOT VERIFIED: {exc}"
-        event = decode_data(envelope)
+        entry = driver.feed(record)
+        envelope, event = entry.envelope, entry.event
+        if envelope is None:
+            print(f"  {record.seq:>3}  UNDECODABLE on {record.subject}")
+            continue
+        problems = "; ".join(p.text for p in entry.problems)
+        verified = f"NOT VERIFIED: {problems}" if problems else "signed ✓"
         detail = ""
         if isinstance(event, Event) and event.type == "job.finished":
             detail = json.dumps(

@@ -1,9 +1,9 @@
 """Following jobs live: their events and their output, in order, to a known end.
 
-Each job gets two ordered consumers from the start of its subjects, subscribed before
-the job is submitted, so nothing can slip past. The end is exact, not a quiet period:
-the job's ``finished`` event says how many output chunks the agent stored, and the
-follower is done once it has the event and that many chunks.
+Each job gets two readers from the start of its subjects (:func:`bus.log.follow`), opened
+before the job is submitted, so nothing can slip past. The end is exact, not a quiet
+period: the job's ``finished`` event says how many output chunks the agent stored, and
+the follower is done once it has the event and that many chunks.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import BinaryIO
 
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js import api
-
-from bus import BadMessageError, Bus, ConnectionFailedError, decode_envelope
-from bus.codec import HEADER_OUTPUT_STREAM, decode_data
-from master.projection import JobView, Projection
+from bus import Bus, ConnectionFailedError, FleetError
+from bus.codec import HEADER_OUTPUT_STREAM
+from bus.log import LogRecord, Tail, follow
+from bus.tasks import TaskOwner
+from ledger.driver import Problem, RecordDriver
+from ledger.projection import Projection
+from ledger.views import JobView
 
 logger = logging.getLogger(__name__)
 
@@ -59,67 +60,81 @@ class OutputPrinter:
 
 
 class JobFollower:
-    """Follows one job until it has finished and all its output has arrived."""
+    """Follows one job until it has finished and all its output has arrived.
+
+    Its readers run in tasks it owns; :meth:`close` cancels and awaits them.
+    """
 
     def __init__(self, bus: Bus, agent: str, job_id: str, printer: OutputPrinter | None) -> None:
         self.bus = bus
         self.agent = agent
         self.job_id = job_id
         self.printer = printer
-        self.projection = Projection()
+        self.driver = RecordDriver(on_problem=self._on_problem)
         self.done = asyncio.Event()
         self.started = asyncio.Event()
         self._chunks = 0
-        self._subs: list[Any] = []
+        self._tasks = TaskOwner(f"follow {job_id}")
+        self._closing = asyncio.Event()
+
+    @property
+    def projection(self) -> Projection:
+        return self.driver.projection
+
+    @property
+    def undecodable(self) -> int:
+        """The job's events that could not be decoded (counted and logged, never dropped)."""
+        return self.driver.undecodable
 
     @property
     def view(self) -> JobView | None:
         return self.projection.jobs.get(self.job_id)
 
     async def start(self) -> JobFollower:
-        """Subscribe (before the job is submitted, for a new job)."""
+        """Start reading (before the job is submitted, for a new job).
+
+        Raises:
+            ConnectionFailedError: the streams cannot be read.
+        """
         s = self.bus.subjects
+        # The readers are opened here, not in their tasks, so that nothing stored after
+        # this returns can slip past.
         try:
-            self._subs.append(
-                await self.bus.js.subscribe(
-                    s.job_events(self.agent, self.job_id),
-                    stream=s.events_stream,
-                    cb=self._on_event,
-                    ordered_consumer=True,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                )
+            events = await Tail.open(
+                self.bus, s.events_stream, s.job_events(self.agent, self.job_id)
             )
+            self._tasks.spawn(self._read(events, self._on_event), "events")
             if self.printer is not None:
-                self._subs.append(
-                    await self.bus.js.subscribe(
-                        s.output(self.agent, self.job_id),
-                        stream=s.output_stream,
-                        cb=self._on_output,
-                        ordered_consumer=True,
-                        deliver_policy=api.DeliverPolicy.ALL,
-                    )
+                output = await Tail.open(
+                    self.bus, s.output_stream, s.output(self.agent, self.job_id)
                 )
-        except (nats.errors.Error, OSError) as exc:
+                self._tasks.spawn(self._read(output, self._on_output), "output")
+        except FleetError as exc:
+            await self._tasks.close()
             raise ConnectionFailedError(f"cannot follow job {self.job_id}: {exc}") from exc
         return self
 
-    async def _on_event(self, msg: Msg) -> None:
-        try:
-            event = decode_data(decode_envelope(msg.data))
-        except BadMessageError as exc:
-            logger.warning("job %s: undecodable event: %s", self.job_id, exc)
-            return
-        self.projection.apply(msg.metadata.sequence.stream, event)
+    async def _read(self, tail: Tail, handle: Callable[[LogRecord], None]) -> None:
+        reading = follow(self.bus, tail.stream, tail.subject, opened=tail, stop=self._closing)
+        async for batch in reading:
+            for record in batch.records:
+                handle(record)
+
+    def _on_event(self, record: LogRecord) -> None:
+        self.driver.feed(record)
         view = self.view
         if view is not None and view.status != "submitted":
             self.started.set()
         self._check_done()
 
-    async def _on_output(self, msg: Msg) -> None:
+    def _on_problem(self, problem: Problem) -> None:
+        logger.warning("job %s: event at %s", self.job_id, problem)
+
+    def _on_output(self, record: LogRecord) -> None:
         self._chunks += 1
-        stream = (msg.headers or {}).get(HEADER_OUTPUT_STREAM, "stdout")
+        stream = record.headers.get(HEADER_OUTPUT_STREAM, "stdout")
         assert self.printer is not None
-        self.printer.write(self.agent, "stderr" if stream == "marker" else stream, msg.data)
+        self.printer.write(self.agent, "stderr" if stream == "marker" else stream, record.data)
         self._check_done()
 
     def _check_done(self) -> None:
@@ -132,9 +147,7 @@ class JobFollower:
             self.done.set()
 
     async def close(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except (nats.errors.Error, OSError) as exc:
-                logger.debug("unsubscribe: %s", exc)
-        self._subs.clear()
+        """Stop reading (cancels and awaits the readers)."""
+        # The flag ends the readers even if the client library swallows a cancellation.
+        self._closing.set()
+        await self._tasks.close()

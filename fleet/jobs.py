@@ -21,7 +21,6 @@ from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
 from bus.log import read_log
 from bus.request import control
 from fleet.common import (
-    fold,
     job_projection,
     offline_since,
     operator_signer,
@@ -29,7 +28,9 @@ from fleet.common import (
     publish_signed,
 )
 from fleet.follow import JobFollower, OutputPrinter
-from master.projection import AgentView, JobView, Projection, iso
+from ledger.driver import fold
+from ledger.projection import Projection
+from ledger.views import AgentView, JobView, iso
 from schemas import JobCancelRequested, Presence
 
 logger = logging.getLogger(__name__)

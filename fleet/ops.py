@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from bus import StorageSettings, connect, provision
+from bus import StorageSettings, connect
 from bus.command import add_connection_args, connect_settings
+from bus.streams import provision_fleet
 from fleet.permissions import load_registry, render
 
 
@@ -80,7 +81,7 @@ def server_config(args: argparse.Namespace) -> int:
 async def init_storage(args: argparse.Namespace) -> int:
     settings = connect_settings(args, "fleet-ops")
     async with await connect(settings) as bus:
-        report = await provision(bus.js, bus.subjects, StorageSettings(replicas=args.replicas))
+        report = await provision_fleet(bus, StorageSettings(replicas=args.replicas))
     if args.json:
         print(json.dumps({"created": report.created, "unchanged": report.unchanged}))
     else:

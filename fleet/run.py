@@ -396,22 +396,28 @@ async def _run_batches(
                 note = await offline_since(bus, follower.agent)
                 print(f"fleet: {follower.agent}: queued ({note})", file=sys.stderr)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        waits = [asyncio.create_task(f.done.wait()) for f in followers]
-        try:
-            _, pending = await asyncio.wait(waits, timeout=remaining)
-        finally:
-            for task in waits:
-                task.cancel()
+        ran_out = not await _all_done(followers, remaining)
         for follower in followers:
             outcomes.append(await _outcome(bus, follower, online))
             await follower.close()
-        if pending:
+        if ran_out:
             rest = targets[start + size :]
             outcomes += [
                 Outcome(a, None, "skipped", note="not started: --wait ran out") for a in rest
             ]
             return outcomes, True
     return outcomes, False
+
+
+async def _all_done(followers: list[JobFollower], timeout: float | None) -> bool:
+    """Wait until every follower is done; False if ``timeout`` seconds passed first."""
+    try:
+        async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+            for follower in followers:
+                group.create_task(follower.done.wait(), name=f"wait {follower.job_id}")
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _outcome(bus: Bus, follower: JobFollower, online: dict[str, Presence]) -> Outcome:

@@ -9,9 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nats.errors
-import nats.js.errors
-from nats.js.api import ObjectMeta
 from pydantic import ValidationError
 
 from bus import Bus, ConnectionFailedError, Signer, UsageError, connect
@@ -19,8 +16,9 @@ from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_OK, BundleError
 from bus.log import read_log
 from bus.subjects import version_token
-from fleet.common import fold, operator_signer, presence, publish_signed
-from master.projection import AgentView, RolloutView
+from fleet.common import operator_signer, presence, publish_signed
+from ledger.driver import fold
+from ledger.views import AgentView, RolloutView
 from schemas import Presence, UpdateAnnounced, UpdatePublished
 from schemas.registry import summarize_validation_error
 from schemas.update import ReleaseTarget, RolloutStage, UpdateSettings
@@ -196,7 +194,7 @@ async def publish_cmd(args: argparse.Namespace) -> int:
     digest = sha256_hex(data)
     source, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet update")) as bus:
-        store = await bus.object_store(bus.subjects.bundles_bucket)
+        store = await bus.objects(bus.subjects.bundles_bucket)
         stored = await _stored(bus, name)
         existing = stored[0] if stored else None
         if existing is not None and existing != digest:
@@ -205,12 +203,7 @@ async def publish_cmd(args: argparse.Namespace) -> int:
                 "immutable, build a new version"
             )
         if existing is None:
-            try:
-                await store.put(
-                    name, data, meta=ObjectMeta(name=name, description=f"fleetbus {bundle.version}")
-                )
-            except (nats.errors.Error, OSError) as exc:
-                raise ConnectionFailedError(f"storing {name}: {exc}") from exc
+            await store.put(name, data, description=f"fleetbus {bundle.version}")
             event = UpdatePublished(
                 version=bundle.version,
                 object_name=name,
@@ -231,17 +224,14 @@ async def publish_cmd(args: argparse.Namespace) -> int:
 
 async def _stored(bus: Bus, name: str) -> tuple[str, int] | None:
     """SHA-256 (hex) and size of a stored bundle; None if there is none by that name."""
-    store = await bus.object_store(bus.subjects.bundles_bucket)
-    try:
-        info = await store.get_info(name)
-    except nats.js.errors.ObjectNotFoundError:
+    store = await bus.objects(bus.subjects.bundles_bucket)
+    info = await store.info(name)
+    if info is None:
         return None
-    except (nats.errors.Error, OSError) as exc:
-        raise ConnectionFailedError(f"object store: {exc}") from exc
     digest = store_digest(info.digest or "")
     if digest is None:
         raise ConnectionFailedError(f"object store: {name} has an unreadable digest")
-    return digest.hex(), info.size or 0
+    return digest.hex(), info.size
 
 
 async def announce_cmd(args: argparse.Namespace) -> int:

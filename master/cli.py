@@ -11,14 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import nats.js.errors
-
 from bus import connect, decode_model
 from bus.command import add_version_flag, configure_logging, run_command
-from bus.daemon import EXIT_NOT_RUNNING, kill_daemon, running_pid
+from bus.detach import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError
 from master.config import MasterConfig, default_config_path, load_master_config
-from master.daemon import PROGRAM, run_master
+from master.startup import PROGRAM, run_master
 from master.users import UserStore, make_record
 from schemas import Presence
 
@@ -72,15 +70,11 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
     async with await connect(
         config.connect_settings().model_copy(update={"nkey_file": None})
     ) as bus:
-        kv = await bus.key_value(bus.subjects.presence_bucket)
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
+        kv = await bus.kv(bus.subjects.presence_bucket)
         online: dict[str, Presence] = {}
-        for key in keys:
+        for key in await kv.keys():
             entry = await kv.get(key)
-            if entry.value:
+            if entry is not None and entry.value:
                 online[key] = decode_model(entry.value, Presence)
     pid = running_pid(config.pid_path)
     configured = [

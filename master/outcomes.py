@@ -21,7 +21,6 @@ not run it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.log import last_message
-from bus.runtime import wait_any
 from schemas import (
     Event,
     JobCancelRequested,
@@ -51,7 +49,9 @@ from schemas import (
 )
 
 if TYPE_CHECKING:
-    from master.projection import Projection
+    from ledger.driver import Entry
+    from ledger.projection import Projection
+    from master.controller import Master
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,27 @@ class Outcomes:
         self.grace_s = grace_s
         self._queued: dict[str, _Queued] = {}
         self._decided: set[str] = set()
+        self._caught_up = False
         self.recorded: dict[str, int] = {}
         """How many outcomes of each status this master recorded (for status and tests)."""
 
+    @classmethod
+    def for_master(cls, master: Master) -> Outcomes:
+        """Outcomes wired into a master: it sees every folded event, and sweeps once a
+        second while the master serves (the first sweep learns what a snapshot hid)."""
+        outcomes = cls(master.bus, master.signer, master.config.id, master.config.offline_grace_s)
+        master.on_folded(outcomes.folded)
+        master.every(
+            _SWEEP_S, lambda: outcomes.sweep(master.projection, time.time_ns()), "outcomes"
+        )
+        return outcomes
+
     # --- what the log says ------------------------------------------------------------------
+
+    def folded(self, entry: Entry) -> None:
+        """A master fold listener: :meth:`observe` every decoded event."""
+        if entry.event is not None:
+            self.observe(entry.event)
 
     def observe(self, event: Event[Any] | UnknownEvent) -> None:
         """Note what a folded event means for queued jobs (called for every event)."""
@@ -126,19 +143,11 @@ class Outcomes:
 
     # --- deciding ----------------------------------------------------------------------------
 
-    async def run(self, projection: Projection, stopping: asyncio.Event) -> None:
-        """Learn what a snapshot hid, then record outcomes as they fall due, until
-        ``stopping``."""
-        await self.catch_up(projection)
-        while not stopping.is_set():
-            try:
-                await self.sweep(projection, time.time_ns())
-            except FleetError as exc:
-                logger.error("! deciding queued jobs: %s", exc)
-            await wait_any(stopping, timeout=_SWEEP_S)
-
     async def sweep(self, projection: Projection, now_ns: int) -> None:
         """Record what is due: ``abandoned``, ``expired``, ``cancelled``."""
+        if not self._caught_up:
+            await self.catch_up(projection)
+            self._caught_up = True
         grace_ns = int(self.grace_s * 1e9)
         for view in list(projection.agents.values()):
             # Also what a grace timer would have done, had the master not restarted.

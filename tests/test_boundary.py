@@ -152,3 +152,22 @@ def test_schemas_imports_no_other_fleetbus_package() -> None:
     assert not offenders, "schemas/ imports only pydantic and the stdlib:\n  " + "\n  ".join(
         offenders
     )
+
+
+def test_master_fleet_and_ledger_import_no_wire_library() -> None:
+    """The part of the rule issue 13 has already made true (the rest is xfail above)."""
+    offenders = _offenders(("master", "fleet", "ledger"), set(WIRE_LIBRARIES))
+    assert not offenders, "only bus/ may import nats or msgpack:\n  " + "\n  ".join(offenders)
+
+
+def test_master_and_fleet_reach_nats_only_through_bus_methods() -> None:
+    """No ``bus.nc`` or ``bus.js``: the connection's raw nats-py objects stay inside bus/."""
+    found = []
+    for path in _python_files():
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] not in ("master", "fleet", "ledger"):
+            continue
+        for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("nc", "js"):
+                found.append(f"{rel}:{node.lineno} uses .{node.attr}")
+    assert not found, "\n  ".join(found)

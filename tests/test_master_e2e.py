@@ -38,7 +38,7 @@ from bus import (
 )
 from bus.log import read_log
 from bus.request import control
-from master.projection import Projection
+from ledger.projection import Projection
 from schemas import JobFinished, JobRequest, ModuleCommand, make_envelope, new_id
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -176,7 +176,7 @@ async def test_snapshots_that_disagree_or_do_not_decode(
     master_factory: Callable[..., MasterProcess],
     operator: tuple[Path, Signer],
 ) -> None:
-    from master.snapshot import SNAPSHOT_OBJECT, encode_snapshot
+    from ledger.snapshot import SNAPSHOT_OBJECT, encode_snapshot
 
     bus = fast_bus
     await agent_factory("web-1").started(bus)
@@ -187,7 +187,7 @@ async def test_snapshots_that_disagree_or_do_not_decode(
     # A snapshot that says something the log does not: replay --verify shows where.
     replayed = json.loads((await fleet(nats_server.url, operator[0], "replay", "--json")).stdout)
     records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
-    from fleet.audit import fold_records
+    from ledger.driver import fold_records
 
     lying, chain = fold_records(records)
     lying.jobs[job].status = "failed"

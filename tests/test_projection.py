@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from samples import sample_data, subject_for
 
 from bus.codec import encode_envelope
-from master.chain import Chain
-from master.projection import Projection, differences
-from master.snapshot import decode_snapshot, encode_snapshot
+from ledger.chain import Chain
+from ledger.projection import Projection, differences
+from ledger.snapshot import decode_snapshot, encode_snapshot
 from schemas import (
     AgentOffline,
     AgentOnline,

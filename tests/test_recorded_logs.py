@@ -10,9 +10,9 @@ import pytest
 from bus import Bus, decode_envelope, verify_envelope
 from bus.codec import decode_data, unpack
 from bus.log import read_log
-from fleet.audit import fold_records
-from master.chain import Chain
-from master.projection import Projection
+from ledger.chain import Chain
+from ledger.driver import fold_records
+from ledger.projection import Projection
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("log-v*"))
 

@@ -13,8 +13,8 @@ from samples import sample_envelope
 from updates import make_release, tamper
 
 from bus import BundleError, Signer, generate_seed
-from master.projection import Projection
-from master.rollout import next_step
+from ledger.projection import Projection
+from ledger.rollout import next_step
 from schemas import (
     AgentOnline,
     AgentUnsupported,

@@ -30,7 +30,7 @@ from packaging.version import InvalidVersion, Version
 from bus.connection import Bus
 from bus.errors import BundleError, FleetError
 from bus.lease import Lease
-from bus.runtime import wait_any
+from bus.tasks import wait_any
 from schemas import (
     AgentUnsupported,
     EventData,

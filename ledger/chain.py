@@ -12,6 +12,10 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
+CHECKPOINT_KEY = "audit.checkpoint"
+"""Key in KV ``fleet-config`` where the master keeps its newest checkpoint outside the log,
+so ``fleet audit`` can tell a log that was cut short."""
+
 _GENESIS = bytes(32)
 _REMEMBERED = 100_000
 

@@ -1,9 +1,11 @@
-"""Snapshots of the master's projection in object store ``fleet-snapshots``.
+"""Snapshots of a fold: the projection's state and the chain, as bytes and in the store.
 
 A snapshot is the projection's state, the stream sequence it covers and the chain at
-that point, so a master restarts by loading it and replaying only the tail. A snapshot
-that does not decode, or is of a version newer than this code, is ignored with a
-warning: the log can always rebuild everything.
+that point, so a master restarts by loading it and replaying only the tail; ``fleet
+replay --verify`` compares it with its own fold. It is kept as one object in the object
+store ``fleet-snapshots``. A snapshot that cannot be read, does not decode, or is of a
+version newer than this code is ignored with a warning: the log can always rebuild
+everything.
 """
 
 from __future__ import annotations
@@ -13,17 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
-import nats.js.errors
-
 from bus import BadMessageError, Bus, FleetError
 from bus.codec import pack, unpack
-from master.chain import Chain
-from master.projection import Projection
+from ledger.chain import Chain
+from ledger.projection import Projection
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_OBJECT = "projection"
+"""The object's name in the snapshots bucket."""
 SNAPSHOT_VERSION = 1
 _MAX_SNAPSHOT = 2**31
 
@@ -33,6 +33,8 @@ UPCASTERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 @dataclass
 class Snapshot:
+    """A fold at a point of the log."""
+
     projection: Projection
     chain: Chain
 
@@ -42,6 +44,7 @@ class Snapshot:
 
 
 def encode_snapshot(projection: Projection, chain: Chain) -> bytes:
+    """The bytes of a snapshot of ``projection`` and ``chain``."""
     return pack(
         {
             "v": SNAPSHOT_VERSION,
@@ -77,27 +80,29 @@ def decode_snapshot(data: bytes) -> Snapshot:
 
 
 async def save_snapshot(bus: Bus, projection: Projection, chain: Chain) -> None:
-    """Store the projection as the newest snapshot."""
-    store = await bus.object_store(bus.subjects.snapshots_bucket)
-    try:
-        await store.put(SNAPSHOT_OBJECT, encode_snapshot(projection, chain))
-    except (nats.errors.Error, OSError) as exc:
-        raise FleetError(f"cannot store a snapshot: {exc}") from exc
+    """Store the projection as the newest snapshot.
+
+    Raises:
+        FleetError: the store refused or could not be reached.
+    """
+    data = encode_snapshot(projection, chain)  # now, before the fold moves on
+    store = await bus.objects(bus.subjects.snapshots_bucket)
+    await store.put(SNAPSHOT_OBJECT, data)
     logger.info("snapshot at seq %d (%d events)", projection.seq, projection.events)
 
 
 async def load_snapshot(bus: Bus) -> Snapshot | None:
     """The newest snapshot, or None when there is none or it cannot be used."""
-    store = await bus.object_store(bus.subjects.snapshots_bucket)
     try:
-        result = await store.get(SNAPSHOT_OBJECT)
-    except nats.js.errors.ObjectNotFoundError:
-        return None
-    except (nats.errors.Error, OSError) as exc:
+        store = await bus.objects(bus.subjects.snapshots_bucket)
+        data = await store.get(SNAPSHOT_OBJECT)
+    except FleetError as exc:
         logger.warning("cannot read the snapshot (%s); replaying the whole log", exc)
         return None
+    if data is None:
+        return None
     try:
-        return decode_snapshot(result.data or b"")
+        return decode_snapshot(data)
     except ValueError as exc:
         logger.warning("ignoring the snapshot: %s; replaying the whole log", exc)
         return None

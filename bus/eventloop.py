@@ -11,9 +11,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from bus.tasks import wait_any
-
-__all__ = ["loop_factory", "run", "wait_any"]
+__all__ = ["loop_factory", "run"]
 
 T = TypeVar("T")
 

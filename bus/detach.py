@@ -1,4 +1,4 @@
-"""Daemon plumbing shared by fleet-agentd and fleet-master: pid file, query, kill, detach.
+"""Detaching a daemon and finding it again: the locked pid file, the double fork, stop.
 
 The pid file is locked (``flock``) for the daemon's whole life, so "is it running" is
 answered by the lock, not by a pid that may have been recycled since a crash.
@@ -6,26 +6,16 @@ answered by the lock, not by a pid that may have been recycled since a crash.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
-import logging
 import os
 import select
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
-import nats.js.errors
-
-from bus.connection import Bus, ConnectSettings, connect
-from bus.errors import EXIT_TIMEOUT, FleetError, UsageError
-
-logger = logging.getLogger(__name__)
-
-_STREAM_WAIT_S = 5.0
+from bus.errors import EXIT_TIMEOUT, UsageError
 
 EXIT_NOT_RUNNING = 3  # LSB: "program is not running"
 
@@ -53,7 +43,7 @@ class PidFile:
             other = f.read().strip() or "?"
             f.close()
             raise UsageError(
-                f"fleet-agentd is already running (pid {other}, {self.path})"
+                f"{self.program} is already running (pid {other}, {self.path})"
             ) from None
         f.seek(0)
         f.truncate()
@@ -150,41 +140,3 @@ def report_ready(fd: int | None, ok: bool) -> None:
         with contextlib.suppress(OSError):
             os.write(fd, b"0" if ok else b"1")
             os.close(fd)
-
-
-async def connect_unless_stopped(settings: ConnectSettings, stop: asyncio.Event) -> Bus | None:
-    """Connect, waiting for the server as long as it takes, unless ``stop`` is set first."""
-    connecting = asyncio.create_task(connect(settings, wait_for_server=True))
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if connecting.done():
-        return connecting.result()
-    connecting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await connecting
-    return None
-
-
-async def wait_for_storage(
-    bus: Bus, stop: asyncio.Event, *checks: Callable[[Bus], Awaitable[object]]
-) -> bool:
-    """Wait until the fleet's streams exist (``fleet ops init``); False if told to stop.
-
-    Each check opens one resource the daemon needs and raises while it is missing.
-    """
-    warned = False
-    while not stop.is_set():
-        try:
-            await bus.js.stream_info(bus.subjects.events_stream)
-            for check in checks:
-                await check(bus)
-            return True
-        except (nats.js.errors.NotFoundError, FleetError) as exc:
-            if not warned:
-                logger.error("the fleet's streams are missing (%s); run `fleet ops init`", exc)
-                warned = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_STREAM_WAIT_S):
-                await stop.wait()
-    return False

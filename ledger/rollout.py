@@ -1,14 +1,14 @@
 """Staged rollout: canaries first, the rest once they are healthy, a halt on failures.
 
-Pure policy over the folded log; :class:`~master.runtime.MasterRuntime` carries out what
-it returns (a stage write in KV ``fleet-config`` and, for a halt, ``update.rollout_halted``).
+Pure policy over the folded log; the master carries out what it returns (a stage write
+in KV ``fleet-config`` and, for a halt, ``update.rollout_halted``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from master.projection import RolloutView
+from ledger.views import RolloutView
 from schemas.update import ReleaseTarget, Stage
 
 

@@ -1,0 +1,239 @@
+"""The master: folds the log into projections, watches presence, answers queries.
+
+On start it loads the newest snapshot and replays only the tail; it is ``ready`` once it
+has caught up with the log. Live, it verifies every event's signature once (on ingest),
+snapshots every N events or T seconds, publishes signed checkpoints of the log's hash
+chain, records configured agents in the log, and notices agents whose heartbeat expired:
+it records them offline and, past a grace, records their running jobs ``abandoned``,
+once (the agent, when it returns, sees that record and does not add its own).
+
+Every task the master runs (the fold, presence, queries, rollouts, snapshots,
+checkpoints, grace timers, reloads) is owned by its :class:`~bus.tasks.TaskOwner`, so
+stopping cancels and awaits them all. Parts that react to the log or run on a period
+plug in through :meth:`Master.on_folded` and :meth:`Master.every`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from bus import Bus, FleetError, Signer, sign_envelope
+from bus.log import LogRecord
+from bus.publish import PublishResult
+from bus.retry import Backoff
+from bus.tasks import TaskOwner, first_of, wait_any
+from ledger.chain import Chain
+from ledger.driver import UNDECODABLE, Entry, Problem, RecordDriver
+from ledger.projection import Projection
+from ledger.snapshot import load_snapshot, save_snapshot
+from ledger.verify import signature_check
+from master.auth import AuthService
+from master.config import MasterConfig
+from master.durability import Durability
+from master.ingest import follow_log
+from master.outcomes import Outcomes
+from master.presence import GraceTimers, watch_presence
+from master.queries import serve_queries
+from master.registry import register_configured
+from master.rollouts import steer_rollouts
+from master.users import UserStore
+from schemas import EventData, make_envelope
+
+logger = logging.getLogger(__name__)
+
+_RESTART = Backoff(initial=1.0, cap=30.0)
+
+FoldListener = Callable[[Entry], None]
+"""Called with every record the master folds, in log order, from the fold's task."""
+
+
+class Master:
+    """One master. ``await run()`` until :meth:`stop`."""
+
+    def __init__(self, bus: Bus, config: MasterConfig, signer: Signer) -> None:
+        self.bus = bus
+        self.config = config
+        self.signer = signer
+        self.subjects = bus.subjects
+        self.driver = RecordDriver(
+            Projection(), Chain(), checks=[signature_check()], on_problem=self._on_problem
+        )
+        # Events are verified once, on ingest: those caught up on were checked by the
+        # master that first folded them.
+        self.driver.checking = False
+        self.ready = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.unverified = 0
+        self.tasks = TaskOwner("master")
+        self.durability = Durability(self)
+        self.grace_timers = GraceTimers(self)
+        self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
+        self.rollout_changed = asyncio.Event()
+        self._listeners: list[FoldListener] = [self._note_rollout_change]
+        self._periodic: list[tuple[float, Callable[[], Awaitable[None]], str]] = []
+        self.outcomes = Outcomes.for_master(self)
+
+    @property
+    def projection(self) -> Projection:
+        return self.driver.projection
+
+    @property
+    def chain(self) -> Chain:
+        assert self.driver.chain is not None
+        return self.driver.chain
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def on_folded(self, listener: FoldListener) -> None:
+        """Call ``listener`` with every record folded from now on (keep it quick and pure;
+        spawn a task on :attr:`tasks` for I/O)."""
+        self._listeners.append(listener)
+
+    def every(self, period_s: float, action: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``action`` every ``period_s`` seconds once the master is ready, until it
+        stops. A failing run is logged; the next still comes."""
+        self._periodic.append((period_s, action, name))
+
+    # --- control --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Snapshot and stop. Safe from a signal handler."""
+        self.stopping.set()
+
+    def reload(self, config: MasterConfig) -> None:
+        """Take a new registry and settings without dropping any state (in an owned task;
+        safe from a signal handler)."""
+        self.config = config
+        if self.ready.is_set() and not self.stopping.is_set():
+            try:
+                self.tasks.spawn(self._reload(config), "reload")
+            except RuntimeError:
+                logger.warning("not reloading: the master is stopping")
+
+    async def _reload(self, config: MasterConfig) -> None:
+        try:
+            await register_configured(self)
+        except FleetError as exc:
+            logger.error("reload failed: %s", exc)
+            return
+        logger.info("configuration reloaded (hash %s)", config.config_hash()[:12])
+
+    async def emit(
+        self, data: EventData, subject: str, *, expected_last_subject_seq: int | None = None
+    ) -> PublishResult:
+        """Sign and store an event as the master."""
+        envelope = sign_envelope(
+            make_envelope(data, source=self.config.id, subject=subject), self.signer
+        )
+        return await self.bus.publish_event(
+            envelope, expected_last_subject_seq=expected_last_subject_seq
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Catch up with the log, then serve until :meth:`stop`; snapshot on the way out."""
+        snapshot = await load_snapshot(self.bus)
+        if snapshot is not None:
+            self.driver.projection, self.driver.chain = snapshot.projection, snapshot.chain
+            logger.info("loaded the snapshot at seq %d", snapshot.seq)
+        try:
+            async with self.tasks:
+                fold = self.tasks.spawn(follow_log(self), "fold")
+                # Queries are answered while catching up too (``status`` says not ready).
+                queries = self.tasks.spawn(self._keep_running("queries", serve_queries), "queries")
+                await first_of(self.ready.wait(), self.stopping.wait(), asyncio.shield(fold))
+                if fold.done():
+                    fold.result()  # the fold failed: say why
+                if not self.stopping.is_set():
+                    await self._serve(fold, queries)
+        finally:
+            try:
+                await save_snapshot(self.bus, self.projection, self.chain)
+            except FleetError as exc:
+                logger.error("! final snapshot failed: %s", exc)
+        logger.info("← master stopped at seq %d", self.projection.seq)
+
+    async def _serve(self, *started: asyncio.Task[None]) -> None:
+        logger.info(
+            "→ master ready at seq %d (%d events)", self.projection.seq, self.projection.events
+        )
+        await register_configured(self)
+        parts = [
+            *started,
+            self.tasks.spawn(self._keep_running("presence", self._watch_presence), "presence"),
+            self.tasks.spawn(steer_rollouts(self), "rollouts"),
+            self.tasks.spawn(self.durability.tick(), "durability"),
+        ]
+        for period, action, name in self._periodic:
+            parts.append(self.tasks.spawn(self._repeat(period, action, name), name))
+        self.rollout_changed.set()
+        # Runs until told to stop. Parts outlive the bus's troubles (they are restarted);
+        # one that ends anyway has a bug: the master stops rather than run half working,
+        # and says why.
+        ended = await first_of(self.stopping.wait(), *(asyncio.shield(p) for p in parts))
+        if ended is not None and not self.stopping.is_set():
+            logger.error("! a part of the master ended; stopping")
+            self.stopping.set()
+            ended.result()
+
+    async def _keep_running(self, name: str, part: Callable[[Master], Awaitable[None]]) -> None:
+        """Run ``part`` until the master stops, again after a pause whenever the bus fails
+        it (a lost connection, a timeout)."""
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                await part(self)
+            except FleetError as exc:
+                why = str(exc)
+            else:
+                why = "it ended"
+            if self.stopping.is_set():
+                return
+            delay = _RESTART.delay(attempt)
+            attempt += 1
+            logger.error("! %s: %s; again in %.1fs", name, why, delay)
+            await wait_any(self.stopping, timeout=delay)
+
+    @staticmethod
+    async def _watch_presence(master: Master) -> None:
+        await watch_presence(master, master.grace_timers)
+
+    async def _repeat(
+        self, period: float, action: Callable[[], Awaitable[None]], name: str
+    ) -> None:
+        while not await wait_any(self.stopping, timeout=period):
+            try:
+                await action()
+            except FleetError as exc:
+                logger.error("! %s: %s", name, exc)
+
+    # --- folding --------------------------------------------------------------------------
+
+    def fold(self, record: LogRecord) -> None:
+        """Fold one record read from the log (the fold task's only entry point)."""
+        if record.seq <= self.projection.seq:
+            return  # already in the snapshot, or delivered again after a reconnect
+        entry = self.driver.feed(record)
+        for listener in self._listeners:
+            listener(entry)
+        self.durability.folded(entry)
+
+    def caught_up(self) -> None:
+        """The fold has read everything stored when it started: serve from now on."""
+        if not self.ready.is_set():
+            self.driver.checking = True
+            self.ready.set()
+
+    def _note_rollout_change(self, entry: Entry) -> None:
+        if entry.envelope is not None and entry.envelope.type.startswith(("update.", "settings.")):
+            self.rollout_changed.set()
+
+    def _on_problem(self, problem: Problem) -> None:
+        if problem.kind == UNDECODABLE:
+            logger.warning("! event at %s", problem)
+        else:
+            self.unverified += 1
+            logger.warning("! event at %s (does not verify)", problem)
