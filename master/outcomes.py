@@ -87,7 +87,7 @@ class Outcomes:
         self._decided: set[str] = set()
         self._caught_up = False
         self.recorded: dict[str, int] = {}
-        """How many outcomes of each status this master recorded (for status and tests)."""
+        """How many outcomes of each status this master recorded (for its log and tests)."""
 
     @classmethod
     def for_master(cls, master: Master) -> Outcomes:
