@@ -23,6 +23,17 @@ from bus.codec import decode_data
 from bus.log import read_log
 from schemas import Event, JobFinished, JobRequest, new_id
 
+REPORT: list[str] = []
+"""Every scenario's count line, printed again in the terminal summary (tests/conftest.py)."""
+
+
+def report(line: str) -> None:
+    """Print a scenario's counts now and keep them for the run's summary."""
+    line = " ".join(line.split())
+    REPORT.append(line)
+    print(f"\n{line}", flush=True)
+
+
 #: A job that detaches two processes from its group and waits until both run: one with
 #: ``setsid``, and a classic double-forking daemon with its stdio on /dev/null. Each
 #: writes its pid to a file in DIR (atomically). Then ``$1`` says what the job does:
@@ -139,9 +150,7 @@ async def submit_many(
     return into
 
 
-async def count(
-    scenario: str, bus: Bus, runs: Path, subs: Submissions, **extra: object
-) -> Counts:
+async def count(scenario: str, bus: Bus, runs: Path, subs: Submissions, **extra: object) -> Counts:
     """Everything the log and the side-effect files say, as :class:`Counts`."""
     stored = await events_named(bus, "submitted")
     counts = Counts(
@@ -246,14 +255,13 @@ class Counts:
         multi = {j: s for j, s in self.terminal.items() if len(s) > 1}
         unended = sorted(j for j in self.acknowledged if j not in self.terminal)
         statuses = Counter(s[0] for s in self.terminal.values())
-        print(
-            f"\nFAULT {self.scenario}: submitted={self.submitted} "
+        report(
+            f"FAULT {self.scenario}: submitted={self.submitted} "
             f"acknowledged={len(self.acknowledged)} stored={self.stored} "
             f"executed={sum(self.executed.values())} (jobs run >1: {len(twice)}) "
             f"jobs with a terminal event={len(self.terminal)} "
             f"(>1 terminal: {len(multi)}) statuses={dict(statuses)} "
             + " ".join(f"{k}={v}" for k, v in self.extra.items()),
-            flush=True,
         )
         assert not twice, f"ran more than once: {twice[:10]}"
         assert not multi, f"more than one terminal event: {dict(list(multi.items())[:10])}"

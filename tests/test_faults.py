@@ -43,6 +43,7 @@ from faults import (
     events_named,
     fill_store,
     marker_job,
+    report,
     rss_kib,
     side_effects,
     submit_many,
@@ -132,7 +133,7 @@ async def test_setsid_and_daemon_children_end_with_the_job(
     left = {name: pid for name, pid in pids.items() if pid_alive(pid)}
     tagged = tagged_processes(job)
     terminal = (await terminal_events(bus)).get(job, [])
-    print(f"\nFAULT escape-{end}: escapees={pids} alive after the job={left} tagged={tagged}")
+    report(f"FAULT escape-{end}: escapees={pids} alive after the job={left} tagged={tagged}")
     assert finished.data.status == expected
     assert not left, f"processes outlived the job: {left}"
     assert not tagged
@@ -165,7 +166,7 @@ asyncio.run(main())
     assert done.returncode == 0, done.stderr
     pids = escapee_pids(tmp_path)
     left = {name: pid for name, pid in pids.items() if pid_alive(pid)}
-    print(f"\nFAULT escape-no-cgroup: {done.stdout.strip()} escapees={pids} alive={left}")
+    report(f"FAULT escape-no-cgroup: {done.stdout.strip()} escapees={pids} alive={left}")
     assert json.loads(done.stdout)["killed"] == 2
     assert not left
 
@@ -174,6 +175,10 @@ __all__ = ["Counts"]
 
 
 # --- the server -----------------------------------------------------------------------------
+
+
+def last_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[-1]
 
 
 def _fleet_cli(url: str, key: Path, *args: str, timeout: float = 120) -> tuple[int, str, str]:
@@ -277,14 +282,17 @@ async def test_a_full_store_says_so_and_recovers_after_a_restart(
             await provision(bus.js)
             filled = await fill_store(bus)
             code, _, err = await asyncio.to_thread(_fleet_cli, server.url, operator[0], *submit_one)
-            print(f"\nFAULT full-disk: filled with {filled} messages; fleet run: {code} {err}")
+            report(
+                f"FAULT full-disk: filled with {filled} messages; "
+                f"fleet run: {code} {last_line(err)}"
+            )
             assert code == 3, err
             assert "the server's store is full" in err
             assert "restart nats-server" in err
 
             await asyncio.to_thread(filler.unlink)
             code, _, err = await asyncio.to_thread(_fleet_cli, server.url, operator[0], *submit_one)
-            print(f"FAULT full-disk: space freed, no restart: fleet run: {code} {err}")
+            report(f"FAULT full-disk: space freed, no restart: fleet run: {code} {last_line(err)}")
         server.restart()
         async with await connect(ConnectSettings(servers=[server.url])) as bus:
             code, out, err = await asyncio.to_thread(
@@ -293,7 +301,7 @@ async def test_a_full_store_says_so_and_recovers_after_a_restart(
             assert code == 0, err
             [job] = json.loads(out)["jobs"]
             submitted = await events_named(bus, "submitted")
-            print(
+            report(
                 f"FAULT full-disk: after restart: fleet run {code}; submitted events "
                 f"stored={sum(submitted.values())} (the refused ones are not in the log)"
             )

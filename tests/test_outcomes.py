@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from agents import FLEET, MasterProcess, finished, fleet_env, job_events, job_request, submit
-from faults import terminal_events
+from faults import report, terminal_events
 from natsserver import NatsServer
 
 from bus import Bus, Signer, generate_seed, sign_envelope
@@ -80,7 +80,7 @@ async def test_master_expires_and_cancels_queued_jobs_of_an_offline_agent(
     assert (await finished(bus, "ghost", expiring)).status == "expired"
     assert await _finished_envelopes(bus, expiring) == ["master"]
     terminal = await terminal_events(bus)
-    print(f"\nFAULT offline-queue: terminal={ {j: terminal.get(j) for j in (expiring, queued)} }")
+    report(f"FAULT offline-queue: terminal={ {j: terminal.get(j) for j in (expiring, queued)} }")
     assert terminal[expiring] == ["expired"]
     assert terminal[queued] == ["cancelled"]
     assert forever not in terminal  # neither expired nor cancelled: it waits for its agent
