@@ -1,20 +1,25 @@
-"""What the agent adds to the daemon shell (:mod:`bus.daemon_shell`): its updater and
-launcher, the in-memory log buffer, restart on request, the stock event loop."""
+"""What the agent adds to the daemon shell (:mod:`bus.daemon_shell`): the updater it
+builds and hands to the agent (:class:`~agentd.agent.Agent`), the launcher, the in-memory
+log buffer, restart on request, the stock event loop."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from agentd import logbuffer
+from agentd.agent import Agent, agent_version, updater_options
 from agentd.config import AgentConfig, load_config
 from agentd.identity import ensure_identity
-from agentd.runtime import AgentRuntime
-from bus import FleetError, daemon_shell
+from agentd.presence import UpdateView
+from agentd.record import Emitter
+from bus import FleetError, Signer, daemon_shell
 from bus.connection import Bus
 from bus.daemon_shell import DaemonSettings, configure_daemon_logging, serve
+from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
 
@@ -35,11 +40,42 @@ def _settings(config: AgentConfig, level: str | None) -> DaemonSettings:
     )
 
 
+def build_agent(
+    bus: Bus,
+    config: AgentConfig,
+    signer: Signer,
+    *,
+    install_root: Path | None = None,
+    version: str | None = None,
+    on_restart: Callable[[], None] | None = None,
+) -> Agent:
+    """An agent with its updater: built here and handed in, so the agent core does not
+    depend on how (or whether) it updates itself."""
+    view = UpdateView()
+    updater = Updater(
+        bus,
+        config.id,
+        updater_options(config, agent_version(config, version), install_root),
+        emit=Emitter(bus, signer, config.id).emit,
+        show=view.show,
+        restart=on_restart,
+    )
+    return Agent(
+        bus,
+        config,
+        signer,
+        updater=updater,
+        update_view=view,
+        on_restart=on_restart,
+        version=version,
+    )
+
+
 async def serve_agent(config_path: Path | None, config: AgentConfig, level: str | None) -> bool:
     """Run the agent until SIGTERM/SIGINT. Returns True when a restart was requested."""
     restart = False
     signer = ensure_identity(config)
-    agent: AgentRuntime | None = None
+    agent: Agent | None = None
 
     def on_restart() -> None:
         nonlocal restart
@@ -47,28 +83,24 @@ async def serve_agent(config_path: Path | None, config: AgentConfig, level: str 
         if agent is not None:
             agent.stop()
 
-    async def build(bus: Bus) -> AgentRuntime:
+    async def build(bus: Bus) -> Agent:
         nonlocal agent
         root = install_root_from_env()
         installed = InstallRoot(root) if root is not None else None
-        agent = AgentRuntime(
-            bus,
-            config,
-            signer,
-            on_restart=on_restart,
-            install_root=root,
-            version=installed.version_of(installed.current_dir()) if installed else None,
+        version = installed.version_of(installed.current_dir()) if installed else None
+        agent = build_agent(
+            bus, config, signer, install_root=root, version=version, on_restart=on_restart
         )
         return agent
 
-    def reload(runtime: AgentRuntime) -> None:
+    def reload(running: Agent) -> None:
         try:
             new = load_config(config_path)
+            running.reload(new)
         except FleetError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
         logging.getLogger().setLevel(level or new.log_level)
-        runtime.reload(new)
 
     async def presence(bus: Bus) -> object:
         return await bus.kv(bus.subjects.presence_bucket)

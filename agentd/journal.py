@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 logger = logging.getLogger(__name__)
 
-JournalState = Literal["starting", "running", "finished"]
+JournalState = Literal["starting", "running", "ended", "finished"]
+"""``ended``: the process is over and its outcome known here, not yet in the log."""
 
 KEEP_FINISHED = 10_000
 """Finished jobs remembered after compaction: far more than a consumer could redeliver."""
@@ -38,6 +39,8 @@ class JournalEntry(BaseModel):
     """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22),
     so a recycled pid is not mistaken for the job's process."""
     status: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
     ts: int = 0
 
 
@@ -84,6 +87,8 @@ class Journal:
         pid: int | None = None,
         start_ticks: int | None = None,
         status: str | None = None,
+        exit_code: int | None = None,
+        reason: str | None = None,
     ) -> JournalEntry:
         """Append an entry and make it durable before returning."""
         entry = JournalEntry(
@@ -92,6 +97,8 @@ class Journal:
             pid=pid,
             start_ticks=start_ticks,
             status=status,
+            exit_code=exit_code,
+            reason=reason,
             ts=time.time_ns(),
         )
         self._file.write(entry.model_dump_json(exclude_none=True) + "\n")
@@ -105,7 +112,8 @@ class Journal:
         return job_id in self.jobs
 
     def unfinished(self) -> list[JournalEntry]:
-        """Jobs that started and never finished: what a crash left behind."""
+        """Jobs that started and whose outcome is not in the log: what a crash (or an
+        outage at shutdown) left behind."""
         return [e for e in self.jobs.values() if e.state != "finished"]
 
     def compact(self) -> None:

@@ -14,9 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from nats.js import JetStreamContext
-
-from bus import FleetError, publish_with_retry
+from bus import Bus, FleetError
 from bus.codec import HEADER_OUTPUT_SEQ, HEADER_OUTPUT_STREAM
 
 logger = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ class JobOutput:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        bus: Bus,
         subject: str,
         job_id: str,
         *,
@@ -50,7 +48,7 @@ class JobOutput:
         max_bytes: int,
         tail_bytes: int,
     ) -> None:
-        self._js = js
+        self._bus = bus
         self._subject = subject
         self._job_id = job_id
         self._stream = stream
@@ -69,8 +67,13 @@ class JobOutput:
         self._publisher = asyncio.create_task(self._publish_all(), name=f"output {self._job_id}")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         assert self._publisher is not None
+        if exc_type is not None:
+            # Not waiting for the queue to drain through a bus that may be away.
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            return
         if self._truncated:
             note = f"[output truncated: {self.total - self._streamed} more bytes not streamed]\n"
             await self._queue.put(("marker", note.encode()))
@@ -107,8 +110,7 @@ class JobOutput:
             name, data = item
             self._seq += 1
             try:
-                await publish_with_retry(
-                    self._js,
+                await self._bus.publish_stored(
                     self._subject,
                     data,
                     msg_id=f"{self._job_id}-{self._seq}",

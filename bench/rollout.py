@@ -26,9 +26,10 @@ from typing import Any
 
 from nats.js.api import ObjectMeta
 
+from agentd.agent import Agent
 from agentd.config import AgentConfig
+from agentd.daemon import build_agent
 from agentd.identity import ensure_identity
-from agentd.runtime import AgentRuntime
 from bus import Bus, ConnectSettings, Signer, connect, decode_event, generate_seed, provision
 from bus.log import read_log
 from bus.subjects import version_token
@@ -86,14 +87,14 @@ class LightAgent:
         self.signer = ensure_identity(self.config)
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.runtime: AgentRuntime | None = None
+        self.runtime: Agent | None = None
 
     async def run(self) -> None:
         installed = InstallRoot(self.root)
         while not self.stopping.is_set():
             restart = asyncio.Event()
             version = installed.version_of(installed.current_dir()) or FROM
-            self.runtime = AgentRuntime(
+            self.runtime = build_agent(
                 self.bus,
                 self.config,
                 self.signer,

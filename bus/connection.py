@@ -36,7 +36,7 @@ from bus.errors import (
 from bus.keys import read_seed_file
 from bus.kv import KeyValueStore
 from bus.objects import ObjectStoreHandle
-from bus.publish import PublishResult, publish_event
+from bus.publish import PublishResult, publish_event, publish_with_retry
 from bus.retry import Backoff
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from schemas import Envelope
@@ -44,6 +44,9 @@ from schemas import Envelope
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
+# Room for the headers of an event (message id, expected sequence): the server counts
+# them against its max_payload, nats-py checks only the body.
+_HEADER_ALLOWANCE = 1024
 
 
 class ConnectSettings(BaseModel):
@@ -170,6 +173,15 @@ class Bus:
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
+    @property
+    def max_event_size(self) -> int:
+        """The largest event this connection may publish: our own limit, or less if the
+        server's ``max_payload`` (which counts headers too) is smaller."""
+        server = int(self.nc.max_payload or 0)
+        if server <= 0:
+            return self.settings.max_msg_size
+        return max(0, min(self.settings.max_msg_size, server - _HEADER_ALLOWANCE))
+
     async def publish_event(
         self,
         envelope: Envelope,
@@ -187,9 +199,30 @@ class Bus:
             envelope,
             stream=self.subjects.events_stream,
             timeout=timeout,
-            max_size=self.settings.max_msg_size,
+            max_size=self.max_event_size,
             denied=self.denial,
             expected_last_subject_seq=expected_last_subject_seq,
+        )
+
+    async def publish_stored(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str,
+        stream: str,
+        headers: dict[str, str] | None = None,
+    ) -> PublishResult:
+        """Store raw bytes (a job's output chunk) in ``stream``, deduplicated by ``msg_id``
+        (see :func:`bus.publish.publish_with_retry`)."""
+        return await publish_with_retry(
+            self.js,
+            subject,
+            payload,
+            msg_id=msg_id,
+            headers=headers,
+            stream=stream,
+            denied=self.denial,
         )
 
     def denial(self, subject: str) -> PermissionDeniedError | None:

@@ -1,9 +1,13 @@
 """Reading the log: one filtered slice of a stream, from its start, in order.
 
-A :class:`Tail` is an ephemeral pull consumer that acknowledges nothing and vanishes on
-its own when its reader goes away. "Caught up" is known from the consumer's count of
-pending messages, not guessed from a quiet period, so reading a slice that is empty
-costs one round trip, not a timeout.
+A :class:`Tail` is an ephemeral ordered consumer that acknowledges nothing and vanishes
+on its own when its reader goes away. The server pushes under flow control and the
+reader takes each message off the connection as it comes, so large events (up to the
+server's max_payload each) are read whole: a pull of 1,024 one-megabyte events at once
+got the reader cut off as a slow consumer ("unexpected EOF") and lost events. An ordered
+consumer also notices a gap in delivery and resumes after the last message it had.
+"Caught up" is known from the consumer's count of pending messages, not guessed from a
+quiet period, so reading a slice that is empty costs one round trip, not a timeout.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
-from nats.js import api
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
@@ -25,8 +31,12 @@ from bus.tasks import wait_any
 
 logger = logging.getLogger(__name__)
 
-_INACTIVE_S = 60.0
 _BATCH = 1024
+_HEARTBEAT_S = 5.0
+_BUFFER_BYTES = 64 * 1024 * 1024
+"""The client library's own buffer, before a message reaches :meth:`Tail.fetch`'s."""
+_READ_AHEAD_BYTES = 8 * 1024 * 1024
+"""What a reader takes ahead of what it has fetched before it holds the server back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +56,13 @@ class Tail:
         self._bus = bus
         self.stream = stream
         self.subject = subject
-        self._sub: nats.js.JetStreamContext.PullSubscription | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
         self.last_seq = 0
         self._behind: int | None = None  # messages after the last one read, as it said
+        self._arrived: deque[Msg] = deque()
+        self._buffered = 0  # bytes in _arrived
+        self._more = asyncio.Event()
+        self._room = asyncio.Event()
 
     @classmethod
     async def open(cls, bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> Tail:
@@ -59,16 +73,22 @@ class Tail:
         """
         tail = cls(bus, stream, subject)
         config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.NONE,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
             if start_seq
             else api.DeliverPolicy.ALL,
             opt_start_seq=start_seq or None,
-            inactive_threshold=_INACTIVE_S,
             mem_storage=True,
         )
         try:
-            tail._sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
+            tail._sub = await bus.js.subscribe(
+                subject,
+                stream=stream,
+                config=config,
+                cb=tail._on_msg,
+                ordered_consumer=True,
+                idle_heartbeat=_HEARTBEAT_S,
+                pending_bytes_limit=_BUFFER_BYTES,
+            )
         except nats.js.errors.NotFoundError:
             raise ConnectionFailedError(
                 f"stream {stream} does not exist; run `fleet ops init`"
@@ -79,17 +99,34 @@ class Tail:
             raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
         return tail
 
+    async def _on_msg(self, msg: Msg) -> None:
+        # A reader slower than the server holds it back here: while this waits, no flow
+        # control reply goes out and the server stops sending, so memory stays bounded.
+        while self._buffered > _READ_AHEAD_BYTES and self._sub is not None:
+            self._room.clear()
+            await self._room.wait()
+        self._arrived.append(msg)
+        self._buffered += len(msg.data)
+        self._more.set()
+
     async def fetch(self, batch: int = _BATCH, timeout: float = 1.0) -> list[LogRecord]:
-        """The next messages, waiting up to ``timeout`` for one; [] if none came."""
+        """The next messages (at most ``batch``), waiting up to ``timeout`` for the first;
+        [] if none came."""
         assert self._sub is not None
-        try:
-            msgs = await self._sub.fetch(batch=batch, timeout=timeout)
-        except nats.errors.TimeoutError:
-            return []
-        except (nats.errors.Error, OSError) as exc:
-            raise ConnectionFailedError(f"reading {self.stream}: {exc}") from exc
-        records = []
-        for msg in msgs:
+        if self._bus.nc.is_closed and not self._arrived:
+            raise ConnectionFailedError(f"reading {self.stream}: the connection is closed")
+        records: list[LogRecord] = []
+        if not self._arrived:
+            self._more.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._more.wait()
+            except TimeoutError:
+                return records
+        while self._arrived and len(records) < batch:
+            msg = self._arrived.popleft()
+            self._buffered -= len(msg.data)
+            self._room.set()
             seq = msg.metadata.sequence.stream
             self.last_seq = seq
             self._behind = msg.metadata.num_pending
@@ -103,7 +140,7 @@ class Tail:
             info = await self._sub.consumer_info()
         except (nats.errors.Error, OSError) as exc:
             raise ConnectionFailedError(f"reading {self.stream}: {exc}") from exc
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return int(info.num_pending or 0) + self._sub.pending_msgs + len(self._arrived)
 
     async def read_available(self) -> list[LogRecord]:
         """Everything stored now that has not been read yet."""
@@ -128,9 +165,10 @@ class Tail:
 
     async def close(self) -> None:
         if self._sub is not None:
+            sub, self._sub = self._sub, None
+            self._room.set()  # a delivery waiting for room ends
             with contextlib.suppress(nats.errors.Error, OSError):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
 
     async def __aenter__(self) -> Tail:
         return self

@@ -20,6 +20,43 @@ DEFAULT_PREFIX = "fleet"
 
 # The job events an agent consumes: the log is also its queue.
 AGENT_CONSUMED_EVENTS = ("submitted", "cancel_requested")
+# Each of an agent's durable consumers, by kind, and the event it takes.
+AGENT_CONSUMERS = {"jobs": "submitted", "cancels": "cancel_requested"}
+
+JS_API = "$JS.API"
+"""The JetStream API's subject prefix (no domain)."""
+
+
+def consumer_create_subject(stream: str, consumer: str, filter_subject: str) -> str:
+    """``$JS.API.CONSUMER.CREATE.<stream>.<consumer>.<filter>``: the filtered create.
+
+    The server refuses a request on this subject whose config has another filter, so a
+    permission on it pins both the consumer's name and its filter (one
+    ``filter_subject`` only: a ``filter_subjects`` list is not checked, nats-server #6180).
+    """
+    check_token(stream, "stream")
+    check_token(consumer, "consumer")
+    return f"{JS_API}.CONSUMER.CREATE.{stream}.{consumer}.{filter_subject}"
+
+
+def _consumer_api(operation: str, stream: str, consumer: str) -> str:
+    stream, consumer = check_token(stream, "stream"), check_token(consumer, "consumer")
+    return f"{JS_API}.CONSUMER.{operation}.{stream}.{consumer}"
+
+
+def consumer_next_subject(stream: str, consumer: str) -> str:
+    """``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``: a pull request."""
+    return _consumer_api("MSG.NEXT", stream, consumer)
+
+
+def consumer_info_subject(stream: str, consumer: str) -> str:
+    """``$JS.API.CONSUMER.INFO.<stream>.<consumer>``."""
+    return _consumer_api("INFO", stream, consumer)
+
+
+def consumer_delete_subject(stream: str, consumer: str) -> str:
+    """``$JS.API.CONSUMER.DELETE.<stream>.<consumer>`` (what no agent or user may send)."""
+    return _consumer_api("DELETE", stream, consumer)
 
 
 def check_token(value: object, what: str = "token") -> str:
@@ -148,6 +185,17 @@ class Subjects:
         check_agent_id(agent)
         return [f"{self.prefix}.evt.job.{agent}.*.{event}" for event in AGENT_CONSUMED_EVENTS]
 
+    def agent_consumer(self, agent: str, kind: str) -> tuple[str, str]:
+        """``(durable name, filter subject)`` of an agent's consumer of ``kind``
+        (``jobs`` or ``cancels``, see ``AGENT_CONSUMERS``)."""
+        event = AGENT_CONSUMERS[kind]
+        return f"agent_{check_agent_id(agent)}_{kind}", f"{self.prefix}.evt.job.{agent}.*.{event}"
+
+    def agent_consumer_create(self, agent: str, kind: str) -> str:
+        """The one filtered-create subject an agent may use for its consumer of ``kind``."""
+        name, filter_subject = self.agent_consumer(agent, kind)
+        return consumer_create_subject(self.events_stream, name, filter_subject)
+
     def agent_event(self, agent: str, event: str) -> str:
         """``<prefix>.evt.agent.<agent>.<event>``."""
         return f"{self.prefix}.evt.agent.{check_agent_id(agent)}.{check_token(event, 'event name')}"
@@ -197,6 +245,19 @@ class Subjects:
     def master_control(self, op: str) -> str:
         """``<prefix>.ctl.master.<op>``: request/reply to the master."""
         return f"{self.prefix}.ctl.master.{check_token(op, 'operation')}"
+
+    @property
+    def master_control_by_all(self) -> str:
+        """Every query to the master that names its caller (what the master subscribes to)."""
+        return f"{self.prefix}.ctl.master.*.*"
+
+    def master_control_by(self, op: str, caller: str) -> str:
+        """``<prefix>.ctl.master.<op>.<caller>``: a request that names who sends it.
+
+        The server's permissions let each headless principal publish only with its own
+        name here, so the master knows the caller without trusting the request.
+        """
+        return f"{self.master_control(op)}.{check_token(caller, 'caller')}"
 
     # --- parsing ------------------------------------------------------------------------
 

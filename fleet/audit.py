@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import fnmatch
 import json
@@ -32,8 +33,11 @@ from bus.command import add_connection_args, connect_settings
 from bus.keys import public_key_of, read_seed_file
 from bus.log import LogRecord, Tail
 from bus.request import control
+from ledger.anchoring import Anchoring, WitnessEntry, read_witness
 from ledger.chain import CHECKPOINT_KEY, Chain
-from ledger.driver import Entry, Problem, RecordDriver, fold_records
+from ledger.driver import Entry, Problem, RecordDriver
+from ledger.gate import guard
+from ledger.policy import Principals
 from ledger.projection import Projection, differences
 from ledger.snapshot import load_snapshot
 from ledger.verify import CheckpointCheck, check_end, signature_check
@@ -59,6 +63,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="compare with the running master and its snapshot; exit 5 on a difference",
     )
     replay.add_argument("--json", action="store_true", help="print a JSON document")
+    replay.add_argument(
+        "--trust",
+        type=Path,
+        metavar="FILE",
+        help="the master config whose registry decides who may say what, as the master "
+        f"does (default {default_config_path()} if present)",
+    )
     replay.set_defaults(handler=replay_command, is_async=True)
 
     audit = sub.add_parser("audit", help="who did what: list, filter, follow and verify events")
@@ -80,6 +91,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=Path,
         metavar="FILE",
         help=f"master config whose keys are trusted (default {default_config_path()} if present)",
+    )
+    audit.add_argument(
+        "--witness",
+        type=Path,
+        metavar="FILE",
+        help="the master's witness file (<data_dir>/witness): with --verify, a log cut "
+        "short of its last checkpoint fails",
     )
     audit.add_argument("--json", action="store_true", help="one JSON document per event")
     audit.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
@@ -128,7 +146,10 @@ async def replay_command(args: argparse.Namespace) -> int:
         master_doc = await _master_state(bus) if args.verify else None
         records = await read_all(bus)
         snapshot = await load_snapshot(bus) if args.verify else None
-    projection, chain = fold_records(records, until_seq, until_ts)
+    principals = registry(args.trust, strict=False)
+    driver, refused = _fold(records, principals, until_seq, until_ts)
+    projection, chain = driver.projection, driver.chain
+    assert chain is not None
     if args.json:
         doc = {
             "jobs": [j.to_json() for j in sorted(projection.jobs.values(), key=lambda j: j.job_id)],
@@ -155,25 +176,29 @@ async def replay_command(args: argparse.Namespace) -> int:
             print(f"not understood: {projection.unknown}")
     if not args.verify:
         return 0
-    problems = []
+    problems = [f"not folded: {p}" for p in refused]
     if master_doc is None:
         print("fleet: no master answered; comparing with the snapshot only", file=sys.stderr)
     else:
-        problems += _compare("the running master", master_doc, records)
+        problems += _compare("the running master", master_doc, records, principals)
     if snapshot is None:
         print("fleet: no usable snapshot to compare with", file=sys.stderr)
     else:
-        expected, expected_chain = fold_records(records, until_seq=snapshot.seq)
+        at_snapshot, _ = _fold(records, principals, until_seq=snapshot.seq)
+        expected, expected_chain = at_snapshot.projection, at_snapshot.chain
+        assert expected_chain is not None
         diff = differences(expected, snapshot.projection)
         if expected_chain.value != snapshot.chain.value:
             ours, theirs = expected_chain.hex[:16], snapshot.chain.hex[:16]
             diff.append(f"chain at seq {snapshot.seq}: replay {ours}… ≠ snapshot {theirs}…")
         problems += [f"snapshot (seq {snapshot.seq}): {line}" for line in diff]
+    if refused:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(_count(refused).items()))
+        problems.append(f"{len(refused)} events do not count and were not folded ({kinds})")
     if problems:
         print("\n".join(problems), file=sys.stderr)
-        raise VerificationError(
-            f"the replay differs from what the master holds ({len(problems)} differences)"
-        )
+        what = "does not verify" if refused else "differs from what the master holds"
+        raise VerificationError(f"the replay {what} ({len(problems)} problems)")
     compared = [
         name
         for name, present in (("the running master", master_doc), ("its newest snapshot", snapshot))
@@ -196,9 +221,35 @@ async def _master_state(bus: Bus) -> dict[str, Any] | None:
     return reply.data
 
 
-def _compare(name: str, doc: dict[str, Any], records: list[LogRecord]) -> list[str]:
+def _fold(
+    records: list[LogRecord],
+    principals: Principals,
+    until_seq: int | None = None,
+    until_ts: int | None = None,
+) -> tuple[RecordDriver, list[Problem]]:
+    """Fold as the master does: signatures and the policy checked, and what fails them
+    not folded but returned."""
+    found: list[Problem] = []
+    driver = RecordDriver(chain=Chain(), on_problem=found.append)
+    guard(driver, copy.deepcopy(principals))
+    driver.feed_all(records, until_seq=until_seq, until_ts=until_ts)
+    return driver, found
+
+
+def _count(problems: list[Problem]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.kind] = counts.get(problem.kind, 0) + 1
+    return counts
+
+
+def _compare(
+    name: str, doc: dict[str, Any], records: list[LogRecord], principals: Principals
+) -> list[str]:
     seq = int(doc["seq"])
-    expected, chain = fold_records(records, until_seq=seq)
+    folded, _ = _fold(records, principals, until_seq=seq)
+    expected, chain = folded.projection, folded.chain
+    assert chain is not None
     problems = []
     if expected.seq < seq:
         problems.append(f"{name} is at seq {seq}, but the log read ends at {expected.seq}")
@@ -213,40 +264,59 @@ def _compare(name: str, doc: dict[str, Any], records: list[LogRecord]) -> list[s
 # --- audit ---------------------------------------------------------------------------------
 
 
-def trusted_keys(path: Path | None) -> dict[str, str] | None:
-    """Public key → principal from a master config, or None when there is none."""
+def registry(path: Path | None, *, strict: bool) -> Principals:
+    """The principals of a master config, or, with no config, an open registry that
+    learns agents' keys from the log.
+
+    ``strict`` (audit): every signer must be in the config. Otherwise (replay), as the
+    master folds: an agent the config does not name is known by its first key.
+    """
     if path is None:
         default = default_config_path()
         if not default.exists():
-            return None
+            return Principals()
         path = default
     config: MasterConfig = load_master_config(path)
-    keys = config.trusted_keys()
     # Without the master's key file here, its events show as by an unknown signer.
+    master_key = None
     with contextlib.suppress(FleetError):
-        keys[public_key_of(read_seed_file(config.key_path))] = config.id
-    return keys
+        master_key = public_key_of(read_seed_file(config.key_path))
+    return config.principals(master_key, strict=strict)
 
 
 class Auditor:
-    """``--verify``: signatures and trust, and the chain at every checkpoint, through the
-    one record driver; problems are collected to print at the end."""
+    """``--verify``: signatures, who may say what (:mod:`ledger.gate`), the chain at every
+    checkpoint, gaps and the witness (:mod:`ledger.anchoring`), through the one record
+    driver; problems are collected to print at the end."""
 
-    def __init__(self, trusted: dict[str, str] | None) -> None:
+    def __init__(self, principals: Principals, witness: WitnessEntry | None = None) -> None:
         self.problems: list[Problem] = []
         chain = Chain()
         self.driver = RecordDriver(
             chain=chain,
-            checks=[signature_check(trusted), CheckpointCheck(chain)],
+            checks=[signature_check(), CheckpointCheck(chain)],
             on_problem=self.problems.append,
         )
+        self.policy = guard(self.driver, principals, signatures=False)
+        self.anchoring = Anchoring(witness)
+
+    def saw(self, entry: Entry) -> None:
+        """Follow the log's sequence and anchoring past one fed record."""
+        chain = self.driver.chain
+        assert chain is not None
+        checkpoint = entry.envelope is not None and entry.envelope.type == AuditCheckpoint.TYPE
+        self.anchoring.saw(entry.seq, chain.count, chain.value, checkpoint=checkpoint)
 
     def check_end(self, recorded: AuditCheckpoint | None) -> None:
-        """Compare the log's length with the master's latest checkpoint outside the log."""
+        """Compare the log's length with the master's latest checkpoint outside the log
+        (in the settings bucket and, if given, the witness file)."""
         assert self.driver.chain is not None
         problem = check_end(self.driver.chain, recorded)
         if problem is not None:
             self.driver.report(problem)
+        self.anchoring.end()
+        for kind, text in self.anchoring.problems:
+            self.driver.report(Problem(0, kind, text))
 
 
 def _matches(args: argparse.Namespace, entry: Entry, since: int | None, until: int | None) -> bool:
@@ -303,11 +373,19 @@ def _print(args: argparse.Namespace, entry: Entry) -> None:
 async def audit_command(args: argparse.Namespace) -> int:
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
-    auditor = Auditor(trusted_keys(args.trust)) if args.verify else None
+    witness = None
+    if args.witness is not None:
+        if not args.verify:
+            raise UsageError("--witness needs --verify")
+        entries = read_witness(args.witness)
+        witness = entries[-1] if entries else None
+    auditor = Auditor(registry(args.trust, strict=True), witness) if args.verify else None
     driver = auditor.driver if auditor is not None else RecordDriver(chain=Chain())
 
     def audit_one(record: LogRecord) -> None:
         entry = driver.feed(record)
+        if auditor is not None:
+            auditor.saw(entry)
         if _matches(args, entry, since, until):
             _print(args, entry)
 
@@ -331,6 +409,18 @@ async def audit_command(args: argparse.Namespace) -> int:
     assert driver.chain is not None
     count = driver.chain.count
     print(f"fleet: verified {count} events: signatures trusted, hash chain intact", file=sys.stderr)
+    if auditor.anchoring.unanchored:
+        print(
+            f"fleet: warning: {auditor.anchoring.unanchored} events after the newest "
+            "checkpoint are unanchored (no signed hash covers them yet)",
+            file=sys.stderr,
+        )
+    if not auditor.policy.principals.registered:
+        print(
+            "fleet: warning: no registry (--trust): signers are checked against each other "
+            "and the log's registrations, not against configured keys",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -114,6 +114,15 @@ def _print_view(view: JobView, note: str | None) -> None:
         ("exit code", view.exit_code),
         ("signal", view.signal),
         ("reason", view.reason),
+        # Outcomes that lost the race for the job's end: beside the outcome, never it.
+        (
+            "late result",
+            "; ".join(
+                str(late["status"]) + (f" ({late['reason']})" if late.get("reason") else "")
+                for late in view.late_results
+            )
+            or None,
+        ),
         (
             "output",
             f"{view.stdout_bytes} bytes stdout, {view.stderr_bytes} bytes stderr"

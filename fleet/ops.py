@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from bus import StorageSettings, connect
+from bus import StorageSettings, UsageError, connect
+from bus.codec import DEFAULT_MAX_SIZE
 from bus.command import add_connection_args, connect_settings
 from bus.streams import provision_fleet
 from fleet.permissions import load_registry, render
@@ -51,6 +52,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also render the jetstream block (store in DIR, fsync on every write); "
         "then the output replaces the server config's own jetstream block",
     )
+    config.add_argument(
+        "--max-payload",
+        type=int,
+        default=DEFAULT_MAX_SIZE,
+        metavar="BYTES",
+        help="the server's max_payload, for every principal (nats-server has no per-user "
+        f"limit); default {DEFAULT_MAX_SIZE}",
+    )
     config.set_defaults(handler=server_config)
 
 
@@ -69,7 +78,10 @@ def jetstream_block(store_dir: Path | None) -> str:
 
 
 def server_config(args: argparse.Namespace) -> int:
-    text = jetstream_block(args.store_dir) + render(load_registry(args.registry))
+    if not 1024 <= args.max_payload <= 64 * 1024 * 1024:
+        raise UsageError("--max-payload must be between 1024 and 67108864 bytes")
+    registry = load_registry(args.registry)
+    text = jetstream_block(args.store_dir) + render(registry, max_payload=args.max_payload)
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -18,7 +18,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus import Subjects, UsageError
+from bus.codec import DEFAULT_MAX_SIZE
 from bus.paths import read_toml
+from bus.subjects import (
+    AGENT_CONSUMERS,
+    consumer_delete_subject,
+    consumer_info_subject,
+    consumer_next_subject,
+)
 from schemas.fields import PublicKey
 from schemas.registry import summarize_validation_error
 
@@ -53,20 +60,61 @@ def inbox_prefix(principal: str) -> str:
     return f"_INBOX_{principal}"
 
 
-def _reader(s: Subjects) -> list[str]:
-    """JetStream reads: stream info, ephemeral consumers, direct gets, flow control."""
+def _stream_reader(s: Subjects) -> list[str]:
+    """Reading streams by subject: stream info, single messages, flow control."""
     return [
         "$JS.API.INFO",
         "$JS.API.STREAM.NAMES",
         "$JS.API.STREAM.INFO.>",
-        "$JS.API.CONSUMER.CREATE.>",
-        "$JS.API.CONSUMER.INFO.>",
-        "$JS.API.CONSUMER.DELETE.>",
-        "$JS.API.CONSUMER.MSG.NEXT.>",
         "$JS.API.DIRECT.GET.>",
         "$JS.API.STREAM.MSG.GET.>",
         "$JS.FC.>",
     ]
+
+
+def _consumer_reader(s: Subjects) -> list[str]:
+    """Short-lived consumers for reading, never an agent's (see `_agents_consumers`).
+
+    On the event log only the form that names the consumer and pins its one filter
+    (``CREATE.<stream>.<name>.<filter>``): the unnamed ``CREATE.<stream>`` takes the
+    consumer's name from the request body, so through it anyone could rewrite an agent's
+    durable consumer. Elsewhere (output, buckets) no consumer is anyone's queue, and
+    nats-py's ordered consumers use the unnamed form. No ``DELETE``: ephemeral consumers
+    go away by themselves once idle.
+    """
+    others = [s.output_stream, f"KV_{s.presence_bucket}", f"KV_{s.config_bucket}"]
+    others += [f"KV_{s.tokens_bucket}", f"KV_{s.locks_bucket}", f"OBJ_{s.bundles_bucket}"]
+    others.append(f"OBJ_{s.snapshots_bucket}")
+    return [
+        f"$JS.API.CONSUMER.CREATE.{s.events_stream}.*.>",
+        *(f"$JS.API.CONSUMER.CREATE.{stream}" for stream in others),
+        *(f"$JS.API.CONSUMER.CREATE.{stream}.*.>" for stream in others),
+        "$JS.API.CONSUMER.INFO.*.*",
+        "$JS.API.CONSUMER.MSG.NEXT.*.*",
+    ]
+
+
+def _agents_consumers(s: Subjects, agents: list[str]) -> list[str]:
+    """Every API subject that touches an agent's durable consumers: denied to every role
+    but the agent itself and the admin (a deny wins over any allow)."""
+    events = s.events_stream
+    out = []
+    for agent in agents:
+        for kind in AGENT_CONSUMERS:
+            name, _ = s.agent_consumer(agent, kind)
+            out += [
+                f"$JS.API.CONSUMER.CREATE.{events}.{name}",
+                f"$JS.API.CONSUMER.CREATE.{events}.{name}.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{events}.{name}",
+                consumer_delete_subject(events, name),
+                consumer_next_subject(events, name),
+                f"$JS.API.CONSUMER.PAUSE.{events}.{name}",
+                f"$JS.API.CONSUMER.RESET.{events}.{name}",
+                f"$JS.API.CONSUMER.UNPIN.{events}.{name}",
+                f"$JS.API.CONSUMER.LEADER.STEPDOWN.{events}.{name}",
+                f"$JS.ACK.{events}.{name}.>",
+            ]
+    return out
 
 
 def _update_reader(s: Subjects) -> list[str]:
@@ -96,133 +144,146 @@ def _update_reader(s: Subjects) -> list[str]:
     ]
 
 
-def permissions(registry: Registry) -> list[tuple[str, str, dict[str, object]]]:
+# What each headless principal may ask the master, naming itself as the caller.
+HEADLESS_MASTER_OPS = ("auth-salt", "auth-start", "auth-submit", "job-output")
+
+Permissions = dict[str, object]
+
+
+def _agent(s: Subjects, agent: str) -> Permissions:
+    p, events = s.prefix, s.events_stream
+    consumer_api = []
+    for kind in AGENT_CONSUMERS:
+        name, _ = s.agent_consumer(agent, kind)
+        consumer_api += [
+            # Only the subject that pins the filter: the server refuses a body asking
+            # for any other, so the agent cannot widen its consumers to others' events.
+            s.agent_consumer_create(agent, kind),
+            consumer_info_subject(events, name),
+            consumer_next_subject(events, name),
+            f"$JS.ACK.{events}.{name}.>",
+        ]
+    return {
+        "publish": {
+            "allow": [
+                f"$JS.API.STREAM.INFO.{events}",
+                f"$JS.API.STREAM.INFO.KV_{s.presence_bucket}",
+                *consumer_api,
+                f"$JS.API.DIRECT.GET.{events}.{p}.evt.job.{agent}.>",
+                f"$KV.{s.presence_bucket}.{agent}",
+                f"{p}.evt.job.{agent}.*.started",
+                f"{p}.evt.job.{agent}.*.finished",
+                f"{p}.evt.job.{agent}.*.late_result",
+                f"{p}.evt.agent.{agent}.>",
+                f"{p}.evt.update.*.{agent}.*",
+                f"{p}.out.{agent}.>",
+                *_update_reader(s),
+            ]
+        },
+        "subscribe": {
+            "allow": [
+                f"{inbox_prefix(agent)}.>",
+                f"{p}.ctl.{agent}.*",
+                f"$KV.{s.config_bucket}.release.>",
+                f"$KV.{s.config_bucket}.update.>",
+            ]
+        },
+        "allow_responses": True,
+    }
+
+
+def _master(s: Subjects, agents: list[str]) -> Permissions:
+    p = s.prefix
+    return {
+        "publish": {
+            "allow": [
+                *_stream_reader(s),
+                *_consumer_reader(s),
+                "$JS.ACK.>",
+                f"$KV.{s.config_bucket}.>",
+                f"$O.{s.snapshots_bucket}.>",
+                # Replacing the snapshot object purges its old chunks.
+                f"$JS.API.STREAM.PURGE.OBJ_{s.snapshots_bucket}",
+                f"{p}.evt.agent.*.*",
+                f"{p}.evt.audit.>",
+                f"{p}.evt.auth.>",
+                f"{p}.evt.job.*.*.submitted",
+                f"{p}.evt.job.*.*.finished",
+                f"{p}.evt.job.*.*.late_result",
+                f"{p}.evt.update.*.rollout_halted",
+                f"{p}.evt.settings.changed",
+            ],
+            "deny": _agents_consumers(s, agents),
+        },
+        "subscribe": {
+            "allow": [
+                f"{inbox_prefix('master')}.>",
+                s.master_control_all,
+                s.master_control_by_all,
+            ]
+        },
+        "allow_responses": True,
+    }
+
+
+def _operator(s: Subjects, name: str, agents: list[str]) -> Permissions:
+    p = s.prefix
+    return {
+        "publish": {
+            "allow": [
+                *_stream_reader(s),
+                *_consumer_reader(s),
+                f"{p}.evt.job.*.*.submitted",
+                f"{p}.evt.job.*.*.cancel_requested",
+                # Agent control and the master's queries; not the requests that name a
+                # headless caller (`<prefix>.ctl.master.<op>.<caller>`): one more token.
+                f"{p}.ctl.*.*",
+                # fleet update: bundles, settings and their events.
+                f"$O.{s.bundles_bucket}.>",
+                f"$KV.{s.config_bucket}.>",
+                f"{p}.evt.update.*.published",
+                f"{p}.evt.update.*.announced",
+                f"{p}.evt.settings.changed",
+            ],
+            "deny": _agents_consumers(s, agents),
+        },
+        "subscribe": {"allow": [f"{inbox_prefix(name)}.>"]},
+    }
+
+
+def _headless(s: Subjects, name: str) -> Permissions:
+    """A batch client: submits jobs, holds locks, asks the master (as itself) for the
+    logins and for its own jobs' results. It reads nothing of the log by itself."""
+    p, locks = s.prefix, f"KV_{s.locks_bucket}"
+    return {
+        "publish": {
+            "allow": [
+                f"{p}.evt.job.*.*.submitted",
+                f"$JS.API.STREAM.INFO.{locks}",
+                f"$JS.API.STREAM.MSG.GET.{locks}",
+                f"$JS.API.DIRECT.GET.{locks}.>",
+                f"$KV.{s.locks_bucket}.>",
+                *(s.master_control_by(op, name) for op in HEADLESS_MASTER_OPS),
+            ]
+        },
+        "subscribe": {"allow": [f"{inbox_prefix(name)}.>"]},
+    }
+
+
+def permissions(registry: Registry) -> list[tuple[str, str, Permissions]]:
     """``(role, id, permissions)`` for every principal."""
     s = Subjects(registry.prefix)
-    p, events = s.prefix, s.events_stream
-    out: list[tuple[str, str, dict[str, object]]] = []
-    for agent in registry.agents:
-        # Wildcards match whole tokens only: each durable consumer is named outright.
-        durables = [f"agent_{agent}_jobs", f"agent_{agent}_cancels"]
-        consumer_api = [
-            api
-            for d in durables
-            for api in (
-                f"$JS.API.CONSUMER.DURABLE.CREATE.{events}.{d}",
-                f"$JS.API.CONSUMER.CREATE.{events}.{d}.>",
-                f"$JS.API.CONSUMER.INFO.{events}.{d}",
-                f"$JS.API.CONSUMER.MSG.NEXT.{events}.{d}",
-                f"$JS.ACK.{events}.{d}.>",
-            )
-        ]
-        out.append(
-            (
-                "agent",
-                agent,
-                {
-                    "publish": {
-                        "allow": [
-                            f"$JS.API.STREAM.INFO.{events}",
-                            f"$JS.API.STREAM.INFO.KV_{s.presence_bucket}",
-                            *consumer_api,
-                            f"$JS.API.DIRECT.GET.{events}.{p}.evt.job.{agent}.>",
-                            f"$KV.{s.presence_bucket}.{agent}",
-                            f"{p}.evt.job.{agent}.*.started",
-                            f"{p}.evt.job.{agent}.*.finished",
-                            f"{p}.evt.job.{agent}.*.late_result",
-                            f"{p}.evt.agent.{agent}.>",
-                            f"{p}.evt.update.*.{agent}.*",
-                            f"{p}.out.{agent}.>",
-                            *_update_reader(s),
-                        ]
-                    },
-                    "subscribe": {
-                        "allow": [
-                            f"{inbox_prefix(agent)}.>",
-                            f"{p}.ctl.{agent}.*",
-                            f"$KV.{s.config_bucket}.release.>",
-                            f"$KV.{s.config_bucket}.update.>",
-                        ]
-                    },
-                    "allow_responses": True,
-                },
-            )
-        )
+    agents = list(registry.agents)
+    out: list[tuple[str, str, Permissions]] = [("agent", a, _agent(s, a)) for a in agents]
     if registry.master is not None:
-        out.append(
-            (
-                "master",
-                "master",
-                {
-                    "publish": {
-                        "allow": [
-                            *_reader(s),
-                            "$JS.ACK.>",
-                            f"$KV.{s.config_bucket}.>",
-                            f"$O.{s.snapshots_bucket}.>",
-                            # Replacing the snapshot object purges its old chunks.
-                            f"$JS.API.STREAM.PURGE.OBJ_{s.snapshots_bucket}",
-                            f"{p}.evt.agent.*.*",
-                            f"{p}.evt.audit.>",
-                            f"{p}.evt.auth.>",
-                            f"{p}.evt.job.*.*.submitted",
-                            f"{p}.evt.job.*.*.finished",
-                            f"{p}.evt.job.*.*.late_result",
-                            f"{p}.evt.update.*.rollout_halted",
-                            f"{p}.evt.settings.changed",
-                        ]
-                    },
-                    "subscribe": {"allow": [f"{inbox_prefix('master')}.>", s.master_control_all]},
-                    "allow_responses": True,
-                },
-            )
-        )
-    for name in registry.operators:
-        out.append(
-            (
-                "operator",
-                name,
-                {
-                    "publish": {
-                        "allow": [
-                            *_reader(s),
-                            f"{p}.evt.job.*.*.submitted",
-                            f"{p}.evt.job.*.*.cancel_requested",
-                            f"{p}.ctl.>",
-                            # fleet update: bundles, settings and their events.
-                            f"$O.{s.bundles_bucket}.>",
-                            f"$KV.{s.config_bucket}.>",
-                            f"{p}.evt.update.*.published",
-                            f"{p}.evt.update.*.announced",
-                            f"{p}.evt.settings.changed",
-                        ]
-                    },
-                    "subscribe": {"allow": [f"{inbox_prefix(name)}.>"]},
-                },
-            )
-        )
-    for name in registry.headless:
-        out.append(
-            (
-                "headless",
-                name,
-                {
-                    "publish": {
-                        "allow": [
-                            *_reader(s),
-                            f"{p}.evt.job.*.*.submitted",
-                            f"$KV.{s.locks_bucket}.>",
-                            s.master_control("auth-salt"),
-                            s.master_control("auth-start"),
-                            s.master_control("auth-submit"),
-                        ]
-                    },
-                    "subscribe": {"allow": [f"{inbox_prefix(name)}.>"]},
-                },
-            )
-        )
-    for name in registry.admins:
-        out.append(("admin", name, {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}))
+        out.append(("master", "master", _master(s, agents)))
+    out += [("operator", n, _operator(s, n, agents)) for n in registry.operators]
+    out += [("headless", n, _headless(s, n)) for n in registry.headless]
+    # Administration (`fleet ops init`, stream and consumer repair, audit): everything.
+    out += [
+        ("admin", n, {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}})
+        for n in registry.admins
+    ]
     return out
 
 
@@ -236,8 +297,11 @@ def _conf(value: object) -> str:
     return f'"{value}"'
 
 
-def render(registry: Registry) -> str:
-    """The ``authorization`` block for nats-server (include it from the server config)."""
+def render(registry: Registry, *, max_payload: int = DEFAULT_MAX_SIZE) -> str:
+    """The ``authorization`` block for nats-server (include it from the server config),
+    with the server's ``max_payload``: nats-server limits payloads per server or per
+    account, not per user, and every principal shares the one account that holds the
+    streams, so one limit applies to all (agents' events are bounded by their schema)."""
     keys = {
         "master": registry.master,
         **{f"agent {a}": p for a, p in registry.agents.items()},
@@ -248,6 +312,7 @@ def render(registry: Registry) -> str:
     lines = [
         "# Generated by `fleet ops server-config`: least-privilege permissions per principal.",
         "# Only these keys may connect. Regenerate whenever the registry changes.",
+        f"max_payload: {max_payload}",
         "authorization {",
         "  users: [",
     ]

@@ -177,7 +177,7 @@ async def _run(args: argparse.Namespace) -> int:
             logging.getLogger(PROG).info("job %s submitted to %s", job_id, job.agent)
             if args.timeout is None and lease is None:
                 return EXIT_OK  # fire and forget: the log holds the job
-            finished = await wait_finished(bus, job.agent, job_id, wait)
+            finished = await wait_finished(bus, job.user, job_id, wait)
         finally:
             if keeper is not None:
                 keeper.cancel()

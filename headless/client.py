@@ -9,22 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nats.errors
-from nats.js import api
-
 from bus import (
     AuthError,
     Bus,
     ConnectionFailedError,
     FleetError,
     FleetTimeoutError,
-    decode_event,
     sign_envelope,
 )
 from bus.request import control
+from bus.retry import Backoff
 from bus.scram import auth_message, check_server_signature, client_proof, job_digest, new_nonce
 from headless.secret import create_hash_file, read_hash, read_nkey
-from schemas import Event, JobFinished, JobRequest, JobSubmitted, make_envelope, new_id
+from schemas import JobRequest, JobSubmitted, make_envelope, new_id
 from schemas.auth import AuthAccepted, AuthChallenge
 
 logger = logging.getLogger(__name__)
@@ -69,10 +66,15 @@ async def _submit_signed(bus: Bus, job: Submission) -> str:
     return job_id
 
 
-async def _master(bus: Bus, op: str, args: dict[str, Any]) -> dict[str, Any]:
+async def _master(
+    bus: Bus, user: str, op: str, args: dict[str, Any], attempts: int = 2
+) -> dict[str, Any]:
+    """Ask the master as ``user``: the server lets each headless principal name only
+    itself as the caller (``<prefix>.ctl.master.<op>.<user>``)."""
     _show(logging.DEBUG, f"→ {op}", {k: v for k, v in args.items() if k != "proof"})
+    subject = bus.subjects.master_control_by(op, user)
     try:
-        reply = await control(bus, bus.subjects.master_control(op), args, timeout=10, attempts=2)
+        reply = await control(bus, subject, args, timeout=10, attempts=attempts)
     except FleetTimeoutError as exc:
         # Nobody answering is the service being unreachable (1), not a job timeout (3).
         raise ConnectionFailedError(f"no master answers ({exc}); is fleet-master running?") from exc
@@ -91,16 +93,18 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
 
         async def salt_of() -> str:
             return str(
-                (await _master(bus, "auth-salt", {"user": job.user, "client_nonce": new_nonce()}))[
-                    "salt"
-                ]
+                (
+                    await _master(
+                        bus, job.user, "auth-salt", {"user": job.user, "client_nonce": new_nonce()}
+                    )
+                )["salt"]
             )
 
         salted = await create_hash_file(job.secret, salt_of)
         logger.info("created %s (mode 0400)", job.secret)
     client_nonce = new_nonce()
     challenge = AuthChallenge.model_validate(
-        await _master(bus, "auth-start", {"user": job.user, "client_nonce": client_nonce})
+        await _master(bus, job.user, "auth-start", {"user": job.user, "client_nonce": client_nonce})
     )
     request = job.request.model_dump(mode="python")
     message = auth_message(
@@ -109,6 +113,7 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
     accepted = AuthAccepted.model_validate(
         await _master(
             bus,
+            job.user,
             "auth-submit",
             {
                 "user": job.user,
@@ -125,23 +130,42 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
     return accepted.job_id
 
 
-async def wait_finished(
-    bus: Bus, agent: str, job_id: str, timeout: float | None
-) -> JobFinished | None:
-    """The job's end, or None if ``timeout`` ran out first (the job goes on)."""
-    sub = await bus.js.subscribe(
-        bus.subjects.job_event(agent, job_id, "finished"),
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.ALL,
-    )
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended, as the master tells its submitter."""
+
+    status: str
+    exit_code: int | None
+
+
+_NOT_YET = "no job "  # the master has not folded the submission yet, or it is not ours
+_POLL = Backoff(initial=0.2, cap=2.0, jitter=False)
+
+
+async def wait_finished(bus: Bus, user: str, job_id: str, timeout: float | None) -> Outcome | None:
+    """The job's end, or None if ``timeout`` ran out first (the job goes on).
+
+    Asks the master, which answers only the job's submitter: a headless user reads
+    nothing of the log itself.
+
+    Raises:
+        ConnectionFailedError: no master answers.
+        FleetError: the master refused the request.
+    """
     try:
         async with asyncio.timeout(timeout):
-            msg = await sub.next_msg(timeout=None)
-    except (TimeoutError, nats.errors.TimeoutError):
+            attempt = 0
+            while True:
+                try:
+                    doc = await _master(bus, user, "job-output", {"job_id": job_id}, attempts=3)
+                except FleetError as exc:
+                    if not str(exc).startswith(_NOT_YET):
+                        raise
+                    doc = {}
+                if doc.get("finished"):
+                    return Outcome(str(doc["status"]), doc.get("exit_code"))
+                # The master knows the job's end only once it has folded it: ask again.
+                await asyncio.sleep(_POLL.delay(attempt))
+                attempt += 1
+    except TimeoutError:
         return None
-    finally:
-        await sub.unsubscribe()
-    event = decode_event(msg.data)
-    if not isinstance(event, Event) or not isinstance(event.data, JobFinished):
-        raise FleetError(f"job {job_id} ended with an event this client cannot read")
-    return event.data

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ledger.views import describe_command
+from ledger.views import LATE_RESULTS_KEPT, describe_command
 from schemas import (
     AgentDeregistered,
     AgentOffline,
@@ -24,6 +24,7 @@ from schemas import (
     EventData,
     JobCancelRequested,
     JobFinished,
+    JobLateResult,
     JobStarted,
     JobSubmitted,
     SettingsChanged,
@@ -79,12 +80,29 @@ def job_started(p: Projection, data: JobStarted, ts: int) -> None:
         job.status = "running"
         job.started_at = ts
         job.effective_user = data.effective_user
-        p.agent(data.agent).running.append(data.job_id)
+        running = p.agent(data.agent).running
+        if data.job_id not in running:  # a repeated start must not grow the list
+            running.append(data.job_id)
 
 
 @applies(JobCancelRequested)
 def job_cancel_requested(p: Projection, data: JobCancelRequested, ts: int) -> None:
     p.job(data.job_id, data.agent).cancel_requested_by = data.requested_by
+
+
+@applies(JobLateResult)
+def job_late_result(p: Projection, data: JobLateResult, ts: int) -> None:
+    # Never the outcome: what a loser of the race for the job's end knew, beside it.
+    job = p.job(data.job_id, data.agent)
+    if len(job.late_results) < LATE_RESULTS_KEPT:
+        job.late_results.append(
+            {
+                "status": data.status,
+                "exit_code": data.exit_code,
+                "reason": data.reason,
+                "at": ts,
+            }
+        )
 
 
 @applies(JobFinished)

@@ -55,6 +55,9 @@ class JobView:
     output_tail: str = ""
     output_chunks: int = 0
     cancel_requested_by: str | None = None
+    late_results: list[dict[str, Any]] = field(default_factory=list)
+    """Outcomes that lost to the recorded one (``job.late_result``), shown beside it:
+    ``{"status", "exit_code", "reason", "at"}``, the first :data:`LATE_RESULTS_KEPT`."""
 
     @property
     def finished(self) -> bool:
@@ -69,6 +72,9 @@ class JobView:
             doc.pop("output_tail")
         return doc
 
+
+LATE_RESULTS_KEPT = 4
+"""How many late results a :class:`JobView` keeps; the rest are only counted as events."""
 
 TRANSITIONS_KEPT = 20
 """How many online/offline changes an :class:`AgentView` remembers."""

@@ -1,4 +1,9 @@
-"""The master's side of the headless challenge: nonces, proofs, throttling, submission."""
+"""The master's side of the headless challenge: nonces, proofs, throttling, submission.
+
+Failed logins are throttled per (user, caller): the caller is the headless principal
+the server authenticated (see :mod:`master.callers`), so one principal guessing another
+user's password slows only itself down and never locks that user out.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 NONCE_TTL_S = 60.0
 FAILURES_BEFORE_THROTTLE = 3
+THROTTLE_FIRST_S = 1.0
 THROTTLE_CAP_S = 300.0
 _FAILURES_KEPT = 10_000  # invented user names must not grow the table without bound
 _PENDING_KEPT = 10_000  # nor may a flood of auth-start requests grow the nonces
@@ -24,6 +30,42 @@ GENERIC_FAILURE = "authentication failed"
 
 class AuthFailed(Exception):
     """A login failed; the message is all the client learns."""
+
+
+class Throttle:
+    """Failed logins by key: after ``after`` failures in a row each further attempt waits
+    ``first`` seconds, doubling per failure up to ``cap``. Pure: the caller gives the time."""
+
+    def __init__(
+        self,
+        *,
+        after: int = FAILURES_BEFORE_THROTTLE,
+        first: float = THROTTLE_FIRST_S,
+        cap: float = THROTTLE_CAP_S,
+        kept: int = _FAILURES_KEPT,
+    ) -> None:
+        self.after, self.first, self.cap, self.kept = after, first, cap, kept
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def blocked(self, key: tuple[str, str], now: float) -> bool:
+        count, until = self._failures.get(key, (0, 0.0))
+        return count >= self.after and now < until
+
+    def failed(self, key: tuple[str, str], now: float) -> int:
+        """Record a failure; returns how many in a row."""
+        if len(self._failures) >= self.kept:
+            self._failures = {k: f for k, f in self._failures.items() if f[1] > now}
+            while len(self._failures) >= self.kept:  # all still paused: the oldest goes
+                self._failures.pop(next(iter(self._failures)))
+        count = self._failures.get(key, (0, 0.0))[0] + 1
+        pause = (
+            0.0 if count < self.after else min(self.cap, self.first * 2.0 ** (count - self.after))
+        )
+        self._failures[key] = (count, now + pause)
+        return count
+
+    def succeeded(self, key: tuple[str, str]) -> None:
+        self._failures.pop(key, None)
 
 
 @dataclass
@@ -36,13 +78,20 @@ class _Pending:
 class AuthService:
     """Checks proofs and submits the job on the user's behalf, signed by the master."""
 
-    def __init__(self, bus: Bus, users: UserStore, signer: Signer, master_id: str) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        users: UserStore,
+        signer: Signer,
+        master_id: str,
+        throttle: Throttle | None = None,
+    ) -> None:
         self.bus = bus
         self.users = users
         self.signer = signer
         self.master_id = master_id
+        self.throttle = throttle or Throttle()
         self._pending: dict[str, _Pending] = {}
-        self._failures: dict[str, tuple[int, float]] = {}
 
     def salt(self, user: str) -> str:
         return self.users.salt_for(user)
@@ -56,15 +105,17 @@ class AuthService:
         self._pending[nonce] = _Pending(request.user, request.client_nonce, now + NONCE_TTL_S)
         return AuthChallenge(server_nonce=nonce, salt=self.users.salt_for(request.user))
 
-    async def submit(self, request: AuthSubmit) -> AuthAccepted:
-        """Check the proof; publish the job; prove ourselves.
+    async def submit(self, request: AuthSubmit, caller: str | None = None) -> AuthAccepted:
+        """Check the proof; publish the job; prove ourselves. ``caller`` is the principal
+        the request came from (None: it did not say, and all such callers share a key).
 
         Raises:
             AuthFailed: anything wrong, with one message for every cause.
         """
         user = request.user
+        key = (user, caller or "")
         pending = self._pending.pop(request.server_nonce, None)  # one use, success or not
-        throttled = self._throttled(user)
+        throttled = self.throttle.blocked(key, time.monotonic())
         record = self.users.get(user)
         digest = job_digest(request.agent, request.request.model_dump(mode="python"))
         message = auth_message(user, request.client_nonce, request.server_nonce, digest)
@@ -79,10 +130,10 @@ class AuthService:
         )
         if not ok:
             why = "throttled after repeated failures" if throttled else "bad proof, nonce or user"
-            await self._deny(user, why)
+            await self._deny(key, why)
             raise AuthFailed(GENERIC_FAILURE)
         assert record is not None
-        self._failures.pop(user, None)
+        self.throttle.succeeded(key)
         job_id = new_id()
         data = JobSubmitted(
             job_id=job_id, agent=request.agent, request=request.request, submitted_by=user
@@ -95,23 +146,12 @@ class AuthService:
             job_id=job_id, server_signature=server_signature(record.server_key, message)
         )
 
-    def _throttled(self, user: str) -> bool:
-        count, until = self._failures.get(user, (0, 0.0))
-        return count >= FAILURES_BEFORE_THROTTLE and time.monotonic() < until
-
-    async def _deny(self, user: str, why: str) -> None:
-        if len(self._failures) >= _FAILURES_KEPT:
-            now = time.monotonic()
-            self._failures = {u: f for u, f in self._failures.items() if f[1] > now}
-        count, _ = self._failures.get(user, (0, 0.0))
-        count += 1
-        pause = (
-            0.0
-            if count < FAILURES_BEFORE_THROTTLE
-            else min(THROTTLE_CAP_S, 2.0 ** (count - FAILURES_BEFORE_THROTTLE))
+    async def _deny(self, key: tuple[str, str], why: str) -> None:
+        user, caller = key
+        count = self.throttle.failed(key, time.monotonic())
+        logger.warning(
+            "! login of %s from %s denied (%s, %d in a row)", user, caller or "?", why, count
         )
-        self._failures[user] = (count, time.monotonic() + pause)
-        logger.warning("! login of %s denied (%s, %d in a row)", user, why, count)
         # The event says a login failed, never whether the user exists.
         data = AuthDenied(user=user, reason=GENERIC_FAILURE)
         envelope = make_envelope(

@@ -18,6 +18,7 @@ from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
 from bus.paths import config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
+from ledger.policy import Principals
 from schemas import ids
 from schemas.fields import Labels, PublicKey
 from schemas.registry import summarize_validation_error
@@ -47,15 +48,26 @@ class MasterConfig(BaseModel):
     id: str = Field(default="master", description="the master's principal id")
     server: str = Field(default=DEFAULT_SERVER, description="NATS server URL(s), comma-separated")
     prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the fleet")
-    data_dir: Path = Field(default_factory=default_data_dir, description="key, pid file, log")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="key, pid file, log, witness file"
+    )
     nkey_file: Path | None = Field(default=None, description="the master's nkey seed (0400)")
     tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server")
     tls_cert: Path | None = Field(default=None, description="client certificate for TLS")
     tls_key: Path | None = Field(default=None, description="client key for TLS")
     snapshot_every: int = Field(default=10_000, ge=1, description="snapshot after N events")
     snapshot_interval_s: float = Field(default=300.0, gt=0, description="or after T seconds")
-    checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint after N events")
-    checkpoint_interval_s: float = Field(default=60.0, gt=0, description="or after T seconds")
+    checkpoint_every: int = Field(
+        default=100,
+        ge=1,
+        description="sign a checkpoint of the log's hash chain after N events: events after "
+        "the newest checkpoint are what `fleet audit --verify` reports as unanchored",
+    )
+    checkpoint_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="or T seconds after the first event it does not cover yet (never when idle)",
+    )
     offline_grace_s: float = Field(
         default=60.0, ge=0, description="an agent offline this long has its jobs abandoned"
     )
@@ -63,11 +75,21 @@ class MasterConfig(BaseModel):
     users_file: Path | None = Field(
         default=None, description="headless users (default: users.json in data_dir)"
     )
+    auth_throttle_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="pause after 3 failed headless logins of a user from one caller; "
+        "doubles per failure, at most 300 s",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_file: Path | None = None
     pid_file: Path | None = None
     agents: dict[str, Principal] = Field(default_factory=dict, description="[agents.ID]")
     operators: dict[str, Principal] = Field(default_factory=dict, description="[operators.NAME]")
+    headless: dict[str, Principal] = Field(
+        default_factory=dict,
+        description="[headless.NAME]: users whose fleet-headless -a nkey jobs they sign themselves",
+    )
 
     @field_validator("agents")
     @classmethod
@@ -106,7 +128,25 @@ class MasterConfig(BaseModel):
         """Public key → principal, for checking who signed what."""
         keys = {p.public_key: agent for agent, p in self.agents.items()}
         keys.update({p.public_key: name for name, p in self.operators.items()})
+        keys.update({p.public_key: name for name, p in self.headless.items()})
         return keys
+
+    def principals(self, master_key: str | None = None, *, strict: bool = False) -> Principals:
+        """The registry :mod:`ledger.policy` checks events against.
+
+        Args:
+            master_key: the master's public key, when known.
+            strict: refuse every signer the configuration does not name.
+        """
+        return Principals(
+            master_id=self.id,
+            master_keys=frozenset({master_key} if master_key else ()),
+            agents={a: p.public_key for a, p in self.agents.items()},
+            operators={n: p.public_key for n, p in self.operators.items()},
+            headless={n: p.public_key for n, p in self.headless.items()},
+            strict=strict,
+            prefix=self.prefix,
+        )
 
     def config_hash(self) -> str:
         """sha256 of the configuration's canonical JSON (defaults included)."""

@@ -5,7 +5,9 @@ has caught up with the log. Live, it verifies every event's signature once (on i
 snapshots every N events or T seconds, publishes signed checkpoints of the log's hash
 chain, records configured agents in the log, and notices agents whose heartbeat expired:
 it records them offline and, past a grace, records their running jobs ``abandoned``,
-once (the agent, when it returns, sees that record and does not add its own).
+once (the agent, when it returns, sees that record and does not add its own). Every
+event, caught up on or live, passes :mod:`ledger.gate` (signature, who may say what,
+one outcome per job) before it is folded; what fails is counted, never folded.
 
 Every task the master runs (the fold, presence, queries, rollouts, snapshots,
 checkpoints, grace timers, reloads) is owned by its :class:`~bus.tasks.TaskOwner`, so
@@ -26,10 +28,11 @@ from bus.retry import Backoff
 from bus.tasks import TaskOwner, first_of, wait_any
 from ledger.chain import Chain
 from ledger.driver import UNDECODABLE, Entry, Problem, RecordDriver
+from ledger.gate import guard
 from ledger.projection import Projection
 from ledger.snapshot import load_snapshot, save_snapshot
 from ledger.verify import signature_check
-from master.auth import AuthService
+from master.auth import THROTTLE_CAP_S, AuthService, Throttle
 from master.config import MasterConfig
 from master.durability import Durability
 from master.ingest import follow_log
@@ -60,16 +63,22 @@ class Master:
         self.driver = RecordDriver(
             Projection(), Chain(), checks=[signature_check()], on_problem=self._on_problem
         )
-        # Events are verified once, on ingest: those caught up on were checked by the
-        # master that first folded them.
-        self.driver.checking = False
+        # Every event is checked, caught up on or live, and what fails is counted, not
+        # folded: `fleet replay` folds the same log the same way and must agree.
+        self.policy = guard(self.driver, config.principals(signer.public_key), signatures=False)
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
         self.unverified = 0
         self.tasks = TaskOwner("master")
         self.durability = Durability(self)
         self.grace_timers = GraceTimers(self)
-        self.auth = AuthService(bus, UserStore(config.users_path), signer, config.id)
+        self.auth = AuthService(
+            bus,
+            UserStore(config.users_path),
+            signer,
+            config.id,
+            Throttle(first=config.auth_throttle_s, cap=max(THROTTLE_CAP_S, config.auth_throttle_s)),
+        )
         self.rollout_changed = asyncio.Event()
         self._listeners: list[FoldListener] = [self._note_rollout_change]
         self._periodic: list[tuple[float, Callable[[], Awaitable[None]], str]] = []
@@ -106,6 +115,8 @@ class Master:
         """Take a new registry and settings without dropping any state (in an owned task;
         safe from a signal handler)."""
         self.config = config
+        self.policy.principals = config.principals(self.signer.public_key)
+        self.policy.learn_from_projection()
         if self.ready.is_set() and not self.stopping.is_set():
             try:
                 self.tasks.spawn(self._reload(config), "reload")
@@ -138,6 +149,7 @@ class Master:
         snapshot = await load_snapshot(self.bus)
         if snapshot is not None:
             self.driver.projection, self.driver.chain = snapshot.projection, snapshot.chain
+            self.policy.learn_from_projection()
             logger.info("loaded the snapshot at seq %d", snapshot.seq)
         try:
             async with self.tasks:
@@ -224,7 +236,6 @@ class Master:
     def caught_up(self) -> None:
         """The fold has read everything stored when it started: serve from now on."""
         if not self.ready.is_set():
-            self.driver.checking = True
             self.ready.set()
 
     def _note_rollout_change(self, entry: Entry) -> None:
@@ -236,4 +247,4 @@ class Master:
             logger.warning("! event at %s", problem)
         else:
             self.unverified += 1
-            logger.warning("! event at %s (does not verify)", problem)
+            logger.warning("! event at %s: not folded", problem)

@@ -3,7 +3,8 @@
 A snapshot every ``snapshot_every`` events or ``snapshot_interval_s`` seconds lets a
 restart replay only the tail; a checkpoint every ``checkpoint_every`` events or
 ``checkpoint_interval_s`` seconds records the chain (``audit.checkpoint`` in the log,
-and the newest in KV ``fleet-config`` so an audit can tell a log that was cut short).
+and the newest in KV ``fleet-config`` and in the witness file outside the store, so an
+audit can tell a log that was cut short; see :mod:`master.witness`).
 Both run as tasks owned by the master, never two of a kind at once.
 """
 
@@ -18,6 +19,7 @@ from bus.codec import pack
 from bus.tasks import wait_any
 from ledger.chain import CHECKPOINT_KEY
 from ledger.snapshot import save_snapshot
+from master.witness import Witness
 from schemas import AuditCheckpoint
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ class Durability:
         self.since_snapshot = 0
         self.since_checkpoint = 0
         self._last_snapshot = self._last_checkpoint = time.monotonic()
+        self.witness = Witness(master.config.data_dir)
 
     def folded(self, entry: Entry) -> None:
         """One more event folded (called by the fold, in log order)."""
@@ -72,7 +75,8 @@ class Durability:
             count=master.chain.count, through_seq=master.projection.seq, chain=master.chain.hex
         )
         try:
-            await master.emit(data, master.subjects.audit_event("checkpoint"))
+            stored = await master.emit(data, master.subjects.audit_event("checkpoint"))
+            await self.witness.record(data, stored.seq)
             kv = await master.bus.kv(master.subjects.config_bucket)
             await kv.put(CHECKPOINT_KEY, pack(data.model_dump()))
         except FleetError as exc:

@@ -1,5 +1,6 @@
 """What the master answers on ``fleet.ctl.master.<op>``: queries of the projection and
-the headless users' challenge (``auth-*``).
+the headless users' challenge (``auth-*``) and results (``job-output``), which they send
+as ``fleet.ctl.master.<op>.<caller>`` (see :mod:`master.callers`).
 
 Requests are answered one at a time, as they come; the serving stops with the master.
 """
@@ -16,6 +17,7 @@ from bus.codec import pack
 from bus.serve import serve
 from ledger.views import RolloutView
 from master.auth import AuthFailed
+from master.callers import JOB_OUTPUT, job_output, parse_control
 from schemas import ControlReply, ControlRequest
 from schemas.auth import AuthStart, AuthSubmit
 from schemas.registry import summarize_validation_error
@@ -42,18 +44,25 @@ async def serve_queries(master: Master) -> None:
 
     service = await serve(master.bus, master.subjects.master_control_all, handle)
     try:
-        await master.stopping.wait()
+        # Headless users' requests name their caller: `<prefix>.ctl.master.<op>.<caller>`.
+        by_caller = await serve(master.bus, master.subjects.master_control_by_all, handle)
+        try:
+            await master.stopping.wait()
+        finally:
+            await by_caller.stop()
     finally:
         await service.stop()
 
 
 async def answer(master: Master, subject: str, data: bytes) -> ControlReply:
     """The reply to one request; an error reply for anything that goes wrong."""
-    op = subject.rsplit(".", 1)[-1]
     try:
+        op, caller = parse_control(master.subjects, subject)
         control = decode_model(data, ControlRequest) if data else ControlRequest()
         if op.startswith("auth-"):
-            reply = await authenticate(master, op, control.args)
+            reply = await authenticate(master, op, control.args, caller)
+        elif op == JOB_OUTPUT:
+            reply = job_output(master.projection.jobs, caller, control.args)
         else:
             reply = query(master, op, control.args)
         return ControlReply(ok=True, data=reply)
@@ -65,7 +74,9 @@ async def answer(master: Master, subject: str, data: bytes) -> ControlReply:
         return ControlReply(ok=False, error=str(exc))
 
 
-async def authenticate(master: Master, op: str, args: dict[str, Any]) -> dict[str, Any]:
+async def authenticate(
+    master: Master, op: str, args: dict[str, Any], caller: str | None = None
+) -> dict[str, Any]:
     """One step of a headless user's challenge."""
     auth = master.auth
     if op == "auth-salt":
@@ -73,7 +84,7 @@ async def authenticate(master: Master, op: str, args: dict[str, Any]) -> dict[st
     if op == "auth-start":
         return auth.start(AuthStart.model_validate(args)).model_dump()
     if op == "auth-submit":
-        return (await auth.submit(AuthSubmit.model_validate(args))).model_dump()
+        return (await auth.submit(AuthSubmit.model_validate(args), caller)).model_dump()
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -108,6 +119,7 @@ def query(master: Master, op: str, args: dict[str, Any]) -> dict[str, Any]:
             "seq": p.seq,
             "events": p.events,
             "unverified": master.unverified,
+            "refused": dict(master.driver.counts),
             "config_hash": master.config.config_hash(),
             "ready": master.ready.is_set(),
         }

@@ -38,6 +38,13 @@ TERMINAL_STATUSES: frozenset[str] = frozenset(JobStatus.__args__)  # type: ignor
 Version = Annotated[str, Field(min_length=1, max_length=64)]
 Count = Annotated[int, Field(ge=0)]
 
+MAX_OUTPUT_TAIL = 64 * 1024
+"""Characters of output a job's outcome carries (the agent's ``output_tail_bytes`` is at
+most 64 KiB); the whole output is in the output stream."""
+MAX_CONFIG_KEYS = 256
+MAX_CANARIES = 1024
+MAX_SETTING_CHARS = 1024
+
 
 class EventData(BaseModel):
     """Base of every event's ``data``. Subclasses set ``TYPE`` and ``VERSION``."""
@@ -92,7 +99,8 @@ class _JobOutcome(EventData):
     duration_s: Annotated[float, Field(ge=0)] | None = None
     stdout_bytes: Count = 0
     stderr_bytes: Count = 0
-    output_tail: str = ""
+    output_tail: Annotated[str, Field(max_length=MAX_OUTPUT_TAIL)] = ""
+    """The end of the output, at most 64 KiB characters."""
     output_chunks: Count = 0
     """How many chunks the agent stored in the output stream: a reader has all the
     output once it holds this many."""
@@ -165,7 +173,8 @@ class AgentConfigChanged(EventData):
 
     TYPE = "agent.config_changed"
     agent: AgentId
-    keys: list[Token]
+    keys: Annotated[list[Token], Field(max_length=MAX_CONFIG_KEYS)]
+    """At most 256 key names."""
     changed_by: PrincipalId
 
 
@@ -200,8 +209,8 @@ class UpdateAnnounced(EventData):
     version: Version
     canary: Count = 0
     max_failures: Count = 0
-    canaries: list[AgentId] = []
-    """The agents that update first; the rest wait until these are healthy."""
+    canaries: Annotated[list[AgentId], Field(max_length=MAX_CANARIES)] = []
+    """The agents that update first (at most 1024); the rest wait until these are healthy."""
 
 
 class UpdateTokenAcquired(EventData):
@@ -272,7 +281,8 @@ class SettingsChanged(EventData):
 
     TYPE = "settings.changed"
     key: Annotated[str, Field(pattern=r"^[a-z_]+\.[a-z_]+$")]
-    value: str | int | float | bool | None
+    value: Annotated[str, Field(max_length=MAX_SETTING_CHARS)] | int | float | bool | None
+    """At most 1024 characters when a string."""
     changed_by: PrincipalId
     version: Version | None = None
     """The release the change concerns, when it concerns one (stage, resume)."""

@@ -54,7 +54,10 @@ UserName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")]
 Label = Annotated[str, Field(max_length=128), AfterValidator(_check_printable)]
 """A label value: short, printable."""
 
-Labels = dict[Token, Label]
+MAX_LABELS = 64
+
+Labels = Annotated[dict[Token, Label], Field(max_length=MAX_LABELS)]
+"""Labels: at most 64, each value at most 128 printable characters."""
 
 TimestampNs = Annotated[int, Field(ge=0)]
 """Nanoseconds since the Unix epoch (UTC)."""

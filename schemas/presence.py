@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,7 +23,7 @@ class Presence(BaseModel):
     host: str = Field(max_length=255)
     labels: Labels = {}
     state: AgentState = "ready"
-    running: list[EventId] = []
+    running: Annotated[list[EventId], Field(max_length=4096)] = []
     max_jobs: int = Field(ge=1)
     public_key: PublicKey | None = None
     """The agent's nkey: what operators seal run-as passwords to."""

@@ -50,7 +50,7 @@ def signed(data: EventData, subject: str) -> Envelope:
     return sign_envelope(make_envelope(data, source="tester", subject=subject), SIGNER)
 
 
-def unknown_type(subject: str) -> Envelope:
+def unknown_type(subject: str, job_id: str = JOB) -> Envelope:
     """A well-formed, signed event of a type this code does not know (a newer producer)."""
     envelope = Envelope(
         id=new_id(),
@@ -59,7 +59,7 @@ def unknown_type(subject: str) -> Envelope:
         ts=time.time_ns(),
         source="tester",
         subject=subject,
-        data={"job_id": JOB, "agent": AGENT},
+        data={"job_id": job_id, "agent": AGENT},
     )
     return sign_envelope(envelope, SIGNER)
 
@@ -182,7 +182,7 @@ async def test_replay_audit_jobs_and_follow_count_alike(
     key, signer = operator
     job = await submit(bus, signer, AGENT, job_request(["true"]))
     await bus.js.publish(bus.subjects.job_event(AGENT, job, "submitted"), b"\xc1 not msgpack")
-    stranger = unknown_type(bus.subjects.job_event(AGENT, job, "teleported"))
+    stranger = unknown_type(bus.subjects.job_event(AGENT, job, "teleported"), job)
     await bus.js.publish(stranger.subject, encode_envelope(sign_envelope(stranger, signer)))
     finished = JobFinished(job_id=job, agent=AGENT, status="succeeded", exit_code=0)
     subject = bus.subjects.job_event(AGENT, job, "finished")

@@ -246,7 +246,7 @@ async def test_audit_verify_catches_forged_removed_and_truncated_events(
     # Where the removed event sits relative to the checkpoints decides which check sees
     # it first (a count or a hash that differs); either way the chain is reported broken.
     assert b"checkpoint" in broken.stderr
-    assert b"chain\n" in broken.stderr.splitlines(keepends=True)[-1]
+    assert b" chain" in broken.stderr.splitlines()[-1]
 
     # A log cut short after its last checkpoint: the master's own record says so.
     kv_entry = await (await bus.key_value(bus.subjects.config_bucket)).get("audit.checkpoint")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from agents import finished, job_request, submit
 
+from agentd.agent import Agent
 from agentd.config import AgentConfig
 from agentd.identity import ensure_identity
-from agentd.runtime import AgentRuntime
 from bus import Bus, Signer
 
 
@@ -21,7 +21,7 @@ async def test_forty_agents_share_one_loop_and_one_connection(
     runtimes = []
     for n in range(40):
         config = AgentConfig(id=f"a{n:02d}", data_dir=tmp_path / f"a{n:02d}", heartbeat_s=5.0)
-        runtimes.append(AgentRuntime(bus, config, ensure_identity(config)))
+        runtimes.append(Agent(bus, config, ensure_identity(config)))
     async with asyncio.TaskGroup() as tg:
         for runtime in runtimes:
             tg.create_task(runtime.run())

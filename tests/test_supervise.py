@@ -62,7 +62,7 @@ class Job:
                 await super().feed(name, data)
 
         self.output = WatchedOutput(
-            bus.js,
+            bus,
             self.subject,
             job_id,
             stream=bus.subjects.output_stream,

@@ -16,7 +16,6 @@ new announcement, so a bad bundle cannot loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Collection, Coroutine
@@ -24,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 from packaging.version import InvalidVersion, Version
 
 from bus.connection import Bus
 from bus.errors import BundleError, FleetError
 from bus.lease import Lease
-from bus.tasks import wait_any
+from bus.retry import Backoff
+from bus.serve import listen
+from bus.tasks import TaskOwner, wait_any
 from schemas import (
     AgentUnsupported,
     EventData,
@@ -50,7 +50,7 @@ from updater.settings import read_settings
 logger = logging.getLogger(__name__)
 
 _RECHECK_S = 60.0
-_BACKOFF_CAP_S = 60.0
+_DOWNLOAD_BACKOFF = Backoff(initial=1.0, cap=60.0)
 _TOKEN_TTL_S = 30.0
 
 Emit = Callable[[EventData], Coroutine[Any, Any, None]]
@@ -188,7 +188,7 @@ class Updater:
         # checkpoints) do not wake every agent.
         bucket = self.bus.subjects.config_bucket
         changes = [
-            await self.bus.nc.subscribe(f"$KV.{bucket}.{group}.>", cb=self._on_change)
+            await listen(self.bus, self.bus.subjects.kv_key(bucket, f"{group}.>"), self.nudge)
             for group in ("release", "update")
         ]
         try:
@@ -207,12 +207,8 @@ class Updater:
                     continue
                 await self._wait_change(_RECHECK_S)
         finally:
-            for sub in changes:
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await sub.unsubscribe()
-
-    async def _on_change(self, _msg: Any) -> None:
-        self._changed.set()
+            for change in changes:
+                await change.stop()
 
     async def _apply_decision(self, decision: Decision, target: ReleaseTarget | None) -> None:
         self._show(decision.state, decision.text)
@@ -292,16 +288,15 @@ class Updater:
         lease, slot = taken
         v = target.version
         await self._say(UpdateTokenAcquired(version=v, agent=self.agent_id, slot=slot))
-        keeper = asyncio.create_task(lease.keep(), name="update-token")
         try:
-            data = await self._download(target)
+            # The slot is renewed while the download runs, and no longer.
+            async with TaskOwner(f"update {v}") as tasks:
+                tasks.spawn(lease.keep(), "download-slot")
+                data = await self._download(target)
         except BundleError as exc:
             await self._fail(target, exc.stage, exc.reason)
             return False
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
             # Recorded before the slot is free, so the log never shows more holders
             # than there are slots.
             await self._say(UpdateTokenReleased(version=v, agent=self.agent_id, slot=slot))
@@ -365,7 +360,7 @@ class Updater:
                         return lease, slot
                 delay = settings.retry_after_s * (1 + random.random() / 2)
                 text = f"all {n} download slots are taken; trying again in {delay:.0f}s"
-            except (FleetError, nats.errors.Error, OSError) as exc:
+            except FleetError as exc:
                 delay, text = 5.0, f"cannot take a download slot: {exc}"
             self._show("updating", text)
             await self._wait_change(delay)
@@ -387,7 +382,7 @@ class Updater:
             except BundleError:
                 raise
             except FleetError as exc:
-                delay = min(_BACKOFF_CAP_S, 2.0**attempt) * (0.5 + random.random() / 2)
+                delay = _DOWNLOAD_BACKOFF.delay(attempt)
                 attempt += 1
                 logger.warning("download of %s: %s; again in %.1fs", target.version, exc, delay)
                 self._show("updating", f"download of {target.version} interrupted; retrying")

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import time
 
-import nats.errors
-import nats.js.errors
-
 from bus.connection import Bus
-from bus.errors import BundleError, ConnectionFailedError
+from bus.errors import BundleError, ConnectionFailedError, FleetError
 
 _DIGEST_PREFIX = "SHA-256="
 
@@ -42,46 +38,29 @@ async def download(
     """
     bucket = bus.subjects.bundles_bucket
     try:
-        store = await bus.object_store(bucket)
-        info = await store.get_info(name)
-    except nats.js.errors.ObjectNotFoundError:
-        raise BundleError(f"{name} is not in the object store {bucket}", "download") from None
-    except (nats.errors.Error, OSError) as exc:
+        store = await bus.objects(bucket)
+        info = await store.info(name)
+    except FleetError as exc:
         raise ConnectionFailedError(f"object info of {name}: {exc}") from exc
-    size = info.size or 0
+    if info is None:
+        raise BundleError(f"{name} is not in the object store {bucket}", "download")
     digest = hashlib.sha256()
     parts: list[bytes] = []
     received = 0
     begun = time.monotonic()
-    if size:
-        try:
-            sub = await bus.js.subscribe(
-                f"$O.{bucket}.C.{info.nuid}", stream=f"OBJ_{bucket}", ordered_consumer=True
-            )
-        except (nats.errors.Error, OSError) as exc:
-            raise ConnectionFailedError(f"downloading {name}: {exc}") from exc
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=chunk_timeout_s)
-                except (nats.errors.Error, OSError) as exc:
-                    raise ConnectionFailedError(
-                        f"downloading {name}: stalled at {received} of {size} bytes ({exc!r})"
-                    ) from exc
-                parts.append(msg.data)
-                digest.update(msg.data)
-                received += len(msg.data)
-                if msg.metadata.num_pending == 0:
-                    break
-                if rate_bytes_s > 0:
-                    ahead = received / rate_bytes_s - (time.monotonic() - begun)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)  # pacing to a rate, not a wait for an event
-        finally:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await sub.unsubscribe()
-    if received != size:
-        raise ConnectionFailedError(f"downloading {name}: got {received} of {size} bytes")
+    try:
+        async for chunk in store.chunks(info, chunk_timeout_s=chunk_timeout_s):
+            parts.append(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            if rate_bytes_s > 0:
+                ahead = received / rate_bytes_s - (time.monotonic() - begun)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # pacing to a rate, not a wait for an event
+    except FleetError as exc:
+        raise ConnectionFailedError(f"downloading {name}: {exc}") from exc
+    if received != info.size:
+        raise ConnectionFailedError(f"downloading {name}: got {received} of {info.size} bytes")
     if info.digest and store_digest(info.digest) != digest.digest():
         raise BundleError(f"{name} does not match the object store's digest", "download")
     if digest.hexdigest() != expected_sha256:

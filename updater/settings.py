@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 
-import nats.errors
-import nats.js.errors
 from pydantic import BaseModel
 
 from bus.connection import Bus
-from bus.errors import ConnectionFailedError
+from bus.errors import ConnectionFailedError, FleetError
 from bus.signing import Signer, sign_envelope
 from schemas import SettingsChanged, make_envelope
 from schemas.update import SETTING_KEYS, UpdateSettings, encode_setting, parse_settings
@@ -27,15 +25,15 @@ async def read_settings(bus: Bus) -> UpdateSettings:
     Raises:
         ConnectionFailedError: the bucket cannot be read.
     """
-    kv = await bus.key_value(bus.subjects.config_bucket)
     entries: dict[str, bytes | None] = {}
-    for key in SETTING_KEYS:
-        try:
-            entries[key] = (await kv.get(key)).value
-        except nats.js.errors.KeyNotFoundError:
-            continue
-        except (nats.errors.Error, OSError) as exc:
-            raise ConnectionFailedError(f"reading update settings: {exc}") from exc
+    try:
+        kv = await bus.kv(bus.subjects.config_bucket)
+        for key in SETTING_KEYS:
+            entry = await kv.get(key)
+            if entry is not None:
+                entries[key] = entry.value
+    except FleetError as exc:
+        raise ConnectionFailedError(f"reading update settings: {exc}") from exc
     settings, problems = parse_settings(entries)
     for problem in problems:
         logger.error("! bad update setting, using its default: %s", problem)
@@ -50,10 +48,10 @@ async def put_setting(bus: Bus, key: str, value: BaseModel | str | int | float |
     """
     if key not in SETTING_KEYS:
         raise ValueError(f"unknown setting {key}")
-    kv = await bus.key_value(bus.subjects.config_bucket)
     try:
+        kv = await bus.kv(bus.subjects.config_bucket)
         await kv.put(key, encode_setting(value))
-    except (nats.errors.Error, OSError) as exc:
+    except FleetError as exc:
         raise ConnectionFailedError(f"setting {key}: {exc}") from exc
 
 

@@ -1,0 +1,85 @@
+"""What the parts of one agent share: identity, configuration, journal and running jobs.
+
+The agent (:mod:`agentd.agent`) owns one :class:`AgentContext` and hands it to its
+consumer, runner, presence and control parts; a reload replaces ``config`` and ``trust``
+here, so every part sees the new values at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+from dataclasses import dataclass, field
+
+from agentd.config import AgentConfig
+from agentd.journal import Journal
+from agentd.supervise import StopRequest
+from agentd.trust import TrustFile, load_trust
+from bus import Bus, Signer
+
+
+@dataclass
+class RunningJob:
+    """A job this agent has taken and not yet finished."""
+
+    job_id: str
+    stop: StopRequest = field(default_factory=StopRequest)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Counters:
+    """What this agent has done since it started, for ``status``."""
+
+    started: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    malformed: int = 0
+    duplicates_skipped: int = 0
+    late_results: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "started": self.started,
+            "finished": dict(self.finished),
+            "malformed": self.malformed,
+            "duplicates_skipped": self.duplicates_skipped,
+            "late_results": self.late_results,
+        }
+
+
+def effective_user() -> str:
+    """The name of the user the agent (and so, in ``self`` mode, every job) runs as."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def trust_of(config: AgentConfig) -> TrustFile | None:
+    """The trust file the configuration names, loaded; None when it names none.
+
+    Raises:
+        UsageError: the file is missing or invalid.
+    """
+    return load_trust(config.trust_file) if config.trust_file else None
+
+
+@dataclass
+class AgentContext:
+    """The shared state of one agent. Mutated only by the agent's own event loop."""
+
+    bus: Bus
+    signer: Signer
+    config: AgentConfig
+    journal: Journal
+    trust: TrustFile | None = None
+    user: str = field(default_factory=effective_user)
+    counters: Counters = field(default_factory=Counters)
+    jobs: dict[str, RunningJob] = field(default_factory=dict)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    slot_free: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.config.id

@@ -1,0 +1,270 @@
+"""Running one admitted job: the last checks before it starts, the process, its outcome.
+
+Before it starts, the log is asked whether the job already has an outcome or a cancel
+(:mod:`agentd.beforestart`); if it cannot be asked, the job is left queued and offered
+again after a backoff.
+
+A job is journaled ``starting`` before it is spawned and ``running`` (with its pid) before
+its message is acknowledged: from then on the journal owns it, so a crash can neither
+lose it nor run it twice. Its ``started`` is published beside the running process,
+retried through outages; a process is never left unwatched because the bus is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from agentd.admit import Admit
+from agentd.beforestart import NotNow, cancel_before_start, recorded_outcome
+from agentd.command import CommandRejected, ResolvedCommand, resolve_command
+from agentd.contain import kill_job_leftovers, remove_stale_cgroups
+from agentd.context import AgentContext, RunningJob
+from agentd.output import JobOutput
+from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
+from agentd.record import Recorder
+from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
+from agentd.supervise import Outcome, supervise
+from agentd.trust import grants_user
+from bus import SignatureError
+from bus.consumer import Delivery
+from bus.retry import Backoff
+from schemas import (
+    Envelope,
+    JobStarted,
+    JobSubmitted,
+)
+
+logger = logging.getLogger(__name__)
+
+_REQUEUE = Backoff(initial=1.0, cap=60.0)
+"""Pauses before a job that could not be checked is offered again."""
+
+
+class JobRunner:
+    """Runs admitted jobs for one agent."""
+
+    def __init__(self, ctx: AgentContext, recorder: Recorder) -> None:
+        self._ctx = ctx
+        self._recorder = recorder
+
+    async def run(self, msg: Delivery, admitted: Admit, running: RunningJob) -> None:
+        """Run one job to its end; whatever happens, it ends with one ``finished``."""
+        job = admitted.job
+        command: ResolvedCommand | None = None
+        try:
+            prepared = await self._prepare(msg, admitted)
+            if prepared is not None:
+                command, identity = prepared
+                await self._execute(msg, job, command, running, identity)
+        except NotNow as exc:
+            delay = _REQUEUE.delay(msg.delivered - 1)
+            logger.warning(
+                "↻ job %s left queued: %s; offered again in %.1fs", job.job_id, exc, delay
+            )
+            await msg.nak(delay)
+        except Exception:  # a bug must end this job, not the agent
+            logger.exception("! job %s failed inside the agent", job.job_id)
+            await self._recorder.finish(job.job_id, "failed", reason="internal error in the agent")
+            await msg.ack()
+        finally:
+            if command is not None:
+                command.cleanup()
+            self._ctx.jobs.pop(job.job_id, None)
+            self._ctx.slot_free.set()
+
+    async def _prepare(
+        self, msg: Delivery, admitted: Admit
+    ) -> tuple[ResolvedCommand, Identity | None] | None:
+        """Everything that can end a job before it starts. None if it ended."""
+        job = admitted.job
+        outcome = await recorded_outcome(self._ctx, job)
+        if outcome is not None:
+            logger.warning(
+                "! job %s already ended %s in the log (%s); not running it",
+                job.job_id,
+                outcome.status,
+                outcome.reason or "no reason given",
+            )
+            self._ctx.journal.record(job.job_id, "finished", status=outcome.status)
+            await msg.ack()
+            return None
+        cancel = await cancel_before_start(self._ctx, job)
+        if cancel is not None:
+            reason = f"cancelled by {cancel.requested_by} before it started"
+            await self._end_unstarted(msg, job, "cancelled", reason)
+            return None
+        identity = None
+        if admitted.run_as is not None:
+            identity = await self._authorize_run_as(admitted.envelope, job)
+            if identity is None:
+                await msg.ack()
+                return None
+        owner = (identity.uid, identity.gid) if identity else None
+        try:
+            command = resolve_command(job.request.command, self._ctx.config, job.job_id, owner)
+        except CommandRejected as exc:
+            await self._end_unstarted(msg, job, "rejected", str(exc))
+            return None
+        return command, identity
+
+    async def _end_unstarted(
+        self, msg: Delivery, job: JobSubmitted, status: str, reason: str
+    ) -> None:
+        """End a job that never started; if that cannot be recorded, leave it queued."""
+        if not await self._recorder.finish(job.job_id, status, reason=reason):
+            raise NotNow(f"its end ({status}) could not be recorded")
+        await msg.ack()
+
+    async def _authorize_run_as(self, envelope: Envelope, job: JobSubmitted) -> Identity | None:
+        """The identity to run as, after an nkey grant or PAM; None (and rejected) if not.
+
+        The caller learns only "authentication failed": never whether the user exists.
+        """
+        user = job.request.run_as
+        assert user is not None
+        identity = lookup(user)
+        if identity is not None and grants_user(self._ctx.trust, envelope, user):
+            logger.info("job %s runs as %s by an nkey grant", job.job_id, user)
+            return identity
+        password = b""
+        if job.request.credential is not None:
+            try:
+                password = self._ctx.signer.open_sealed(job.request.credential)
+            except SignatureError:
+                password = b""
+        # An empty password never reaches PAM (nullok would let it in).
+        if identity is not None and password:
+            try:
+                service = self._ctx.config.pam_service
+                if await asyncio.to_thread(pam_allows, service, user, password):
+                    logger.info("job %s runs as %s after PAM", job.job_id, user)
+                    return identity
+            except PamServiceMissing as exc:
+                logger.error("! %s", exc)
+                await self._recorder.finish(job.job_id, "rejected", reason=str(exc))
+                return None
+        logger.warning("! job %s: running as %s refused: authentication failed", job.job_id, user)
+        await self._recorder.finish(job.job_id, "rejected", reason="authentication failed")
+        return None
+
+    async def _execute(
+        self,
+        msg: Delivery,
+        job: JobSubmitted,
+        command: ResolvedCommand,
+        running: RunningJob,
+        identity: Identity | None,
+    ) -> None:
+        ctx = self._ctx
+        request = job.request
+        ctx.journal.record(job.job_id, "starting")
+        if identity is None:
+            env, as_user = base_environment(request.env, job.job_id), None
+        else:
+            env = identity.environment(request.env, job.job_id)
+            as_user = (identity.uid, identity.gid, identity.groups)
+        cwd = request.cwd or env["HOME"]
+        begun = time.monotonic()
+        try:
+            proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
+        except OSError as exc:
+            await self._recorder.finish(
+                job.job_id,
+                "failed",
+                reason=f"cannot start {command.argv[0]}: {exc.strerror or exc}",
+            )
+            await msg.ack()
+            return
+        ctx.journal.record(job.job_id, "running", pid=proc.pid, start_ticks=start_ticks(proc.pid))
+        await msg.ack()  # the journal owns the job from here on
+        ctx.counters.started += 1
+        logger.info("→ job %s pid %d: %s", job.job_id, proc.pid, command.display)
+        started = JobStarted(
+            job_id=job.job_id,
+            agent=ctx.id,
+            pid=proc.pid,
+            run_as=request.run_as,
+            effective_user=identity.name if identity else ctx.user,
+        )
+        output = JobOutput(
+            ctx.bus,
+            ctx.bus.subjects.output(ctx.id, job.job_id),
+            job.job_id,
+            stream=ctx.bus.subjects.output_stream,
+            max_bytes=ctx.config.max_output_bytes,
+            tail_bytes=ctx.config.output_tail_bytes,
+        )
+        async with asyncio.TaskGroup() as tg:
+            # Recorded beside the running process: an outage delays the record, it
+            # never leaves the process unwatched.
+            announce = tg.create_task(self._recorder.publish_job_event(started, "started"))
+            async with output:
+                outcome = await supervise(
+                    proc,
+                    output,
+                    timeout_s=request.timeout_s,
+                    stop=running.stop,
+                    grace_s=ctx.config.job_kill_grace_s,
+                )
+        if not announce.result():
+            logger.error("! job %s: its start could not be recorded", job.job_id)
+        await self._finish_outcome(job, outcome, output, time.monotonic() - begun)
+
+    async def _finish_outcome(
+        self, job: JobSubmitted, outcome: Outcome, output: JobOutput, duration: float
+    ) -> None:
+        summary = output.summary()
+        reason = outcome.reason
+        if summary.lost_chunks:
+            reason = f"{reason or outcome.status}; {summary.lost_chunks} output chunks lost"
+        # The local truth first: if the log cannot take the outcome before the agent
+        # stops, the next start records this, not "abandoned".
+        self._ctx.journal.record(
+            job.job_id, "ended", status=outcome.status, exit_code=outcome.exit_code, reason=reason
+        )
+        await self._recorder.finish(
+            job.job_id,
+            outcome.status,
+            ran=True,
+            reason=reason if outcome.status != "succeeded" or summary.lost_chunks else None,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            duration_s=round(duration, 6),
+            stdout_bytes=summary.stdout_bytes,
+            stderr_bytes=summary.stderr_bytes,
+            output_tail=summary.tail,
+            output_chunks=summary.chunks,
+            truncated=summary.truncated,
+        )
+        logger.info("← job %s %s in %.3fs", job.job_id, outcome.status, duration)
+
+    async def recover(self) -> None:
+        """Record what a crash or a stop left unrecorded: an outcome the journal knows,
+        else ``abandoned`` after killing what is left of the job.
+
+        An outcome already in the log (the master's ``abandoned`` while we were away)
+        stays the one; ours becomes a late result if the job had ended here.
+        """
+        for entry in self._ctx.journal.unfinished():
+            if entry.state == "ended" and entry.status is not None:
+                logger.warning(
+                    "job %s %s: recorded now, after a restart", entry.job_id, entry.status
+                )
+                await self._recorder.finish(
+                    entry.job_id,
+                    entry.status,
+                    ran=True,
+                    exit_code=entry.exit_code,
+                    reason=entry.reason,
+                )
+                continue
+            killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
+            killed += kill_job_leftovers(entry.job_id)  # what had left the group
+            reason = "the agent restarted while the job ran"
+            if killed:
+                reason += f"; {killed} leftover processes killed"
+            logger.warning("job %s abandoned: %s", entry.job_id, reason)
+            await self._recorder.finish(entry.job_id, "abandoned", reason=reason)
+        remove_stale_cgroups()
