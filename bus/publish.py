@@ -143,8 +143,10 @@ async def publish_with_retry(
             if refusal is not None:
                 raise refusal from exc
             # No stream answered: a reconnect or an election in progress. Same id again.
-            # Unless the server answers everything but stores: then its store is full.
-            silent = silent + 1 if stream and await _answers(js, stream) else 0
+            # Unless the server answers everything but stores: then its store is full. A
+            # "no responders" (no stream takes the subject) is not that silence.
+            held = isinstance(exc, nats.errors.TimeoutError) and bool(stream)
+            silent = silent + 1 if held and stream and await _answers(js, stream) else 0
             if silent >= _SILENT_STORE_ATTEMPTS:
                 raise StoreFullError(subject, _SILENT_STORE_REASON, certain=False) from exc
             delay = backoff.delay(attempt)

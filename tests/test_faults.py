@@ -528,7 +528,13 @@ async def test_r3_stream_leader_sigkill(
     settings = ConnectSettings(servers=nats_cluster.urls, request_timeout_s=10)
     async with await connect(settings) as bus:
         await provision(bus.js, settings=StorageSettings(replicas=3))
-        agent = AgentProcess(tmp_path, ",".join(nats_cluster.urls), "web-1", max_jobs=8)
+        agent = AgentProcess(
+            tmp_path,
+            ",".join(nats_cluster.urls),
+            "web-1",
+            max_jobs=8,
+            trusted=[operator[1].public_key],  # no trust file runs nothing
+        )
         try:
             await agent.started(bus, timeout=60)
             subs = Submissions()
