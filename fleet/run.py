@@ -15,6 +15,7 @@ from bus import Bus, Signer, UsageError, check_agent_id, connect, seal_for
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
 from fleet.common import (
+    known_agents,
     match_agents,
     offline_since,
     operator_signer,
@@ -23,6 +24,7 @@ from fleet.common import (
     publish_signed,
 )
 from fleet.follow import JobFollower, OutputPrinter
+from ledger.views import JobView
 from schemas import (
     ArgvCommand,
     Command,
@@ -43,8 +45,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Publish a job to every targeted agent, stream its output, and exit with 0 when "
             "every job succeeded, 4 when any failed, 3 when --wait ran out (the jobs go on). "
-            "Agents are chosen by id (-a, also offline ones: the job waits for them), or among "
-            "the online agents by glob (-g) and labels (-l)."
+            "Agents are chosen by id (-a: also offline ones the fleet knows, whose job waits "
+            "for them; an id never configured nor seen is refused unless --queue), or among "
+            "the online agents by glob (-g) and labels (-l). Each job's id is printed on "
+            "stderr (follow it with `fleet job wait ID`)."
         ),
     )
     where = run.add_argument_group("targets")
@@ -55,6 +59,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=[],
         metavar="AGENT",
         help="an agent id (repeatable)",
+    )
+    where.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue the job for an -a agent the fleet has never seen (else: a usage error)",
     )
     where.add_argument(
         "-g", "--glob", metavar="GLOB", help="online agents whose id matches, e.g. 'web-*'"
@@ -102,7 +111,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     how = run.add_argument_group("how to wait")
     how.add_argument(
-        "--async", dest="detach", action="store_true", help="print the job ids and return at once"
+        "--async",
+        dest="detach",
+        action="store_true",
+        help="print the job ids and return at once (one target: only its id)",
     )
     how.add_argument(
         "--force",
@@ -111,9 +123,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     how.add_argument(
         "--wait",
-        type=float,
+        type=_wait_seconds,
+        default=DEFAULT_WAIT_S,
         metavar="S",
-        help="stop waiting after S seconds (exit 3; the jobs go on)",
+        help=f"stop waiting after S seconds (exit 3; the jobs go on); default {DEFAULT_WAIT_S:g}, "
+        "'inf' for no limit",
     )
     how.add_argument(
         "--batch-size", type=int, metavar="N", help="run on N agents at a time (rolling)"
@@ -132,6 +146,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_connection_args(run)
     run.set_defaults(handler=run_command, is_async=True)
+
+
+DEFAULT_WAIT_S = 600.0
+"""How long ``fleet run`` follows its jobs by default: bounded, so a job that cannot start
+never hangs the terminal; the jobs go on after it (``fleet job wait ID``)."""
+
+
+def _wait_seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != value or value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds, or 'inf'")
+    return None if value == float("inf") else value
 
 
 def build_request(args: argparse.Namespace) -> JobRequest:
@@ -208,6 +237,23 @@ def resolve_targets(args: argparse.Namespace, online: dict[str, Presence]) -> li
     return chosen
 
 
+async def refuse_unknown(bus: Bus, agents: list[str], online: dict[str, Presence]) -> None:
+    """Refuse ``-a`` agents the fleet has never heard of: most likely a typo.
+
+    Raises:
+        UsageError: an agent is neither online, nor seen in the log, nor configured.
+    """
+    if all(a in online for a in agents):
+        return
+    known = await known_agents(bus, online)
+    unknown = [a for a in agents if a not in known]
+    if unknown:
+        names = ", ".join(unknown)
+        raise UsageError(
+            f"no agent matches {names}; use --queue to queue it for an agent not yet seen"
+        )
+
+
 def refuse_unsupported(targets: list[str], online: dict[str, Presence], *, force: bool) -> None:
     """Refuse agents off the fleet's target version that may not update (RHQ's rule).
 
@@ -232,6 +278,7 @@ class Outcome:
     status: str
     exit_code: int | None = None
     note: str | None = None
+    view: JobView | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -242,6 +289,13 @@ class Outcome:
         }
         if self.note:
             doc["note"] = self.note
+        view = self.view
+        if view is not None and view.finished:
+            doc["output_tail"] = view.output_tail
+            stored = view.stdout_bytes + view.stderr_bytes
+            doc["output_complete"] = len(view.output_tail.encode()) >= stored
+            if not doc["output_complete"]:
+                doc["output_rest"] = f"fleet job logs {view.job_id}"
         return doc
 
 
@@ -276,6 +330,7 @@ async def submit(
     follower = await JobFollower(bus, agent, job_id, printer).start()
     data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
     await publish_signed(bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted"))
+    print(f"fleet: {agent}: job {job_id}", file=sys.stderr, flush=True)
     return follower
 
 
@@ -292,6 +347,8 @@ async def run_command(args: argparse.Namespace) -> int:
     async with await connect(connect_settings(args, "fleet run")) as bus:
         online = await presence(bus)
         targets = resolve_targets(args, online)
+        if not args.queue:
+            await refuse_unknown(bus, [check_agent_id(a) for a in args.agent], online)
         refuse_unsupported(targets, online, force=args.force)
         if args.detach:
             jobs = []
@@ -305,20 +362,31 @@ async def run_command(args: argparse.Namespace) -> int:
                 jobs.append({"job_id": job_id, "agent": agent})
             if args.json:
                 print(json.dumps({"jobs": jobs}))
+            elif len(jobs) == 1:
+                print(jobs[0]["job_id"])  # so that J=$(fleet run --async …) is the id
             else:
                 for job in jobs:
                     print(f"{job['job_id']}\t{job['agent']}")
             return EXIT_OK
         printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
         requests = {a: sealed_for(request, a, online, password) for a in targets}
-        outcomes, timed_out = await _run_batches(
-            bus, args, targets, online, requests, who, signer, printer
-        )
+        submitted: list[JobFollower] = []
+        try:
+            outcomes, timed_out = await _run_batches(
+                bus, args, targets, online, requests, who, signer, printer, submitted
+            )
+        except asyncio.CancelledError:
+            _print_follow_hint(submitted, "interrupted")
+            raise
     if args.json:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes]}))
     else:
         _print_summary(outcomes, single=len(targets) == 1)
     if timed_out:
+        _print_follow_hint(
+            [o for o in outcomes if o.job_id and o.status in ("queued", "running")],
+            f"--wait ran out after {args.wait:g}s",
+        )
         return EXIT_TIMEOUT
     return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_JOB_FAILED
 
@@ -332,6 +400,7 @@ async def _run_batches(
     who: str,
     signer: Signer,
     printer: OutputPrinter | None,
+    submitted: list[JobFollower],
 ) -> tuple[list[Outcome], bool]:
     deadline = None if args.wait is None else time.monotonic() + args.wait
     size = args.batch_size or len(targets)
@@ -344,9 +413,10 @@ async def _run_batches(
                 for a in batch
             ]
             continue
-        followers = [
-            await submit(bus, agent, requests[agent], who, signer, printer) for agent in batch
-        ]
+        followers: list[JobFollower] = []
+        for agent in batch:
+            followers.append(await submit(bus, agent, requests[agent], who, signer, printer))
+            submitted.append(followers[-1])
         for follower in followers:
             if follower.agent not in online and not args.json:
                 note = await offline_since(bus, follower.agent)
@@ -379,7 +449,9 @@ async def _all_done(followers: list[JobFollower], timeout: float | None) -> bool
 async def _outcome(bus: Bus, follower: JobFollower, online: dict[str, Presence]) -> Outcome:
     view = follower.view
     if view is not None and view.finished:
-        return Outcome(follower.agent, follower.job_id, view.status, view.exit_code, view.reason)
+        return Outcome(
+            follower.agent, follower.job_id, view.status, view.exit_code, view.reason, view
+        )
     if view is not None and view.status == "running":
         return Outcome(follower.agent, follower.job_id, "running", note="still running")
     note = (
@@ -398,6 +470,15 @@ def describe(o: Outcome) -> str:
     if o.note and o.note != f"exit status {o.exit_code}":
         text += f": {o.note}"
     return text
+
+
+def _print_follow_hint(jobs: list[JobFollower] | list[Outcome], why: str) -> None:
+    """Which jobs go on without us, and how to follow them."""
+    if not jobs:
+        return
+    print(f"fleet: {why}; the jobs go on:", file=sys.stderr)
+    for job in jobs:
+        print(f"fleet:   {job.agent}: fleet job wait {job.job_id}", file=sys.stderr)
 
 
 def _print_summary(outcomes: list[Outcome], *, single: bool) -> None:
