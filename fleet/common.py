@@ -125,19 +125,26 @@ async def ask_master(bus: Bus, op: str, args: dict[str, object]) -> dict[str, An
     return reply.data
 
 
-async def known_agents(bus: Bus, online: dict[str, Presence]) -> set[str]:
+async def known_agents(bus: Bus, online: dict[str, Presence]) -> set[str] | None:
     """Every agent the fleet knows: online, seen in the log, or configured (registered).
 
-    A lookup, never a wait: presence, the log's agent events, and the master's
-    ``agents`` answer when a master runs.
+    A lookup, never a wait: presence, the master's ``agents`` answer when a master runs,
+    and the log's agent events. None when neither the master nor the log can be read
+    (this principal may not): then no one can tell.
     """
     known = set(online)
-    records = await read_log(bus, bus.subjects.events_stream, f"{bus.subjects.prefix}.evt.agent.>")
-    known |= set(fold(records).agents)
     doc = await ask_master(bus, "agents", {})
     if doc is not None:
         known |= {str(a["id"]) for a in doc.get("agents", []) if isinstance(a, dict)}
-    return known
+    try:
+        subject = f"{bus.subjects.prefix}.evt.agent.>"
+        records = await read_log(bus, bus.subjects.events_stream, subject)
+    except FleetError as exc:
+        if doc is None:
+            return None  # neither master nor log answered: no one can tell
+        logger.info("the log's agent events cannot be read (%s); the master's list it is", exc)
+        return known
+    return known | set(fold(records).agents)
 
 
 def match_agents(

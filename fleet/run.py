@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from schemas import (
     ScriptCommand,
     new_id,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -124,10 +127,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     how.add_argument(
         "--wait",
         type=_wait_seconds,
-        default=DEFAULT_WAIT_S,
         metavar="S",
         help=f"stop waiting after S seconds (exit 3; the jobs go on); default {DEFAULT_WAIT_S:g}, "
-        "'inf' for no limit",
+        "or longer to cover --expire and --timeout; 'inf' for no limit",
     )
     how.add_argument(
         "--batch-size", type=int, metavar="N", help="run on N agents at a time (rolling)"
@@ -150,17 +152,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 DEFAULT_WAIT_S = 600.0
 """How long ``fleet run`` follows its jobs by default: bounded, so a job that cannot start
-never hangs the terminal; the jobs go on after it (``fleet job wait ID``)."""
+never hangs the terminal; the jobs go on after it (``fleet job wait ID``). A job given
+``--expire``/``--timeout`` is waited for as long as those allow, plus a margin."""
+
+_WAIT_MARGIN_S = 30.0
 
 
-def _wait_seconds(text: str) -> float | None:
+def default_wait(args: argparse.Namespace) -> float:
+    """``--wait`` when not given: bounded, and never shorter than the job's own bounds."""
+    own = (args.expire or 0.0) + (args.timeout or 0.0)
+    return max(DEFAULT_WAIT_S, own + _WAIT_MARGIN_S) if own else DEFAULT_WAIT_S
+
+
+def _wait_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if value != value or value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number of seconds, or 'inf'")
-    return None if value == float("inf") else value
+    return value
 
 
 def build_request(args: argparse.Namespace) -> JobRequest:
@@ -246,6 +257,9 @@ async def refuse_unknown(bus: Bus, agents: list[str], online: dict[str, Presence
     if all(a in online for a in agents):
         return
     known = await known_agents(bus, online)
+    if known is None:
+        logger.warning("cannot tell whether %s exist: neither master nor log answered", agents)
+        return
     unknown = [a for a in agents if a not in known]
     if unknown:
         names = ", ".join(unknown)
@@ -343,6 +357,10 @@ async def run_command(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\n").encode()
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.wait is None:
+        args.wait = default_wait(args)
+    if args.wait == float("inf"):
+        args.wait = None
     who, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet run")) as bus:
         online = await presence(bus)

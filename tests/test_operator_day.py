@@ -17,6 +17,8 @@ from natsserver import NatsServer
 from bus import Bus, Signer, read_seed_file
 from bus.command import principal_name
 from bus.keys import read_key_owner
+from fleet.cli import build_parser
+from fleet.run import DEFAULT_WAIT_S, default_wait
 
 Agents = Callable[..., AgentProcess]
 Operator = tuple[Path, Signer]
@@ -72,6 +74,21 @@ async def test_a_typo_is_refused_at_once_unless_queued(
     assert "late: fleet job wait " in gave_up.stderr
     helped = await fleet(nats_server.url, operator[0], "run", "--help")
     assert "default 600" in helped.stdout
+    zero = await fleet(
+        nats_server.url, operator[0], "run", "--wait", "0", "-a", "late", "--", "true"
+    )
+    assert zero.returncode == 2
+    assert "must be a positive number of seconds, or 'inf'" in zero.stderr
+
+
+def test_the_default_wait_covers_the_jobs_own_bounds() -> None:
+    parser = build_parser()
+    plain = parser.parse_args(["run", "-a", "x", "--", "true"])
+    assert default_wait(plain) == DEFAULT_WAIT_S
+    long = parser.parse_args(
+        ["run", "-a", "x", "--timeout", "3600", "--expire", "60", "--", "true"]
+    )
+    assert default_wait(long) == 3600 + 60 + 30
 
 
 async def test_the_key_file_names_the_principal(
