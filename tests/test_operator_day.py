@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -266,3 +267,43 @@ def test_old_key_files_fall_back_to_fleet_user_then_the_login_name(
     for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
         monkeypatch.setenv(var, "alice")
     assert principal_name(operator[0]) == "alice"
+
+
+async def test_under_least_privilege_the_key_name_opens_the_right_inbox(
+    tmp_path: Path, server_factory: Callable[..., NatsServer], agent_factory: Agents
+) -> None:
+    async def cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        proc = await asyncio.create_subprocess_exec(
+            FLEET, *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
+
+    keys: dict[str, tuple[Path, str]] = {}
+    for kind, name in (("admin", "admin"), ("operator", "operator-ux"), ("agent", "web-1")):
+        path = tmp_path / f"{name}.nk"
+        made = await cli("keys", "gen", kind, name, "-o", str(path), env=dict(os.environ))
+        assert made.returncode == 0, made.stderr
+        keys[name] = (path, made.stdout.strip())
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        f'[agents.web-1]\npublic_key = "{keys["web-1"][1]}"\n'
+        f'[operators.operator-ux]\npublic_key = "{keys["operator-ux"][1]}"\n'
+        f'[admins.admin]\npublic_key = "{keys["admin"][1]}"\n'
+    )
+    rendered = await cli("ops", "server-config", "--registry", str(registry), env=dict(os.environ))
+    assert rendered.returncode == 0, rendered.stderr
+    server = server_factory(config=rendered.stdout)
+    init = await cli("ops", "init", env=fleet_env(server.url, keys["admin"][0]))
+    assert init.returncode == 0, init.stderr
+    # Logged in as root, no FLEET_USER: only the key's name opens _INBOX_operator-ux.
+    env = {k: v for k, v in fleet_env(server.url, keys["operator-ux"][0]).items()}
+    env.pop("FLEET_USER")
+    env["USER"] = env["LOGNAME"] = "root"
+    agents = await cli("agents", "--json", env=env)
+    assert agents.returncode == 0, agents.stderr
+    assert json.loads(agents.stdout) == {"agents": []}
+    typo = await cli("run", "-a", "web-9", "--", "true", env=env)
+    assert typo.returncode == 2, typo.stderr
+    assert "no agent matches web-9" in typo.stderr
