@@ -2,24 +2,27 @@
 
 :func:`admit` checks, in order, the request's signature, that it decodes to a job of a
 version this agent knows, that the log stored it within the replay window of when it
-was signed, that the trust file lets its signer ask for it, that it has not expired, and
-whether it must first be authorised to run as another OS user. The answer is
-:class:`Admit`, :class:`Refuse` (the job ends with that status and reason) or
-:class:`Malformed` (the message is not a job of this agent at all and is dropped).
+was signed, that the trust file lets its signer ask for it (without a trust file nothing
+runs), that it has not expired, and that the signer's grant allows the OS user it would
+run as (:func:`agentd.trust.resolve_identity`). The answer is :class:`Admit`,
+:class:`Refuse` (the job ends with that status and reason) or :class:`Malformed` (the
+message is not a job of this agent at all and is dropped).
 
-What needs the outside world (a cancel already in the log, PAM) is the runner's
-(:mod:`agentd.runner`).
+What needs the outside world (a cancel already in the log, the account, the sealed
+password, PAM) is the runner's (:mod:`agentd.runner`, through
+:func:`agentd.authorize.authorize_run_as`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
-from agentd.trust import TrustFile, refusal
+from agentd.trust import Grant, Refused, TrustFile, refusal, resolve_identity
 from bus import BadMessageError, SignatureError, verify_envelope
 from bus.codec import decode_data
-from schemas import Envelope, Event, JobSubmitted, UnknownEvent
+from schemas import Envelope, Event, JobSubmitted, ModuleCommand, UnknownEvent
 from schemas.ids import id_time_ns
 
 
@@ -33,6 +36,10 @@ class AdmitPolicy:
     run_as_mode: Literal["root", "self"]
     replay_window_s: float
     trust: TrustFile | None
+    default_user: str | None = None
+    """``default_run_as`` (root mode, a job naming no user); None when unset."""
+    module_env: Mapping[str, Collection[str]] = field(default_factory=dict)
+    """Per module, the environment variables a request may set for it."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,8 @@ class Admit:
 
     envelope: Envelope
     job: JobSubmitted
-    run_as: str | None = None
-    """Another OS user to authorise (nkey grant or PAM) before it starts; None for the
-    agent's own user."""
+    grant: Grant
+    """The signer's trust grant: the runner settles the job's OS user by it."""
 
 
 @dataclass(frozen=True)
@@ -117,15 +123,29 @@ def admit(
             f"stored {lag:.0f}s after it was signed, outside the "
             f"{window:g}s validity window (a replayed request?)",
         )
-    if policy.trust is not None:
-        reason = refusal(policy.trust, envelope, job)
-        if reason is not None:
-            return Refuse("rejected", reason)
+    command = job.request.command
+    module_env = (
+        policy.module_env.get(command.module, ()) if isinstance(command, ModuleCommand) else ()
+    )
+    reason = refusal(policy.trust, envelope, job, module_env=module_env)
+    if reason is not None:
+        return Refuse("rejected", reason)
     expires_at = job.request.expires_at
     if expires_at is not None and now_ns > expires_at:
         waited = (now_ns - id_time_ns(job_id)) / 1e9
         return Refuse("expired", f"not started before its expiry (waited {waited:.0f}s)")
-    run_as = job.request.run_as
-    if run_as and run_as != policy.agent_user and policy.run_as_mode == "root":
-        return Admit(envelope, job, run_as=run_as)
-    return Admit(envelope, job)
+    # refusal() passed, so there is a trust file and a grant for this signed request.
+    assert policy.trust is not None
+    assert envelope.signer is not None
+    grant = policy.trust.for_key(envelope.signer)
+    assert grant is not None
+    who = resolve_identity(
+        grant,
+        job.request,
+        mode=policy.run_as_mode,
+        agent_user=policy.agent_user,
+        default_user=policy.default_user,
+    )
+    if isinstance(who, Refused):
+        return Refuse("rejected", who.reason)
+    return Admit(envelope, job, grant)

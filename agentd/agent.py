@@ -1,6 +1,6 @@
 """One agent identity's jobs, presence and control, in one event loop.
 
-The daemon (:mod:`agentd.daemon`) is a thin shell around :class:`Agent`; tests and
+The daemon (:mod:`agentd.startup`) is a thin shell around :class:`Agent`; tests and
 benchmarks host many agents in one process through the same code, each with its own
 identity, consumers, presence key and journal. The agent owns its parts and their tasks:
 the consumer (:mod:`agentd.consumer`) feeds admitted jobs to the runner
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.config import AgentConfig
+from agentd.configfile import set_config_keys
 from agentd.consumer import JobConsumer
 from agentd.context import AgentContext, trust_of
 from agentd.control import ControlServer
@@ -30,6 +31,7 @@ from agentd.journal import Journal
 from agentd.presence import PresenceReporter, UpdateView
 from agentd.record import Emitter, Recorder
 from agentd.runner import JobRunner
+from agentd.seals import UsedSeals
 from bus import Bus, FleetError, Signer, UsageError
 from bus.command import fleetbus_version
 from bus.errors import ConnectionFailedError, FleetTimeoutError
@@ -76,15 +78,24 @@ class Agent:
         update_view: UpdateView | None = None,
         on_restart: Callable[[], None] | None = None,
         version: str | None = None,
+        config_path: Path | None = None,
     ) -> None:
         if config.run_as_mode == "root" and os.geteuid() != 0:
             raise UsageError("run_as_mode = root needs the agent to run as root")
         self.ctx = AgentContext(
-            bus=bus, signer=signer, config=config, journal=Journal(config.journal_path)
+            bus=bus,
+            signer=signer,
+            config=config,
+            journal=Journal(config.journal_path),
+            seals=UsedSeals(config.data_dir / "seals.jsonl"),
         )
         self.ctx.trust = trust_of(config)
         if self.ctx.trust is None:
-            logger.warning("no trust_file: this agent runs any request, signed or not")
+            logger.warning(
+                "no trust_file: this agent runs no job and answers no control request "
+                "until one is set"
+            )
+        self._config_path = config_path
         self.signer = signer
         self.ready = asyncio.Event()
         self.updater = updater
@@ -143,6 +154,11 @@ class Agent:
         logger.info("configuration reloaded")
 
     async def _reconfigure(self, config: AgentConfig, keys: list[str]) -> None:
+        if self._config_path is None:
+            raise ValueError("this agent has no config file to keep the change in; not changed")
+        # The file first: a change that would not survive a restart is not made at all.
+        dumped = config.model_dump(mode="json")
+        set_config_keys(self._config_path, {k: dumped[k] for k in keys})
         self.reload(config)
         logging.getLogger().setLevel(config.log_level)
         await self.recorder.emit(AgentConfigChanged(agent=self.id, keys=keys, changed_by="control"))

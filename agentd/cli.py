@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agentd import service
 from agentd.config import default_config_path, load_config, render_config, update_config_text
-from agentd.daemon import PROGRAM, run_daemon
+from agentd.startup import PROGRAM, run_daemon
 from bus.command import add_version_flag
 from bus.detach import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agentd.jobenv import check_env_names
 from bus import ConnectSettings, UsageError
 from bus.connection import DEFAULT_SERVER
 from bus.paths import config_file, data_dir, read_toml
@@ -46,6 +47,16 @@ class ModuleSpec(BaseModel):
     argv: list[str] = Field(min_length=1, description="the command and its fixed arguments")
     allow_args: bool = Field(default=False, description="whether the operator may append arguments")
     description: str = Field(default="", description="what the module does, for operators")
+    env: list[str] = Field(
+        default_factory=list,
+        description="environment variables a request may set for this module (never "
+        "loader, shell start-up, interpreter or search-path variables)",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _allowed_names(cls, value: list[str]) -> list[str]:
+        return check_env_names(value)
 
 
 class AgentConfig(BaseModel):
@@ -80,7 +91,12 @@ class AgentConfig(BaseModel):
     run_as_mode: Literal["root", "self"] = Field(
         default="self",
         description="'self': every job runs as the agent's own user; 'root': a job runs as "
-        "the user it asks for, after PAM or an nkey grant",
+        "the user it asks for if its trust grant allows it (users, or password_users and PAM)",
+    )
+    default_run_as: str = Field(
+        default="nobody",
+        description="root mode: the user a job that names none runs as (a grant naming "
+        "root runs it as root instead); empty: such jobs are refused",
     )
     pam_service: str = Field(
         default="fleet-agentd",
@@ -88,7 +104,9 @@ class AgentConfig(BaseModel):
     )
     trust_file: Path | None = Field(
         default=None,
-        description="which operator keys may run which modules or commands, as which users",
+        description="which operator keys may run which modules or commands, as which users, "
+        "with which environment, and call which control operations; without one, the "
+        "agent runs no job and answers no control request",
     )
     replay_window_s: float = Field(
         default=300.0,
@@ -163,6 +181,13 @@ class AgentConfig(BaseModel):
         problem = ids.agent_id_problem(value)
         if problem is not None:
             raise ValueError(f"{problem}; set `id` in the config file")
+        return value
+
+    @field_validator("default_run_as")
+    @classmethod
+    def _valid_user(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?", value):
+            raise ValueError(f"{value!r} is not a user name")
         return value
 
     @field_validator("prefix")
@@ -272,6 +297,7 @@ def _table_block(name: str, info: Any, value: dict[str, Any]) -> list[str]:
                 '# argv = ["/usr/local/sbin/backup", "--all"]',
                 "# allow_args = false",
                 '# description = "nightly backup"',
+                '# env = ["BACKUP_LEVEL"]  # variables a request may set for this module',
             ]
         for mod_name, spec in value.items():
             lines.append(f"[modules.{mod_name}]")

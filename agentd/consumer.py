@@ -68,6 +68,8 @@ class JobConsumer:
             run_as_mode=config.run_as_mode,
             replay_window_s=config.replay_window_s,
             trust=self._ctx.trust,
+            default_user=config.default_run_as or None,
+            module_env={name: spec.env for name, spec in config.modules.items()},
         )
 
     async def bind(self) -> None:

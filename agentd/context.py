@@ -2,7 +2,8 @@
 
 The agent (:mod:`agentd.agent`) owns one :class:`AgentContext` and hands it to its
 consumer, runner, presence and control parts; a reload replaces ``config`` and ``trust``
-here, so every part sees the new values at its next step.
+here, so every part sees the new values at its next step. ``seals`` remembers the sealed
+run-as passwords already used, so each is good once even across restarts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from agentd.config import AgentConfig
 from agentd.journal import Journal
+from agentd.seals import UsedSeals
 from agentd.supervise import StopRequest
 from agentd.trust import TrustFile, load_trust
 from bus import Bus, Signer
@@ -73,6 +75,7 @@ class AgentContext:
     signer: Signer
     config: AgentConfig
     journal: Journal
+    seals: UsedSeals
     trust: TrustFile | None = None
     user: str = field(default_factory=effective_user)
     counters: Counters = field(default_factory=Counters)

@@ -1,7 +1,8 @@
 """Answering control requests (``fleet.ctl.<agent>.<op>``): status, config, log, restart.
 
 Every request passes one authorisation hook, :meth:`ControlServer.authorize`, before its
-operation runs.
+operation runs: it must be signed, fresh and not replayed, by a key whose trust grant
+names the operation (:class:`agentd.controlauth.ControlAuth`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 from agentd.config import AgentConfig
 from agentd.context import AgentContext
+from agentd.controlauth import ControlAuth
 from agentd.logbuffer import recent_log_lines
-from bus import FleetError, decode_model, encode_model
+from bus import AuthError, FleetError, decode_model, encode_model
 from schemas import ControlReply, ControlRequest
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class ControlServer:
         self._status = status
         self._reconfigure = reconfigure
         self._restart = restart
+        self._auth = ControlAuth(ctx.config.replay_window_s)
 
     def authorize(self, subject: str, op: str, request: ControlRequest) -> None:
         """Raise if this request may not run ``op``: the one place control is authorised.
@@ -55,9 +58,10 @@ class ControlServer:
         Raises:
             AuthError: not allowed (answered as an error, and logged).
         """
-        # Today every principal the server lets reach this subject may: the trust file's
-        # per-operation grants (issue 11) plug in here.
-        return None
+        reason = self._auth.refusal(self._ctx.trust, request, subject, op)
+        if reason is not None:
+            logger.warning("! control: %s", reason)
+            raise AuthError(reason)
 
     async def handle(self, subject: str, payload: bytes) -> bytes:
         """Answer one request; nothing a request does can end the agent."""

@@ -6,19 +6,21 @@ import logging
 
 from agentd.config import AgentConfig
 from bus import Signer, generate_seed, write_seed_file
+from bus.paths import private_dir
 
 logger = logging.getLogger(__name__)
 
 
 def ensure_identity(config: AgentConfig) -> Signer:
-    """Load the agent's key, creating it (mode 0400) if it does not exist yet.
+    """Load the agent's key, creating it (mode 0400) if it does not exist yet; make sure
+    the data directory is 0700.
 
     Raises:
         SecretFileError: the key file exists but is unsafe or invalid.
     """
     path = config.key_path
+    private_dir(config.data_dir)  # journal, seals, scripts: nobody else's business
     if not path.exists():
-        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_seed_file(path, generate_seed())
         signer = Signer.from_file(path)
         logger.warning(

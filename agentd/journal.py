@@ -1,6 +1,6 @@
 """The agent's local journal: what it started, written to disk before a job is acknowledged.
 
-An append-only file of JSON lines in ``data_dir``, each flushed and fsynced before the
+An append-only file of JSON lines in ``data_dir`` (0600), each flushed and fsynced before the
 agent acts on it. It is what lets the agent keep its two promises across a crash or
 ``kill -9``: no job runs twice (a redelivered job the journal knows is not started
 again), and no job is lost (a job the journal saw start but not finish is reported
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bus.paths import open_private, private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +52,12 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.jobs: dict[str, JournalEntry] = {}
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(path.parent)
         torn = self._load()
         if self.path.exists() and self.path.stat().st_size > _COMPACT_BYTES:
             self.compact()
             torn = False  # compaction wrote whole lines only
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with us
+        self._file = open_private(self.path, "a")
         if torn:
             # End the torn line, or the next entry would be glued to it and lost too.
             self._file.write("\n")
@@ -123,7 +125,7 @@ class Journal:
         )[-KEEP_FINISHED:]
         keep = [*self.unfinished(), *finished]
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_private(tmp, "w") as f:
             for entry in keep:
                 f.write(entry.model_dump_json(exclude_none=True) + "\n")
             f.flush()
@@ -132,7 +134,7 @@ class Journal:
         self.jobs = {e.job_id: e for e in keep}
         if hasattr(self, "_file"):  # an open journal: append to the new file, not the old
             self._file.close()
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._file = open_private(self.path, "a")
 
     def close(self) -> None:
         self._file.close()

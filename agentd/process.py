@@ -16,6 +16,8 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 
+from agentd.jobenv import build_environment
+
 logger = logging.getLogger(__name__)
 
 _PROC = Path("/proc")
@@ -129,8 +131,9 @@ async def spawn(
 
 
 def base_environment(extra: Mapping[str, str], job_id: str) -> dict[str, str]:
-    """A clean environment for a job: the agent's own secrets never leak into it."""
-    env = {
+    """A clean environment for a job: the agent's own secrets never leak into it, and
+    the request cannot replace the basics (see :mod:`agentd.jobenv`)."""
+    basics = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "HOME": os.environ.get("HOME", "/"),
@@ -138,10 +141,7 @@ def base_environment(extra: Mapping[str, str], job_id: str) -> dict[str, str]:
         "LOGNAME": _user_name(),
         "SHELL": "/bin/sh",
     }
-    env.update(extra)
-    # Marks every process of the job, so even a reparented straggler is recognisable.
-    env["FLEET_JOB_ID"] = job_id
-    return env
+    return build_environment(basics, extra, job_id)
 
 
 def _user_name() -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pam
 
+from agentd.jobenv import build_environment
+
 PAM_DIR = Path("/etc/pam.d")
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -35,7 +37,7 @@ class Identity:
 
     def environment(self, extra: dict[str, str], job_id: str) -> dict[str, str]:
         """A clean environment: the user's own basics, the request's, nothing of ours."""
-        env = {
+        basics = {
             "HOME": self.home,
             "USER": self.name,
             "LOGNAME": self.name,
@@ -43,9 +45,12 @@ class Identity:
             "PATH": SAFE_PATH,
             "LANG": "C.UTF-8",
         }
-        env.update(extra)
-        env["FLEET_JOB_ID"] = job_id
-        return env
+        return build_environment(basics, extra, job_id)
+
+
+def home_or_root(home: str) -> str:
+    """Where a job starts by default: its home, or ``/`` for an account without one."""
+    return home if os.path.isdir(home) else "/"
 
 
 def lookup(user: str) -> Identity | None:

@@ -17,23 +17,19 @@ import logging
 import time
 
 from agentd.admit import Admit
+from agentd.authorize import RunAsPolicy, authorize_run_as
 from agentd.beforestart import NotNow, cancel_before_start, recorded_outcome
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.context import AgentContext, RunningJob
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
 from agentd.record import Recorder
-from agentd.runas import Identity, PamServiceMissing, lookup, pam_allows
+from agentd.runas import Identity, home_or_root
 from agentd.supervise import Outcome, supervise
-from agentd.trust import grants_user
-from bus import SignatureError
+from agentd.trust import Refused
 from bus.consumer import Delivery
 from bus.retry import Backoff
-from schemas import (
-    Envelope,
-    JobStarted,
-    JobSubmitted,
-)
+from schemas import JobStarted, JobSubmitted
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +90,14 @@ class JobRunner:
             reason = f"cancelled by {cancel.requested_by} before it started"
             await self._end_unstarted(msg, job, "cancelled", reason)
             return None
-        identity = None
-        if admitted.run_as is not None:
-            identity = await self._authorize_run_as(admitted.envelope, job)
-            if identity is None:
-                await msg.ack()
-                return None
+        who = await self._authorize_run_as(admitted)
+        if isinstance(who, Refused):
+            # Not left queued when the record fails: a sealed password is used up by now,
+            # so a second offer could only be refused as a replay.
+            await self._recorder.finish(job.job_id, "rejected", reason=who.reason)
+            await msg.ack()
+            return None
+        identity = who
         owner = (identity.uid, identity.gid) if identity else None
         try:
             command = resolve_command(job.request.command, self._ctx.config, job.job_id, owner)
@@ -116,37 +114,24 @@ class JobRunner:
             raise NotNow(f"its end ({status}) could not be recorded")
         await msg.ack()
 
-    async def _authorize_run_as(self, envelope: Envelope, job: JobSubmitted) -> Identity | None:
-        """The identity to run as, after an nkey grant or PAM; None (and rejected) if not.
+    async def _authorize_run_as(self, admitted: Admit) -> Identity | Refused | None:
+        """Who the job runs as (None: the agent's own user), or why it must not run.
 
-        The caller learns only "authentication failed": never whether the user exists.
+        Every admitted job comes here, whatever the mode: the grant settles the user
+        and a job carrying a sealed password always goes through PAM.
         """
-        user = job.request.run_as
-        assert user is not None
-        identity = lookup(user)
-        if identity is not None and grants_user(self._ctx.trust, envelope, user):
-            logger.info("job %s runs as %s by an nkey grant", job.job_id, user)
-            return identity
-        password = b""
-        if job.request.credential is not None:
-            try:
-                password = self._ctx.signer.open_sealed(job.request.credential)
-            except SignatureError:
-                password = b""
-        # An empty password never reaches PAM (nullok would let it in).
-        if identity is not None and password:
-            try:
-                service = self._ctx.config.pam_service
-                if await asyncio.to_thread(pam_allows, service, user, password):
-                    logger.info("job %s runs as %s after PAM", job.job_id, user)
-                    return identity
-            except PamServiceMissing as exc:
-                logger.error("! %s", exc)
-                await self._recorder.finish(job.job_id, "rejected", reason=str(exc))
-                return None
-        logger.warning("! job %s: running as %s refused: authentication failed", job.job_id, user)
-        await self._recorder.finish(job.job_id, "rejected", reason="authentication failed")
-        return None
+        config = self._ctx.config
+        policy = RunAsPolicy(
+            agent_id=self._ctx.id,
+            agent_user=self._ctx.user,
+            mode=config.run_as_mode,
+            default_user=config.default_run_as or None,
+            pam_service=config.pam_service,
+        )
+        result = await authorize_run_as(
+            admitted.grant, admitted.job, policy, self._ctx.signer, self._ctx.seals
+        )
+        return result if isinstance(result, Refused) else result.identity
 
     async def _execute(
         self,
@@ -164,7 +149,8 @@ class JobRunner:
         else:
             env = identity.environment(request.env, job.job_id)
             as_user = (identity.uid, identity.gid, identity.groups)
-        cwd = request.cwd or env["HOME"]
+        # Accounts like nobody have a home that does not exist: start those in /.
+        cwd = request.cwd or home_or_root(env["HOME"])
         begun = time.monotonic()
         try:
             proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)

@@ -28,8 +28,8 @@ from nats.js.api import ObjectMeta
 
 from agentd.agent import Agent
 from agentd.config import AgentConfig
-from agentd.daemon import build_agent
 from agentd.identity import ensure_identity
+from agentd.startup import build_agent
 from bus import Bus, ConnectSettings, Signer, connect, decode_event, generate_seed, provision
 from bus.log import read_log
 from bus.subjects import version_token

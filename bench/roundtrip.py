@@ -53,9 +53,13 @@ asyncio.run(main())
 
 async def measure(url: str, work: Path, count: int) -> dict[str, object]:
     settings = ConnectSettings(servers=[url])
+    signer = Signer(generate_seed())
+    trust = work / "trust.toml"  # an agent runs nothing without one
+    trust.write_text(f'[[grant]]\nkey = "{signer.public_key}"\ncommands = true\n')
     config = work / "agentd.toml"
     config.write_text(
         f'id = "bench"\nserver = "{url}"\ndata_dir = "{work / "agent"}"\nlog_level = "WARNING"\n'
+        f'trust_file = "{trust}"\n'
     )
     async with await connect(settings) as bus:
         await provision(bus.js)
@@ -77,7 +81,6 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
                     future.set_result(event.data.status)  # type: ignore[union-attr]
 
             await bus.nc.subscribe("fleet.evt.job.bench.*.finished", cb=on_finished)
-            signer = Signer(generate_seed())
             request = JobRequest(command=ArgvCommand(argv=["true"]))
 
             async def fleet_job() -> None:

@@ -37,7 +37,14 @@ from bus.errors import (
 from bus.eventloop import run
 from bus.keys import KEY_KINDS, generate_seed, public_key_of, read_seed_file, write_seed_file
 from bus.publish import PublishResult, publish_event, publish_with_retry
-from bus.signing import Signer, seal_for, sign_envelope, verify_envelope, verify_signature
+from bus.signing import (
+    SealBinding,
+    Signer,
+    seal_for,
+    sign_envelope,
+    verify_envelope,
+    verify_signature,
+)
 from bus.streams import ProvisionReport, StorageSettings, provision
 from bus.subjects import Subjects, check_agent_id, check_token, version_token
 
@@ -60,6 +67,7 @@ __all__ = [
     "ProvisioningConflictError",
     "PublishResult",
     "PublishTimeoutError",
+    "SealBinding",
     "SecretFileError",
     "SignatureError",
     "Signer",

@@ -26,6 +26,7 @@ limit keeps hostile input from exhausting the stack of anything that walks it.""
 
 # Domain separation: these bytes can never be mistaken for another protocol's signed data.
 _CANONICAL_TAG = "fleetbus.event/1"
+_CONTROL_TAG = "fleetbus.control/1"
 
 HEADER_TYPE = "Fleet-Type"
 HEADER_VERSION = "Fleet-Version"
@@ -123,6 +124,13 @@ def canonical_bytes(envelope: Envelope) -> bytes:
         envelope.signer,
     ]
     return pack(fields, max_size=2**31)
+
+
+def canonical_control_bytes(
+    request_id: str | None, ts: int | None, subject: str | None, signer: str | None, args: Any
+) -> bytes:
+    """The bytes a control request's signature covers (see :func:`bus.signing.sign_control`)."""
+    return pack([_CONTROL_TAG, request_id, ts, subject, signer, _canonical(args)], max_size=2**31)
 
 
 def encode_envelope(envelope: Envelope, max_size: int = DEFAULT_MAX_SIZE) -> bytes:

@@ -28,6 +28,7 @@ from nats.js import api
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
 from bus.retry import Backoff
+from bus.subjects import consumer_create_subject
 from bus.tasks import wait_any
 from schemas.ids import new_id
 
@@ -124,7 +125,7 @@ class Tail:
                     f"stream {stream} does not exist; run `fleet ops init`"
                 ) from None
             if isinstance(exc, nats.errors.TimeoutError):
-                refusal = bus.denial(f"$JS.API.CONSUMER.CREATE.{stream}.{tail.name}.{subject}")
+                refusal = bus.denial(consumer_create_subject(stream, tail.name, subject))
                 if refusal is not None:
                     raise refusal from exc
                 raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from bus.errors import UsageError
 
@@ -41,3 +42,23 @@ def read_toml(path: Path, hint: str = "") -> dict[str, Any]:
         raise UsageError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if need be, and make it 0700: state nobody else reads.
+
+    An existing directory is narrowed too, so one made by an older version (0755) or by
+    a log file's ``mkdir`` is fixed on the next start.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def open_private(path: Path, mode: str = "a") -> TextIO:
+    """Open a state file for text writing (``"a"`` or ``"w"``), created 0600, kept 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through os.open: narrow it
+    return io.TextIOWrapper(io.FileIO(fd, mode), encoding="utf-8")

@@ -16,6 +16,7 @@ from bus.codec import decode_model, encode_model
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetError, FleetTimeoutError
 from bus.retry import CONTROL_BACKOFF_CAP_S, Backoff
+from bus.signing import Signer, sign_control
 from schemas import ControlReply, ControlRequest
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,13 @@ async def control(
     *,
     timeout: float | None = None,
     attempts: int = 3,
+    signer: Signer | None = None,
 ) -> ControlReply:
     """Send a control request and return the reply, retrying unanswered attempts.
 
     ``timeout`` bounds each attempt; by default the operation's own (``OP_TIMEOUTS_S``,
-    by the subject's last token).
+    by the subject's last token). Agents answer only requests signed by a key their
+    trust file grants the operation: pass ``signer`` (each attempt is signed afresh).
 
     Raises:
         FleetTimeoutError: no answer after every attempt.
@@ -58,9 +61,11 @@ async def control(
     """
     if timeout is None:
         timeout = OP_TIMEOUTS_S.get(subject.rsplit(".", 1)[-1], 5.0)
-    payload = encode_model(ControlRequest(args=dict(args or {})))
+    unsigned = ControlRequest(args=dict(args or {}))
     delays = retry_delays(attempts)
     for attempt in range(attempts):
+        signed = sign_control(unsigned, subject, signer) if signer is not None else unsigned
+        payload = encode_model(signed)
         request = asyncio.create_task(bus.nc.request(subject, payload, timeout=timeout))
         # A refusal arrives only through the error callback; race it against the reply.
         denied = asyncio.create_task(bus.wait_denied(subject, timeout + 1.0))

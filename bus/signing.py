@@ -8,18 +8,24 @@ that key (``trusted``): a valid signature by a stranger proves nothing.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import os
+import time
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nkeys
 
-from bus.codec import canonical_bytes
+from bus.codec import canonical_bytes, canonical_control_bytes, pack
 from bus.errors import SignatureError, UsageError
 from bus.keys import public_key_of, read_seed_file, verify_key_for
-from schemas import Envelope
+from schemas import ControlRequest, Envelope
+from schemas.ids import new_id
 
 
 class Signer:
@@ -41,35 +47,120 @@ class Signer:
         signature: bytes = self._kp.sign(data)
         return signature
 
-    def open_sealed(self, sealed: bytes) -> bytes:
-        """Open what :func:`seal_for` sealed to this key.
+    def open_sealed(
+        self, sealed: bytes, binding: SealBinding, *, now_ns: int | None = None
+    ) -> bytes:
+        """Open what :func:`seal_for` sealed to this key for exactly ``binding``.
+
+        ``binding.expires_at`` is ignored: the expiry is read from the sealed bytes,
+        where the associated data authenticates it.
 
         Raises:
-            SignatureError: not sealed to this key, or altered.
+            SignatureError: not sealed to this key, sealed for another job, agent or
+                submitter, altered, expired, or in the old unbound format.
         """
+        if len(sealed) < _SEAL_HEADER + _AEAD.ABYTES or sealed[0] != SEAL_VERSION:
+            raise SignatureError(
+                "the sealed credential is not bound to its job (old or unknown format); "
+                "seal it again with this version of fleet"
+            )
+        expires_at = int.from_bytes(sealed[1:9], "big")
+        ephemeral, nonce = sealed[9:41], sealed[41:_SEAL_HEADER]
+        bound = SealBinding(binding.job_id, binding.agent, binding.submitter, expires_at)
         try:
-            private = self._kp._keys.to_curve25519_private_key()
-            opened: bytes = nacl.public.SealedBox(private).decrypt(sealed)
+            private = bytes(self._kp._keys.to_curve25519_private_key())
+            shared = nacl.bindings.crypto_scalarmult(private, ephemeral)
+            key = _seal_key(shared, ephemeral, nacl.bindings.crypto_scalarmult_base(private))
+            opened: bytes = _AEAD.decrypt(
+                sealed[_SEAL_HEADER:], bound.associated_data(), nonce, key
+            )
         except (nacl.exceptions.CryptoError, TypeError, ValueError):
-            raise SignatureError("the sealed credential cannot be opened with this key") from None
+            raise SignatureError(
+                "the sealed credential cannot be opened here: sealed to another key, for "
+                "another job, agent or submitter, or altered"
+            ) from None
+        if (time.time_ns() if now_ns is None else now_ns) > expires_at:
+            raise SignatureError("the sealed credential has expired")
         return opened
 
     def __repr__(self) -> str:
         return f"Signer(public_key={self.public_key!r})"
 
 
-def seal_for(public_key: str, secret: bytes) -> bytes:
-    """Encrypt ``secret`` so that only the holder of ``public_key``'s seed can read it.
+SEAL_VERSION = 1
+"""The first byte of a sealed credential: version 1 binds it to its job."""
 
-    A libsodium sealed box to the curve25519 form of the nkey's ed25519 key: anonymous,
-    and authenticated against tampering.
+_SEAL_TAG = b"fleetbus.seal/1"
+# version (1) | expires_at ns (8, big endian) | ephemeral x25519 key (32) | nonce (24)
+_SEAL_HEADER = 1 + 8 + 32 + 24
+
+
+class _AEAD:
+    ABYTES = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
+    encrypt = staticmethod(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt)
+    decrypt = staticmethod(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt)
+
+
+@dataclass(frozen=True)
+class SealBinding:
+    """What a sealed credential is good for: one job, on one agent, from one submitter,
+    until ``expires_at`` (nanoseconds since the epoch)."""
+
+    job_id: str
+    agent: str
+    submitter: str
+    expires_at: int
+
+    def associated_data(self) -> bytes:
+        return pack([_SEAL_TAG.decode(), self.job_id, self.agent, self.submitter, self.expires_at])
+
+
+def _seal_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
+    return hashlib.blake2b(
+        shared + ephemeral + recipient, digest_size=32, person=_SEAL_TAG
+    ).digest()
+
+
+def seal_for(public_key: str, secret: bytes, binding: SealBinding) -> bytes:
+    """Encrypt ``secret`` so that only the holder of ``public_key``'s seed can read it,
+    and only for the job, agent and submitter of ``binding``, until its expiry.
+
+    An ephemeral x25519 key agreement with the curve25519 form of the nkey's ed25519
+    key, then XChaCha20-Poly1305 with the binding as authenticated associated data: a
+    copy pasted into another job's request does not open.
 
     Raises:
         UsageError: not a valid nkey public key.
     """
-    curve = verify_key_for(public_key).to_curve25519_public_key()
-    sealed: bytes = nacl.public.SealedBox(curve).encrypt(secret)
-    return sealed
+    recipient = bytes(verify_key_for(public_key).to_curve25519_public_key())
+    eph_private = nacl.public.PrivateKey.generate()
+    ephemeral = bytes(eph_private.public_key)
+    shared = nacl.bindings.crypto_scalarmult(bytes(eph_private), recipient)
+    nonce = os.urandom(24)
+    sealed: bytes = _AEAD.encrypt(
+        secret, binding.associated_data(), nonce, _seal_key(shared, ephemeral, recipient)
+    )
+    header = bytes([SEAL_VERSION]) + binding.expires_at.to_bytes(8, "big") + ephemeral + nonce
+    return header + sealed
+
+
+MAX_SEAL_LIFETIME_NS = 7 * 24 * 3600 * 10**9
+"""An agent refuses seals valid for longer: it remembers used ones until they expire."""
+
+
+def seal_expiry(sealed: bytes) -> int:
+    """When a (version 1) sealed credential expires, in ns since the epoch; 0 if unknown.
+
+    Read without opening it: only trust it after :meth:`Signer.open_sealed` succeeded.
+    """
+    if len(sealed) < 9 or sealed[0] != SEAL_VERSION:
+        return 0
+    return int.from_bytes(sealed[1:9], "big")
+
+
+def seal_digest(sealed: bytes) -> str:
+    """A sealed credential's fingerprint, for remembering that it was used."""
+    return hashlib.sha256(sealed).hexdigest()
 
 
 def sign_envelope(envelope: Envelope, signer: Signer) -> Envelope:
@@ -123,3 +214,47 @@ def verify_envelope(
             f"event {envelope.id} is signed by {envelope.signer[:12]}…, which is not trusted"
         )
     return envelope.signer
+
+
+def sign_control(
+    request: ControlRequest, subject: str, signer: Signer, *, now_ns: int | None = None
+) -> ControlRequest:
+    """A copy of ``request`` with a fresh id and time, bound to ``subject``, signed."""
+    unsigned = request.model_copy(
+        update={
+            "id": new_id(),
+            "ts": time.time_ns() if now_ns is None else now_ns,
+            "subject": subject,
+            "signer": signer.public_key,
+            "sig": None,
+        }
+    )
+    data = canonical_control_bytes(
+        unsigned.id, unsigned.ts, subject, signer.public_key, unsigned.args
+    )
+    return unsigned.model_copy(update={"sig": signer.sign(data)})
+
+
+def verify_control(
+    request: ControlRequest, subject: str, *, window_s: float, now_ns: int | None = None
+) -> str:
+    """Check a control request's signature, subject and age; return the signer's key.
+
+    Raises:
+        SignatureError: unsigned, forged, altered, sent to another subject, or signed
+            more than ``window_s`` from now.
+    """
+    if request.signer is None or request.sig is None or request.id is None or request.ts is None:
+        raise SignatureError("the control request is not signed")
+    if request.subject is None or not hmac.compare_digest(request.subject, subject):
+        raise SignatureError(f"the control request was signed for {request.subject}, not {subject}")
+    data = canonical_control_bytes(
+        request.id, request.ts, request.subject, request.signer, request.args
+    )
+    verify_signature(request.signer, data, request.sig)
+    age = ((time.time_ns() if now_ns is None else now_ns) - request.ts) / 1e9
+    if abs(age) > window_s:
+        raise SignatureError(
+            f"the control request was signed {age:.0f}s from now, outside the {window_s:g}s window"
+        )
+    return request.signer

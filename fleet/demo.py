@@ -80,12 +80,24 @@ def _demo(work: Path) -> int:
     started = time.monotonic()
     _say(f"starting an embedded nats-server with JetStream in {work}")
     with running_server(work / "nats", name="fleet-demo") as server:
+        operator_key = work / "operator.nk"
+        write_seed_file(operator_key, generate_seed())
+        # Agents run nothing without a trust file: this one trusts the demo's operator.
+        trust = work / "trust.toml"
+        trust.write_text(
+            "[[grant]]\n"
+            'name = "demo-operator"\n'
+            f'key = "{Signer.from_file(operator_key).public_key}"\n'
+            "commands = true\n"
+            'modules = ["*"]\n'
+            'control = ["status", "config-get", "log"]\n'
+        )
         agent_key = work / "agent.nk"
         write_seed_file(agent_key, generate_seed())
         config = work / "agentd.toml"
         config.write_text(
             f'id = "demo"\nserver = "{server.url}"\ndata_dir = "{work / "agent"}"\n'
-            f'nkey_file = "{agent_key}"\n'
+            f'nkey_file = "{agent_key}"\ntrust_file = "{trust}"\n'
             'heartbeat_s = 1.0\nlog_level = "WARNING"\n[labels]\nrole = "demo"\n'
         )
         master_key = work / "master.nk"
@@ -94,8 +106,6 @@ def _demo(work: Path) -> int:
             f'server = "{server.url}"\ndata_dir = "{work / "master"}"\n'
             f'nkey_file = "{master_key}"\nlog_level = "WARNING"\n'
         )
-        operator_key = work / "operator.nk"
-        write_seed_file(operator_key, generate_seed())
         return run(_round_trip(server.url, config, operator_key, started), use_uvloop=False)
 
 
@@ -146,6 +156,9 @@ async def _round_trip(url: str, config: Path, operator_key: Path, started: float
             view = follower.view
             assert view is not None
             size = view.stdout_bytes + view.stderr_bytes
+            if view.duration_s is None:
+                _say(f"result: {view.status}: {view.reason}")
+                return 1
             _say(
                 f"result: {view.status}, exit code {view.exit_code}, "
                 f"{view.duration_s:.3f}s on the agent, {size} bytes of output"

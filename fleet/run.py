@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bus import Bus, Signer, UsageError, check_agent_id, connect, seal_for
+from bus import Bus, SealBinding, Signer, UsageError, check_agent_id, connect, seal_for
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
 from fleet.common import (
@@ -96,7 +96,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="environment for the job (repeatable)",
+        help="environment for the job (repeatable); only names the agent's trust grant or "
+        "module allows, never PATH, LD_*, BASH_ENV and the like",
     )
     what.add_argument("--cwd", metavar="DIR", help="working directory on the agent")
     what.add_argument("--user", metavar="USER", help="run as this user (needs the agent's consent)")
@@ -313,22 +314,47 @@ class Outcome:
         return doc
 
 
+SEAL_LIFETIME_S = 24 * 3600.0
+"""How long a sealed password stays good when the job sets no ``--expire``."""
+
+
+def agent_key(agent: str, online: dict[str, Presence]) -> str:
+    """The public key a password for ``agent`` is sealed to.
+
+    Raises:
+        UsageError: the agent is offline or does not publish its key.
+    """
+    presence = online.get(agent)
+    if presence is None or presence.public_key is None:
+        raise UsageError(
+            f"cannot seal the password for {agent}: it is offline (its key is unknown)"
+        )
+    return presence.public_key
+
+
 def sealed_for(
-    request: JobRequest, agent: str, online: dict[str, Presence], password: bytes | None
+    request: JobRequest,
+    agent: str,
+    job_id: str,
+    who: str,
+    online: dict[str, Presence],
+    password: bytes | None,
 ) -> JobRequest:
-    """The request with the password sealed to this agent's key, if there is a password.
+    """The request with the password sealed to this agent's key for this one job.
+
+    The seal is bound to the job id, the agent and the submitter, and expires with the
+    job's ``expires_at`` (or after :data:`SEAL_LIFETIME_S`): copied into any other job,
+    it does not open.
 
     Raises:
         UsageError: the agent is offline or does not publish its key.
     """
     if password is None:
         return request
-    presence = online.get(agent)
-    if presence is None or presence.public_key is None:
-        raise UsageError(
-            f"cannot seal the password for {agent}: it is offline (its key is unknown)"
-        )
-    return request.model_copy(update={"credential": seal_for(presence.public_key, password)})
+    expires_at = request.expires_at or time.time_ns() + int(SEAL_LIFETIME_S * 1e9)
+    binding = SealBinding(job_id=job_id, agent=agent, submitter=who, expires_at=expires_at)
+    sealed = seal_for(agent_key(agent, online), password, binding)
+    return request.model_copy(update={"credential": sealed})
 
 
 async def submit(
@@ -338,9 +364,11 @@ async def submit(
     who: str,
     signer: Signer,
     printer: OutputPrinter | None,
+    *,
+    job_id: str | None = None,
 ) -> JobFollower:
     """Start following a new job, then publish it (so no event can slip past)."""
-    job_id = new_id()
+    job_id = job_id or new_id()
     follower = await JobFollower(bus, agent, job_id, printer).start()
     data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
     await publish_signed(bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted"))
@@ -368,11 +396,14 @@ async def run_command(args: argparse.Namespace) -> int:
         if not args.queue:
             await refuse_unknown(bus, [check_agent_id(a) for a in args.agent], online)
         refuse_unsupported(targets, online, force=args.force)
+        if password is not None:
+            for agent in targets:
+                agent_key(agent, online)  # every key known before anything is submitted
         if args.detach:
             jobs = []
             for agent in targets:
                 job_id = new_id()
-                sealed = sealed_for(request, agent, online, password)
+                sealed = sealed_for(request, agent, job_id, who, online, password)
                 data = JobSubmitted(job_id=job_id, agent=agent, request=sealed, submitted_by=who)
                 await publish_signed(
                     bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted")
@@ -387,11 +418,10 @@ async def run_command(args: argparse.Namespace) -> int:
                     print(f"{job['job_id']}\t{job['agent']}")
             return EXIT_OK
         printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
-        requests = {a: sealed_for(request, a, online, password) for a in targets}
         submitted: list[JobFollower] = []
         try:
             outcomes, timed_out = await _run_batches(
-                bus, args, targets, online, requests, who, signer, printer, submitted
+                bus, args, targets, online, (request, password), who, signer, printer, submitted
             )
         except asyncio.CancelledError:
             _print_follow_hint(submitted, "interrupted")
@@ -414,7 +444,7 @@ async def _run_batches(
     args: argparse.Namespace,
     targets: list[str],
     online: dict[str, Presence],
-    requests: dict[str, JobRequest],
+    what: tuple[JobRequest, bytes | None],
     who: str,
     signer: Signer,
     printer: OutputPrinter | None,
@@ -433,7 +463,9 @@ async def _run_batches(
             continue
         followers: list[JobFollower] = []
         for agent in batch:
-            followers.append(await submit(bus, agent, requests[agent], who, signer, printer))
+            job_id = new_id()
+            request = sealed_for(what[0], agent, job_id, who, online, what[1])
+            followers.append(await submit(bus, agent, request, who, signer, printer, job_id=job_id))
             submitted.append(followers[-1])
         for follower in followers:
             if follower.agent not in online and not args.json:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +79,44 @@ class _Daemon:
         log.close()
 
 
-class AgentProcess(_Daemon):
-    """One ``fleet-agentd`` process with its own config and data directory."""
+def permissive_grant(key: str, name: str = "tester") -> str:
+    """A trust-file grant of everything a key can be granted (tests that are not about
+    the trust file), except running as root."""
+    return (
+        f'[[grant]]\nname = "{name}"\nkey = "{key}"\ncommands = true\nmodules = ["*"]\n'
+        'users = ["*"]\npassword_users = ["*"]\non_behalf_of = ["*"]\nenv = ["*"]\n'
+        'control = ["*"]\n'
+    )
 
-    def __init__(self, base: Path, url: str, agent_id: str, **config: Any) -> None:
+
+class AgentProcess(_Daemon):
+    """One ``fleet-agentd`` process with its own config and data directory.
+
+    Without a ``trust_file`` in ``config``, it gets one granting ``trusted`` keys
+    everything (:func:`permissive_grant`); with neither, it runs no job.
+    """
+
+    def __init__(
+        self,
+        base: Path,
+        url: str,
+        agent_id: str,
+        *,
+        trusted: Sequence[str] = (),
+        **config: Any,  # type: ignore[assignment]
+    ) -> None:
         self.id = agent_id
         self.dir = base / f"agent-{agent_id}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "agentd.toml"
         self.log_path = self.dir / "agentd.log"
+        if trusted and "trust_file" not in config:
+            trust = self.dir / "trust.toml"
+            trust.write_text(
+                "\n".join(permissive_grant(k, f"key{n}") for n, k in enumerate(trusted))
+            )
+            config["trust_file"] = str(trust)
         settings: dict[str, Any] = {
             "id": agent_id,
             "server": url,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -81,12 +82,20 @@ def operator(tmp_path: Path) -> tuple[Path, Signer]:
 
 @pytest.fixture
 def agent_factory(
-    tmp_path: Path, nats_server: NatsServer, request: pytest.FixtureRequest
+    tmp_path: Path,
+    nats_server: NatsServer,
+    operator: tuple[Path, Signer],
+    request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., AgentProcess]]:
-    """Make agent processes (``agent_factory("web-1", max_jobs=2)``); all stopped after."""
+    """Make agent processes (``agent_factory("web-1", max_jobs=2)``); all stopped after.
+
+    Unless a test passes its own ``trust_file`` (or ``trusted`` keys), the agent trusts
+    the ``operator`` key with everything: secure agents run nothing without a trust file.
+    """
     made: list[AgentProcess] = []
 
-    def make(agent_id: str, **config: object) -> AgentProcess:
+    def make(agent_id: str, **config: Any) -> AgentProcess:
+        config.setdefault("trusted", [operator[1].public_key])
         agent = AgentProcess(tmp_path, nats_server.url, agent_id, **config)
         made.append(agent)
         return agent

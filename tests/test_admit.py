@@ -62,7 +62,7 @@ def test_a_granted_signed_job_is_admitted_as_the_agents_own_user() -> None:
     decision = decide(envelope, job_id)
     assert isinstance(decision, Admit)
     assert decision.job.job_id == job_id
-    assert decision.run_as is None
+    assert decision.grant.key == ALICE.public_key  # the runner settles the user by it
 
 
 def test_a_forged_signature_is_refused() -> None:
@@ -85,9 +85,23 @@ def test_unsigned_or_untrusted_requests_are_refused(signer: Signer | None, reaso
     assert reason in decision.reason
 
 
-def test_without_a_trust_file_anything_well_formed_is_admitted() -> None:
-    envelope, job_id = submitted(None)
-    assert isinstance(decide(envelope, job_id, policy(trust=None)), Admit)
+@pytest.mark.parametrize("signer", [None, ALICE])
+def test_without_a_trust_file_nothing_is_admitted(signer: Signer | None) -> None:
+    envelope, job_id = submitted(signer)
+    decision = decide(envelope, job_id, policy(trust=None))
+    assert isinstance(decision, Refuse)
+    assert "no trust file" in decision.reason
+
+
+def test_a_module_may_take_the_environment_it_declares() -> None:
+    envelope, job_id = submitted(command=ModuleCommand(module="backup"), env={"LEVEL": "full"})
+    grant = Grant(key=ALICE.public_key, name="alice", modules=["backup"])
+    pol = policy(trust=TrustFile(grant=[grant]))
+    refused = decide(envelope, job_id, pol)
+    assert isinstance(refused, Refuse)
+    assert "may not set the environment variable LEVEL" in refused.reason
+    declared = policy(trust=TrustFile(grant=[grant]), module_env={"backup": ["LEVEL"]})
+    assert isinstance(decide(envelope, job_id, declared), Admit)
 
 
 def test_a_grant_limits_what_may_be_asked() -> None:
@@ -115,18 +129,22 @@ def test_an_expired_job_is_refused_as_expired() -> None:
     assert "not started before its expiry" in decision.reason
 
 
-def test_run_as_another_user_needs_authorising_in_root_mode_only() -> None:
+def test_run_as_a_granted_user_is_admitted_in_root_mode_refused_in_self_mode() -> None:
     envelope, job_id = submitted(run_as="deploy")
-    in_root = decide(envelope, job_id, policy(run_as_mode="root"))
-    assert isinstance(in_root, Admit)
-    assert in_root.run_as == "deploy"
+    assert isinstance(decide(envelope, job_id, policy(run_as_mode="root")), Admit)
     in_self = decide(envelope, job_id, policy(run_as_mode="self"))
-    assert isinstance(in_self, Admit)
-    assert in_self.run_as is None
-    own, own_id = submitted(run_as="fleet")
-    mine = decide(own, own_id, policy(run_as_mode="root", trust=None))
-    assert isinstance(mine, Admit)
-    assert mine.run_as is None
+    assert isinstance(in_self, Refuse)
+    assert "run_as_mode = self" in in_self.reason
+
+
+def test_in_root_mode_a_job_naming_no_user_needs_a_default_user() -> None:
+    envelope, job_id = submitted()
+    refused = decide(envelope, job_id, policy(run_as_mode="root"))
+    assert isinstance(refused, Refuse)
+    assert "no default_run_as" in refused.reason
+    assert isinstance(
+        decide(envelope, job_id, policy(run_as_mode="root", default_user="nobody")), Admit
+    )
 
 
 def test_run_as_an_ungranted_user_without_a_password_is_refused() -> None:

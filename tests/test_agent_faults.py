@@ -108,7 +108,7 @@ async def test_a_deleted_consumer_is_recreated_and_the_next_jobs_run(
         sign_envelope(make_envelope(data, source="tester", subject=subject), operator[1])
     )
     assert (await finished(bus, "web-1", slow, timeout=60)).status == "cancelled"
-    status = await control(bus, bus.subjects.control("web-1", "status"))
+    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
     assert status.data["counters"]["consumers_recreated"] == 2
 
 
@@ -181,7 +181,7 @@ async def test_an_outcome_that_lost_is_recorded_as_a_late_result(
     assert late.data.status == "succeeded"
     assert late.data.output_tail == "finished anyway\n"
     assert [t.status for t in await terminal_events(bus, job)] == ["abandoned"]
-    status = await control(bus, bus.subjects.control("web-1", "status"))
+    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
     assert status.data["counters"]["late_results"] == 1
 
 

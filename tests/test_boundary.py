@@ -161,7 +161,7 @@ def test_schemas_imports_no_other_fleetbus_package() -> None:
 
 
 def test_master_fleet_and_ledger_import_no_wire_library() -> None:
-    """The part of the rule issue 13 has already made true (the rest is xfail above)."""
+    """The rule above, named for the packages that were converted first."""
     offenders = _offenders(("master", "fleet", "ledger"), set(WIRE_LIBRARIES))
     assert not offenders, "only bus/ may import nats or msgpack:\n  " + "\n  ".join(offenders)
 

@@ -16,7 +16,7 @@ import pytest
 from agents import MASTER, AgentProcess, MasterProcess, finished, job_events
 from natsserver import NatsServer, free_port
 
-from bus import Bus, generate_seed, write_seed_file
+from bus import Bus, Signer, generate_seed, write_seed_file
 from bus.log import read_log
 from bus.request import control
 
@@ -53,11 +53,22 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path, nats_server: NatsServer, bus: Bus) -> AsyncIterator[Fleet]:
+    # The agent trusts the master's key to submit for headless users: made beforehand.
+    master_key = tmp_path / "master.nk"
+    write_seed_file(master_key, generate_seed())
+    batch_key = tmp_path / "batch.nk"  # for the headless user's own nkey (no master)
+    write_seed_file(batch_key, generate_seed())
     agent = AgentProcess(
-        tmp_path, nats_server.url, "web-1", modules={"hello": {"argv": ["echo", "hello"]}}
+        tmp_path,
+        nats_server.url,
+        "web-1",
+        modules={"hello": {"argv": ["echo", "hello"]}},
+        trusted=[Signer.from_file(k).public_key for k in (master_key, batch_key)],
     )
     # Throttling pauses an hour, so no test depends on how fast the machine is.
-    master = MasterProcess(tmp_path, nats_server.url, auth_throttle_s=3600.0)
+    master = MasterProcess(
+        tmp_path, nats_server.url, auth_throttle_s=3600.0, nkey_file=str(master_key)
+    )
     try:
         await agent.started(bus)
         master.start()
@@ -225,8 +236,7 @@ async def test_first_use_prompts_on_a_terminal_and_writes_a_0400_hash(fleet: Fle
 
 
 async def test_nkey_auth_needs_no_master(fleet: Fleet, bus: Bus) -> None:
-    seed = fleet.tmp / "batch.nk"
-    write_seed_file(seed, generate_seed())
+    seed = fleet.tmp / "batch.nk"  # the agent's trust file grants it
     fleet.master.stop()
     result = await fleet.run("-a", "nkey", *base(seed, "-v", "-c", "echo signed"))
     assert result.returncode == 0, result.stderr

@@ -358,9 +358,11 @@ async def test_malformed_messages_are_reported_and_do_not_stop_the_agent(
 
     ok = await submit(bus, operator[1], "web-1", job_request(["true"]))
     assert (await finished(bus, "web-1", ok)).status == "succeeded"
-    status = await control(bus, bus.subjects.control("web-1", "status"))
+    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
     assert status.data["counters"]["malformed"] == 2
-    log = await control(bus, bus.subjects.control("web-1", "log"), {"lines": 500})
+    log = await control(
+        bus, bus.subjects.control("web-1", "log"), {"lines": 500}, signer=operator[1]
+    )
     assert any("malformed message" in line for line in log.data["lines"])
 
 
@@ -376,7 +378,7 @@ async def test_duplicate_submission_of_a_job_is_not_run_twice(
     marker = await submit(bus, operator[1], "web-1", job_request(["true"]))
     await finished(bus, "web-1", marker)  # processed after the duplicate
     assert runs.read_text() == "run\n"
-    status = await control(bus, bus.subjects.control("web-1", "status"))
+    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
     assert status.data["counters"]["duplicates_skipped"] == 1
 
 
@@ -402,7 +404,9 @@ async def test_sigterm_drains_then_abandons_and_withdraws_presence(
     assert len(offline) == 1
 
 
-async def test_sighup_reloads_and_control_ops(bus: Bus, agent_factory: Agents) -> None:
+async def test_sighup_reloads_and_control_ops(
+    bus: Bus, agent_factory: Agents, operator: Operator
+) -> None:
     agent = await agent_factory("web-1", labels={"role": "web"}).started(bus)
     kv = await bus.key_value(bus.subjects.presence_bucket)
     watcher = await kv.watch("web-1")
@@ -415,20 +419,24 @@ async def test_sighup_reloads_and_control_ops(bus: Bus, agent_factory: Agents) -
                 break
     await watcher.stop()
 
-    changed = await control(bus, bus.subjects.control("web-1", "config-set"), {"max_jobs": 7})
+    changed = await control(
+        bus, bus.subjects.control("web-1", "config-set"), {"max_jobs": 7}, signer=operator[1]
+    )
     assert changed.data == {"changed": ["max_jobs"]}
-    status = await control(bus, bus.subjects.control("web-1", "status"))
+    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
     assert status.data["max_jobs"] == 7
     assert status.data["labels"] == {"role": "api"}
-    config = await control(bus, bus.subjects.control("web-1", "config-get"))
+    config = await control(bus, bus.subjects.control("web-1", "config-get"), signer=operator[1])
     assert config.data["id"] == "web-1"
 
     from bus import FleetError
 
     with pytest.raises(FleetError, match="cannot set id at run time"):
-        await control(bus, bus.subjects.control("web-1", "config-set"), {"id": "other"})
+        await control(
+            bus, bus.subjects.control("web-1", "config-set"), {"id": "other"}, signer=operator[1]
+        )
     with pytest.raises(FleetError, match="unknown operation"):
-        await control(bus, bus.subjects.control("web-1", "fly"))
+        await control(bus, bus.subjects.control("web-1", "fly"), signer=operator[1])
 
 
 async def test_modules_and_rejections(bus: Bus, agent_factory: Agents, operator: Operator) -> None:
@@ -467,12 +475,14 @@ def test_fleet_demo_runs_on_a_fresh_default() -> None:
     assert "NOT VERIFIED" not in out
 
 
-async def test_restart_control_op_reexecs_in_place(bus: Bus, agent_factory: Agents) -> None:
+async def test_restart_control_op_reexecs_in_place(
+    bus: Bus, agent_factory: Agents, operator: Operator
+) -> None:
     agent = await agent_factory("web-1").started(bus)
     assert agent.proc is not None
     pid = agent.proc.pid
     agent.started_ns = time.time_ns()
-    reply = await control(bus, bus.subjects.control("web-1", "restart"))
+    reply = await control(bus, bus.subjects.control("web-1", "restart"), signer=operator[1])
     assert reply.data == {"restarting": True}
     await agent.wait_online(bus)  # a new incarnation's heartbeat
     assert agent.proc.poll() is None

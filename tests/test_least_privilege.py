@@ -120,7 +120,11 @@ async def test_no_principal_reaches_another_s_consumers_or_output(
     operator = fleet_env(url, keys["tester"][0])
     s_jobs, s_filter = ("agent_web-1_jobs", "fleet.evt.job.web-1.*.submitted")
     their_jobs = ("agent_web-2_jobs", "fleet.evt.job.web-2.*.submitted")
-    agents = [AgentProcess(tmp_path, url, a, nkey_file=str(keys[a][0])) for a in ("web-1", "web-2")]
+    trusted = [keys[n][1] for n in ("tester", "master", "batch")]  # mallory is not
+    agents = [
+        AgentProcess(tmp_path, url, a, nkey_file=str(keys[a][0]), trusted=trusted)
+        for a in ("web-1", "web-2")
+    ]
     master = MasterProcess(tmp_path, url, nkey_file=str(keys["master"][0]))
     async with await connect(settings("admin")) as admin:
         try:

@@ -102,7 +102,7 @@ async def test_the_key_file_names_the_principal(
     assert made.returncode == 0, made.stderr
     assert read_key_owner(key) == "operator-ux"
     assert Signer(read_seed_file(key)).public_key == made.stdout.strip()
-    agent = await agent_factory("web-1").started(bus)
+    agent = await agent_factory("web-1", trusted=[made.stdout.strip()]).started(bus)
     # Logged in as root, no FLEET_USER: the key says who acts.
     env = {k: v for k, v in fleet_env(nats_server.url, key).items() if k != "FLEET_USER"}
     env["USER"] = env["LOGNAME"] = "root"

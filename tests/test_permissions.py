@@ -73,7 +73,13 @@ async def test_each_principal_gets_only_what_its_role_needs(
     async with await connect(admin) as admin_bus:
         agents = []
         for agent_id in ("web-1", "web-2"):
-            agent = AgentProcess(tmp_path, server.url, agent_id, nkey_file=str(keys[agent_id][0]))
+            agent = AgentProcess(
+                tmp_path,
+                server.url,
+                agent_id,
+                nkey_file=str(keys[agent_id][0]),
+                trusted=[keys["tester"][1]],
+            )
             agents.append(await agent.started(admin_bus))
         try:
             master = MasterProcess(
@@ -186,6 +192,7 @@ async def test_self_update_works_under_least_privilege(
         "web-1",
         nkey_file=str(keys["web-1"][0]),
         release_keys=[release.public_key],
+        trusted=[keys["tester"][1]],
     ).install(release.bundle("1.0.0"), release.public_key)
     async with await connect(admin) as admin_bus:
         try:

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from agents import finished, job_request, submit
+from agents import finished, job_request, permissive_grant, submit
 
 from agentd.agent import Agent
 from agentd.config import AgentConfig
@@ -19,8 +19,12 @@ async def test_forty_agents_share_one_loop_and_one_connection(
     bus: Bus, tmp_path: Path, operator: tuple[Path, Signer]
 ) -> None:
     runtimes = []
+    trust = tmp_path / "trust.toml"
+    trust.write_text(permissive_grant(operator[1].public_key))
     for n in range(40):
-        config = AgentConfig(id=f"a{n:02d}", data_dir=tmp_path / f"a{n:02d}", heartbeat_s=5.0)
+        config = AgentConfig(
+            id=f"a{n:02d}", data_dir=tmp_path / f"a{n:02d}", heartbeat_s=5.0, trust_file=trust
+        )
         runtimes.append(Agent(bus, config, ensure_identity(config)))
     async with asyncio.TaskGroup() as tg:
         for runtime in runtimes:

@@ -144,7 +144,7 @@ async def test_replayed_requests_are_refused(
     assert done.status == "rejected"
     assert "outside the 5s validity window" in (done.reason or "")
     assert runs.read_text() == "run\n"
-    status = await control(bus, bus.subjects.control("web-1", "status"))
+    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
     assert status.data["counters"]["duplicates_skipped"] == 1
 
 

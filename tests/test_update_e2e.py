@@ -56,13 +56,22 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 
 @pytest.fixture
 def launched(
-    tmp_path: Path, nats_server: NatsServer, release: Release, request: pytest.FixtureRequest
+    tmp_path: Path,
+    nats_server: NatsServer,
+    release: Release,
+    operator: tuple[Path, Signer],
+    request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., LaunchedAgent]]:
     """Agents on 1.0.0 under a launcher; stopped (launcher and agent) after the test."""
     made: list[LaunchedAgent] = []
 
     def make(agent_id: str, **config: Any) -> LaunchedAgent:
-        settings = {"release_keys": [release.public_key], "shutdown_grace_s": 2.0, **config}
+        settings = {
+            "release_keys": [release.public_key],
+            "shutdown_grace_s": 2.0,
+            "trusted": [operator[1].public_key],
+            **config,
+        }
         agent = LaunchedAgent(tmp_path, nats_server.url, agent_id, **settings)
         agent.install(release.bundles[A], release.public_key)
         made.append(agent)

@@ -19,11 +19,13 @@ from agentd.identity import ensure_identity
 from agentd.metrics import agent_readiness, agent_registry
 from agentd.presence import UpdateView
 from agentd.record import Emitter
+from agentd.trust import load_trust
 from bus import FleetError, Signer, daemon_shell
 from bus.connection import Bus
 from bus.daemon_shell import DaemonSettings, configure_daemon_logging, serve
 from bus.logformat import set_log_ids
 from bus.observe import serve_observability
+from bus.paths import private_dir
 from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
@@ -54,6 +56,7 @@ def build_agent(
     install_root: Path | None = None,
     version: str | None = None,
     on_restart: Callable[[], None] | None = None,
+    config_path: Path | None = None,
 ) -> Agent:
     """An agent with its updater: built here and handed in, so the agent core does not
     depend on how (or whether) it updates itself."""
@@ -74,6 +77,7 @@ def build_agent(
         update_view=view,
         on_restart=on_restart,
         version=version,
+        config_path=config_path,
     )
 
 
@@ -95,7 +99,13 @@ async def serve_agent(config_path: Path | None, config: AgentConfig, level: str 
         installed = InstallRoot(root) if root is not None else None
         version = installed.version_of(installed.current_dir()) if installed else None
         agent = build_agent(
-            bus, config, signer, install_root=root, version=version, on_restart=on_restart
+            bus,
+            config,
+            signer,
+            install_root=root,
+            version=version,
+            on_restart=on_restart,
+            config_path=config_path,
         )
         return agent
 
@@ -152,10 +162,15 @@ def _report_healthy() -> None:
 def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
     """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``)."""
     config = load_config(config_path)
+    if config.trust_file is not None:
+        load_trust(config.trust_file)  # a bad trust file stops the start, on the terminal
+    # config-set writes the file back, possibly after -d changed the directory to /.
+    config_path = config_path.resolve() if config_path is not None else None
     settings = _settings(config, level)
     set_log_ids(agent=config.id)  # on every JSON log line
 
     def configure_logging(detached: bool) -> None:
+        private_dir(config.data_dir)  # narrowed even when an older version made it 0755
         configure_daemon_logging(settings, detached=detached)
         logbuffer.install()
 
