@@ -16,6 +16,7 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 
+from agentd.contain import JOB_TAG, spawning
 from agentd.jobenv import build_environment
 
 logger = logging.getLogger(__name__)
@@ -117,17 +118,21 @@ async def spawn(
     if as_user is not None:
         uid, gid, groups = as_user
         drop = {"user": uid, "group": gid, "extra_groups": groups, "umask": 0o022}
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env=dict(env),
-        start_new_session=True,
-        close_fds=True,
-        **drop,  # type: ignore[arg-type]
-    )
+    async with spawning(env.get(JOB_TAG)) as scope:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+            close_fds=True,
+            **drop,  # type: ignore[arg-type]
+        )
+        if scope is not None:
+            scope.adopt(proc.pid)
+    return proc
 
 
 def base_environment(extra: Mapping[str, str], job_id: str) -> dict[str, str]:

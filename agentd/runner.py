@@ -20,6 +20,7 @@ from agentd.admit import Admit
 from agentd.authorize import RunAsPolicy, authorize_run_as
 from agentd.beforestart import NotNow, cancel_before_start, recorded_outcome
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
+from agentd.contain import kill_job_leftovers, remove_stale_cgroups
 from agentd.context import AgentContext, RunningJob
 from agentd.output import JobOutput
 from agentd.process import base_environment, kill_leftovers, spawn, start_ticks
@@ -250,8 +251,10 @@ class JobRunner:
                 )
                 continue
             killed = kill_leftovers(entry.pid, entry.start_ticks) if entry.pid else 0
+            killed += kill_job_leftovers(entry.job_id)  # what had left the group
             reason = "the agent restarted while the job ran"
             if killed:
                 reason += f"; {killed} leftover processes killed"
             logger.warning("job %s abandoned: %s", entry.job_id, reason)
             await self._recorder.finish(entry.job_id, "abandoned", reason=reason)
+        remove_stale_cgroups()

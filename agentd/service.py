@@ -33,6 +33,9 @@ ExecReload=/bin/kill -HUP $MAINPID
 # jobs, lets running ones finish within its shutdown_grace_s, and records the rest as
 # abandoned. Then systemd kills what is left.
 KillMode=mixed
+# The agent gives each job a cgroup of its own under this unit's (so nothing a job starts
+# outlives it): systemd must leave that subtree to the agent.
+Delegate=yes
 TimeoutStopSec=90
 Restart=on-failure
 RestartSec=2s

@@ -5,8 +5,10 @@ Every package raises these (or subclasses of them); no ``nats.errors`` type esca
 
     FleetError                     1  something failed
     ├── ConnectionFailedError      1  no server, or the connection was lost
+    ├── StoreFullError             1  the server's store is full (refused or unacknowledged)
     ├── FleetTimeoutError          3  a bounded wait ran out (also a TimeoutError)
-    │   └── PublishTimeoutError    3  the server never acknowledged a publish
+    │   ├── PublishTimeoutError    3  the server never acknowledged a publish
+    │   └── SubmissionUnknownError 3  a job was sent, its storage never confirmed
     ├── UsageError                 2  bad arguments, config or input (also a ValueError)
     │   ├── InvalidTokenError      2  an id that would be unsafe in a subject
     │   ├── SecretFileError        2  a key or secret file missing, unreadable or too open
@@ -62,6 +64,36 @@ class PublishTimeoutError(FleetTimeoutError):
         self.attempts = attempts
         super().__init__(
             f"no acknowledgement for {subject} (msg id {msg_id}) after {attempts} attempts"
+        )
+
+
+class StoreFullError(FleetError):
+    """The server's store is full: it refuses writes, or acknowledges none.
+
+    ``certain`` is False when inferred from silence (the write may yet be stored, as
+    after a timeout); True when the server refused it outright (it is not stored).
+    """
+
+    def __init__(self, subject: str, reason: str, *, certain: bool = True) -> None:
+        self.subject = subject
+        self.reason = reason
+        self.certain = certain
+        super().__init__(f"the server's store is full: {reason} (writing {subject})")
+
+
+class SubmissionUnknownError(FleetTimeoutError):
+    """A job was sent but the server never confirmed storing it: it may yet run.
+
+    Never resubmit it under a new id; ``fleet job show JOB_ID`` tells whether it exists.
+    """
+
+    def __init__(self, job_id: str, agent: str, cause: str) -> None:
+        self.job_id = job_id
+        self.agent = agent
+        super().__init__(
+            f"job {job_id} on {agent}: unknown whether the server stored it ({cause}); "
+            f"it may still run. Check with `fleet job show {job_id}` before submitting "
+            "it again"
         )
 
 

@@ -32,6 +32,7 @@ from bus.errors import (
     FleetError,
     PermissionDeniedError,
     PublishTimeoutError,
+    StoreFullError,
     SubjectTakenError,
 )
 from bus.retry import Backoff
@@ -45,6 +46,18 @@ _ERR_WRONG_STREAM = 10060  # expected stream does not match
 _ERR_TOO_LARGE = 10054  # message size exceeds maximum allowed
 _ERR_WRONG_LAST_SEQUENCE = 10071
 HEADER_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+# JetStream's refusals for lack of storage: insufficient resources, storage resources
+# exceeded (over max_file_store or the account's limit), and a failed store.
+_ERR_STORE_FULL = (10023, 10047, 10077)
+# A full disk is not refused, it is unanswered: nats-server 2.15 logs "no space left on
+# device" and sends no acknowledgement, while its API keeps answering. That many silent
+# publishes in a row, each with the stream answering an info request, say "full".
+_SILENT_STORE_ATTEMPTS = 3
+_SILENT_STORE_REASON = (
+    "it answers requests but acknowledges no write (a full disk: its log says "
+    "'no space left on device'; after freeing space, restart nats-server)"
+)
+_PROBE_TIMEOUT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -104,6 +117,8 @@ async def publish_with_retry(
     Raises:
         SubjectTakenError: ``expected_last_subject_seq`` did not hold and the subject's
             last message is not an earlier attempt of ours.
+        StoreFullError: the server refused for lack of storage, or stays silent on
+            writes while answering everything else (a full disk).
         PermissionDeniedError: the server refused this subject to this principal.
         PublishTimeoutError: no acknowledgement before the deadline (or the cap).
         ConnectionFailedError: the connection is closed for good.
@@ -118,7 +133,7 @@ async def publish_with_retry(
     backoff = Backoff(backoff_initial_s, backoff_max_s)
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + deadline_s
-    attempt = 0
+    attempt = silent = 0
     while True:
         attempt += 1
         try:
@@ -128,6 +143,10 @@ async def publish_with_retry(
             if refusal is not None:
                 raise refusal from exc
             # No stream answered: a reconnect or an election in progress. Same id again.
+            # Unless the server answers everything but stores: then its store is full.
+            silent = silent + 1 if stream and await _answers(js, stream) else 0
+            if silent >= _SILENT_STORE_ATTEMPTS:
+                raise StoreFullError(subject, _SILENT_STORE_REASON, certain=False) from exc
             delay = backoff.delay(attempt)
             if attempt == attempts or loop.time() + delay >= give_up_at:
                 raise PublishTimeoutError(subject, msg_id, attempt) from exc
@@ -147,10 +166,22 @@ async def publish_with_retry(
         except nats.js.errors.APIError as exc:
             if exc.err_code == _ERR_WRONG_LAST_SEQUENCE and stream is not None:
                 return await _resolve_taken(js, stream, subject, msg_id, exc)
+            if exc.err_code in _ERR_STORE_FULL:
+                raise StoreFullError(subject, exc.description or "no space") from exc
             if exc.err_code in (_ERR_WRONG_STREAM, _ERR_TOO_LARGE):
                 raise BadMessageError(f"server refused {subject}: {exc.description}") from exc
             raise FleetError(f"server refused {subject}: {exc.description}") from exc
         return PublishResult(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+
+async def _answers(js: JetStreamContext, stream: str) -> bool:
+    """Whether the server answers a JetStream API request about ``stream`` promptly."""
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT_S):
+            await js.stream_info(stream)
+    except (TimeoutError, nats.errors.Error, OSError):
+        return False
+    return True
 
 
 async def _resolve_taken(

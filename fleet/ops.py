@@ -46,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     config.add_argument("--registry", type=Path, required=True, metavar="FILE")
     config.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
     config.add_argument(
+        "--store-dir",
+        type=Path,
+        metavar="DIR",
+        help="also render the jetstream block (store in DIR, fsync on every write); "
+        "then the output replaces the server config's own jetstream block",
+    )
+    config.add_argument(
         "--max-payload",
         type=int,
         default=DEFAULT_MAX_SIZE,
@@ -56,10 +63,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     config.set_defaults(handler=server_config)
 
 
+def jetstream_block(store_dir: Path | None) -> str:
+    """The durable ``jetstream`` block, or a reminder of its one required setting.
+
+    nats-server keeps the last ``jetstream`` block of a file whole, so the block is only
+    rendered when asked for (it would otherwise replace the one it is included after).
+    """
+    if store_dir is None:
+        return (
+            "# The server's jetstream block must say `sync_interval: always` (fsync before\n"
+            "# acknowledging), as ops/nats/*.conf do; --store-dir DIR renders one.\n"
+        )
+    return f'jetstream {{\n  store_dir: "{store_dir}"\n  sync_interval: always\n}}\n'
+
+
 def server_config(args: argparse.Namespace) -> int:
     if not 1024 <= args.max_payload <= 64 * 1024 * 1024:
         raise UsageError("--max-payload must be between 1024 and 67108864 bytes")
-    text = render(load_registry(args.registry), max_payload=args.max_payload)
+    registry = load_registry(args.registry)
+    text = jetstream_block(args.store_dir) + render(registry, max_payload=args.max_payload)
     if args.output is None:
         sys.stdout.write(text)
     else:

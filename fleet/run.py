@@ -14,7 +14,15 @@ from typing import Any
 
 from bus import Bus, SealBinding, Signer, UsageError, check_agent_id, connect, seal_for
 from bus.command import add_connection_args, connect_settings
-from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
+from bus.errors import (
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    ConnectionFailedError,
+    PublishTimeoutError,
+    StoreFullError,
+    SubmissionUnknownError,
+)
 from fleet.common import (
     known_agents,
     match_agents,
@@ -357,6 +365,29 @@ def sealed_for(
     return request.model_copy(update={"credential": sealed})
 
 
+async def publish_job(
+    bus: Bus, job_id: str, agent: str, request: JobRequest, who: str, signer: Signer
+) -> None:
+    """Publish one job, once: its retries resend the same signed envelope (same id).
+
+    Raises:
+        SubmissionUnknownError: no acknowledgement came (the deadline passed while the
+            message may sit in the client's reconnect buffer or the server's socket),
+            so it may yet be stored and run; the caller must not resubmit it anew.
+        StoreFullError: the server refused it for lack of storage (not stored).
+    """
+    data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
+    subject = bus.subjects.job_event(agent, job_id, "submitted")
+    try:
+        await publish_signed(bus, data, who, signer, subject)
+    except (PublishTimeoutError, ConnectionFailedError) as exc:
+        raise SubmissionUnknownError(job_id, agent, str(exc)) from exc
+    except StoreFullError as exc:
+        if exc.certain:
+            raise
+        raise SubmissionUnknownError(job_id, agent, str(exc)) from exc
+
+
 async def submit(
     bus: Bus,
     agent: str,
@@ -370,8 +401,11 @@ async def submit(
     """Start following a new job, then publish it (so no event can slip past)."""
     job_id = job_id or new_id()
     follower = await JobFollower(bus, agent, job_id, printer).start()
-    data = JobSubmitted(job_id=job_id, agent=agent, request=request, submitted_by=who)
-    await publish_signed(bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted"))
+    try:
+        await publish_job(bus, job_id, agent, request, who, signer)
+    except BaseException:
+        await follower.close()
+        raise
     print(f"fleet: {agent}: job {job_id}", file=sys.stderr, flush=True)
     return follower
 
@@ -400,14 +434,18 @@ async def run_command(args: argparse.Namespace) -> int:
             for agent in targets:
                 agent_key(agent, online)  # every key known before anything is submitted
         if args.detach:
-            jobs = []
+            jobs: list[dict[str, str]] = []
+            unknown: SubmissionUnknownError | None = None
             for agent in targets:
                 job_id = new_id()
                 sealed = sealed_for(request, agent, job_id, who, online, password)
-                data = JobSubmitted(job_id=job_id, agent=agent, request=sealed, submitted_by=who)
-                await publish_signed(
-                    bus, data, who, signer, bus.subjects.job_event(agent, job_id, "submitted")
-                )
+                try:
+                    await publish_job(bus, job_id, agent, sealed, who, signer)
+                except SubmissionUnknownError as exc:
+                    # Said with its id, and no further targets: the server is not answering.
+                    jobs.append({"job_id": job_id, "agent": agent, "status": "unknown"})
+                    unknown = exc
+                    break
                 jobs.append({"job_id": job_id, "agent": agent})
             if args.json:
                 print(json.dumps({"jobs": jobs}))
@@ -415,7 +453,13 @@ async def run_command(args: argparse.Namespace) -> int:
                 print(jobs[0]["job_id"])  # so that J=$(fleet run --async …) is the id
             else:
                 for job in jobs:
-                    print(f"{job['job_id']}\t{job['agent']}")
+                    print(
+                        f"{job['job_id']}\t{job['agent']}"
+                        + ("\tunknown" if "status" in job else "")
+                    )
+            if unknown is not None:
+                print(f"fleet: {unknown}", file=sys.stderr)
+                return EXIT_TIMEOUT
             return EXIT_OK
         printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
         submitted: list[JobFollower] = []
@@ -425,6 +469,9 @@ async def run_command(args: argparse.Namespace) -> int:
             )
         except asyncio.CancelledError:
             _print_follow_hint(submitted, "interrupted")
+            raise
+        except SubmissionUnknownError:
+            _print_follow_hint(submitted, "stopped submitting")
             raise
     if args.json:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes]}))

@@ -37,6 +37,7 @@ from master.config import MasterConfig
 from master.durability import Durability
 from master.ingest import follow_log
 from master.observe import start_observability
+from master.outcomes import Outcomes
 from master.presence import GraceTimers, watch_presence
 from master.queries import serve_queries
 from master.registry import register_configured
@@ -82,6 +83,7 @@ class Master:
         self.rollout_changed = asyncio.Event()
         self._listeners: list[FoldListener] = [self._note_rollout_change]
         self._periodic: list[tuple[float, Callable[[], Awaitable[None]], str]] = []
+        self.outcomes = Outcomes.for_master(self)
 
     @property
     def projection(self) -> Projection:

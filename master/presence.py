@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from bus import FleetError
 from bus.tasks import first_of
-from schemas import AgentOffline, JobFinished
-from schemas.events import event_name
+from schemas import AgentOffline
 
 if TYPE_CHECKING:
     from master.controller import Master
@@ -49,7 +48,6 @@ class GraceTimers:
     def __init__(self, master: Master) -> None:
         self.master = master
         self._timers: dict[str, asyncio.Task[None]] = {}
-        self._abandoned: set[str] = set()
 
     def start(self, agent_id: str) -> None:
         if agent_id not in self._timers:
@@ -67,20 +65,10 @@ class GraceTimers:
         master = self.master
         await asyncio.sleep(master.config.offline_grace_s)  # the grace itself, not a poll
         self._timers.pop(agent_id, None)
-        view = master.projection.agents.get(agent_id)
-        if view is None or view.online:
-            return
-        for job_id in list(view.running):
-            job = master.projection.jobs.get(job_id)
-            if job is None or job.finished or job_id in self._abandoned:
-                continue
-            self._abandoned.add(job_id)
-            reason = f"agent {agent_id} offline for more than {master.config.offline_grace_s:g}s"
-            logger.warning("job %s abandoned: %s", job_id, reason)
-            await master.emit(
-                JobFinished(job_id=job_id, agent=agent_id, status="abandoned", reason=reason),
-                master.subjects.job_event(agent_id, job_id, event_name(JobFinished.TYPE)),
-            )
+        try:
+            await master.outcomes.abandon(master.projection, agent_id)
+        except FleetError as exc:
+            logger.error("! cannot record %s's jobs abandoned: %s", agent_id, exc)
 
 
 async def watch_presence(master: Master, timers: GraceTimers) -> None:

@@ -110,3 +110,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault scenarios' counts (tests/faults.py), shown even when they pass."""
+    from faults import REPORT
+
+    if REPORT:
+        terminalreporter.section("fault scenario counts")
+        for line in REPORT:
+            terminalreporter.write_line(line)
