@@ -156,10 +156,14 @@ class JobRunner:
         try:
             proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
         except OSError as exc:
+            # CPython names the directory when the child's chdir failed: say so, and do
+            # not blame the command.
+            bad_cwd = exc.filename is not None and exc.filename == cwd
+            what = f"working directory {cwd}" if bad_cwd else command.argv[0]
             await self._recorder.finish(
                 job.job_id,
                 "failed",
-                reason=f"cannot start {command.argv[0]}: {exc.strerror or exc}",
+                reason=f"cannot start {what}: {exc.strerror or exc}",
             )
             await msg.ack()
             return

@@ -21,6 +21,7 @@ from typing import Any
 from bus.connection import DEFAULT_SERVER, ConnectSettings
 from bus.errors import FleetError, exit_code_for
 from bus.eventloop import run
+from bus.keys import read_key_owner
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -86,9 +87,20 @@ def tls_settings(args: argparse.Namespace) -> dict[str, Path | None]:
     return out
 
 
-def principal_name() -> str:
-    """Who is acting: ``FLEET_USER``, else the login name, made a safe token."""
-    raw = os.environ.get("FLEET_USER") or getpass.getuser()
+def principal_name(nkey: Path | None = None) -> str:
+    """Who is acting, made a safe token.
+
+    ``FLEET_USER`` (an override), else the name the key file records (``fleet keys gen``
+    writes it: the principal is the key's registered name), else the login name.
+
+    Raises:
+        SecretFileError: the key file is unsafe or unreadable.
+    """
+    raw = (
+        os.environ.get("FLEET_USER")
+        or (read_key_owner(nkey) if nkey is not None else None)
+        or getpass.getuser()
+    )
     name = re.sub(r"[^A-Za-z0-9_-]", "-", raw).strip("-_") or "operator"
     return name[:64]
 
@@ -105,7 +117,7 @@ def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
         servers=servers,
         nkey_file=nkey,
         name=name,
-        inbox_prefix=f"_INBOX_{principal_name()}",
+        inbox_prefix=f"_INBOX_{principal_name(nkey)}",
         **tls_settings(args),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,8 @@ KEY_KINDS: tuple[KeyKind, ...] = ("agent", "operator", "admin", "master", "relea
 
 SEED_FILE_SUFFIX = ".nk"
 _MAX_SEED_FILE = 4096
+_OWNER_LINE = "# fleetbus {kind} key: {name}"
+_OWNER_RE = re.compile(rb"^# fleetbus ([a-z]+) key: ([A-Za-z0-9_-]{1,64})$")
 
 
 def generate_seed() -> bytes:
@@ -51,9 +54,21 @@ def public_key_of(seed: bytes) -> str:
         raise SecretFileError("<seed>", "not a valid nkey seed") from None
 
 
-def write_seed_file(path: Path, seed: bytes, *, overwrite: bool = False) -> None:
-    """Write an nkey seed as a secret file (see :func:`write_secret_file`)."""
-    write_secret_file(path, seed, overwrite=overwrite)
+def write_seed_file(
+    path: Path, seed: bytes, *, overwrite: bool = False, owner: tuple[str, str] | None = None
+) -> None:
+    """Write an nkey seed as a secret file (see :func:`write_secret_file`).
+
+    ``owner`` is the principal's ``(kind, name)``: recorded on a comment line after the
+    seed (``# fleetbus operator key: NAME``), so the file knows whose it is. Readers that
+    take the seed line (this module, the nats CLI's decorated-key parser, ``head -1``)
+    are unaffected.
+    """
+    text = seed
+    if owner is not None:
+        kind, name = owner
+        text += b"\n" + _OWNER_LINE.format(kind=kind, name=name).encode()
+    write_secret_file(path, text, overwrite=overwrite)
 
 
 def write_secret_file(path: Path, secret: bytes, *, overwrite: bool = False) -> None:
@@ -111,14 +126,7 @@ def read_seed_file(path: Path) -> bytes:
     Raises:
         SecretFileError: the file is unsafe, unreadable or holds no valid seed.
     """
-    check_secret_file(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_SEED_FILE + 1)
-    except OSError as exc:
-        raise SecretFileError(path, exc.strerror or str(exc)) from None
-    if len(raw) > _MAX_SEED_FILE:
-        raise SecretFileError(path, "is too large to be an nkey seed")
+    raw = _read_key_file(path)
     # Tolerate the comment lines and framing of `nsc`-style files: take the seed line.
     for line in raw.splitlines():
         line = line.strip()
@@ -129,6 +137,31 @@ def read_seed_file(path: Path) -> bytes:
                 continue
             return line
     raise SecretFileError(path, "holds no valid nkey seed")
+
+
+def read_key_owner(path: Path) -> str | None:
+    """The principal name a seed file records (``fleet keys gen``), or None (older files).
+
+    Raises:
+        SecretFileError: the file is unsafe or unreadable.
+    """
+    for line in _read_key_file(path).splitlines():
+        match = _OWNER_RE.match(line.strip())
+        if match:
+            return match.group(2).decode("ascii")
+    return None
+
+
+def _read_key_file(path: Path) -> bytes:
+    check_secret_file(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_SEED_FILE + 1)
+    except OSError as exc:
+        raise SecretFileError(path, exc.strerror or str(exc)) from None
+    if len(raw) > _MAX_SEED_FILE:
+        raise SecretFileError(path, "is too large to be an nkey seed")
+    return raw
 
 
 @lru_cache(maxsize=4096)

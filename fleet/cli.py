@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 from collections.abc import Sequence
 
 from bus.command import add_version_flag, configure_logging, run_command
@@ -41,7 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fleet``; returns the exit code."""
+    """Entry point of ``fleet``; returns the exit code.
+
+    A reader that goes away (``fleet audit --json | head -2``) ends the command quietly,
+    as SIGPIPE ends ``cat``: exit 141 and no traceback, whatever the subcommand.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Later writes (and the interpreter's final flush) go nowhere instead of failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)

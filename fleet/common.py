@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from bus import (
     BadMessageError,
@@ -24,6 +25,7 @@ from bus import (
 from bus.command import principal_name
 from bus.keys import SEED_FILE_SUFFIX, default_key_dir
 from bus.log import last_message, read_log
+from bus.request import control
 from ledger.driver import fold
 from ledger.projection import Projection
 from ledger.views import iso
@@ -37,19 +39,21 @@ def operator_signer(nkey: Path | None) -> tuple[str, Signer]:
     """The principal's name and the key it signs with.
 
     The key is ``--nkey`` (which also authenticates the connection), else ``FLEET_NKEY``,
-    else ``operator-<name>.nk`` in the key directory, created on first use.
+    else ``operator-<name>.nk`` in the key directory, created on first use. The name is
+    the one the key file records (``FLEET_USER`` overrides), else the login name, so
+    signer and source agree (:func:`bus.command.principal_name`).
 
     Raises:
         SecretFileError: the key file is unsafe or invalid.
     """
-    name = principal_name()
     explicit = nkey or (Path(os.environ["FLEET_NKEY"]) if os.environ.get("FLEET_NKEY") else None)
     if explicit is not None:
-        return name, Signer.from_file(explicit)
+        return principal_name(explicit), Signer.from_file(explicit)
+    name = principal_name()
     path = default_key_dir() / f"operator-{name}{SEED_FILE_SUFFIX}"
     if not path.exists():
         try:
-            write_seed_file(path, generate_seed())
+            write_seed_file(path, generate_seed(), owner=("operator", name))
         except SecretFileError as exc:
             raise SecretFileError(path, f"cannot create your operator key: {exc.reason}") from None
         signer = Signer.from_file(path)
@@ -59,7 +63,7 @@ def operator_signer(nkey: Path | None) -> tuple[str, Signer]:
             file=sys.stderr,
         )
         return name, signer
-    return name, Signer.from_file(path)
+    return principal_name(path), Signer.from_file(path)
 
 
 async def publish_signed(
@@ -106,6 +110,41 @@ async def offline_since(bus: Bus, agent: str) -> str:
     except BadMessageError:
         return "agent offline"
     return f"agent offline since {iso(ts)}"
+
+
+async def ask_master(bus: Bus, op: str, args: dict[str, object]) -> dict[str, Any] | None:
+    """The master's answer, or None when no master answers (then the log is read).
+
+    With no master subscribed the server says so at once (no responders): no wait.
+    """
+    try:
+        reply = await control(bus, bus.subjects.master_control(op), args, timeout=5, attempts=1)
+    except FleetError as exc:
+        logger.debug("no answer from the master (%s); reading the log", exc)
+        return None
+    return reply.data
+
+
+async def known_agents(bus: Bus, online: dict[str, Presence]) -> set[str] | None:
+    """Every agent the fleet knows: online, seen in the log, or configured (registered).
+
+    A lookup, never a wait: presence, the master's ``agents`` answer when a master runs,
+    and the log's agent events. None when neither the master nor the log can be read
+    (this principal may not): then no one can tell.
+    """
+    known = set(online)
+    doc = await ask_master(bus, "agents", {})
+    if doc is not None:
+        known |= {str(a["id"]) for a in doc.get("agents", []) if isinstance(a, dict)}
+    try:
+        subject = f"{bus.subjects.prefix}.evt.agent.>"
+        records = await read_log(bus, bus.subjects.events_stream, subject)
+    except FleetError as exc:
+        if doc is None:
+            return None  # neither master nor log answered: no one can tell
+        logger.info("the log's agent events cannot be read (%s); the master's list it is", exc)
+        return known
+    return known | set(fold(records).agents)
 
 
 def match_agents(

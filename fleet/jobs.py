@@ -14,13 +14,14 @@ import sys
 import time
 from typing import Any
 
-from bus import Bus, FleetError, UsageError, check_token, connect
+from bus import Bus, UsageError, check_token, connect
 from bus.codec import HEADER_OUTPUT_STREAM
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT
 from bus.log import read_log
-from bus.request import control
+from fleet.audit import parse_time
 from fleet.common import (
+    ask_master,
     job_projection,
     offline_since,
     operator_signer,
@@ -31,7 +32,7 @@ from fleet.follow import JobFollower, OutputPrinter
 from ledger.driver import fold
 from ledger.projection import Projection
 from ledger.views import AgentView, JobView, iso
-from schemas import JobCancelRequested, Presence
+from schemas import TERMINAL_STATUSES, JobCancelRequested, Presence
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     jobs = sub.add_parser("jobs", help="recent jobs, from the event log")
     jobs.add_argument("--agent", metavar="AGENT", help="only this agent's jobs")
-    jobs.add_argument("--status", metavar="STATUS", help="only jobs in this status")
+    jobs.add_argument(
+        "--status",
+        choices=STATUSES,
+        metavar="STATUS",
+        help=f"only jobs in this status: {', '.join(STATUSES)}",
+    )
+    jobs.add_argument(
+        "--since", metavar="TIME", help="only jobs submitted since: ISO 8601, or 30m, 2h, 7d ago"
+    )
+    jobs.add_argument("--user", metavar="USER", help="only jobs submitted by this principal")
     jobs.add_argument(
         "-n", "--limit", type=int, default=50, metavar="N", help="newest N (default 50; 0: all)"
     )
@@ -88,11 +98,36 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         parser.set_defaults(is_async=True)
 
 
+JOB_ID_LENGTH = 26
+STATUSES = ("submitted", "running", *sorted(TERMINAL_STATUSES))
+
+
 async def _find(bus: Bus, job_id: str) -> JobView:
-    view = (await job_projection(bus, check_token(job_id, "job id"))).jobs.get(job_id)
+    """The job with this id, or with the only id that starts with it.
+
+    Raises:
+        UsageError: no such job, or the prefix is ambiguous (the candidates are listed).
+    """
+    job_id = check_token(job_id, "job id").upper()
+    if len(job_id) < JOB_ID_LENGTH:
+        job_id = await _complete(bus, job_id)
+    view = (await job_projection(bus, job_id)).jobs.get(job_id)
     if view is None:
         raise UsageError(f"no job {job_id} in the event log")
     return view
+
+
+async def _complete(bus: Bus, prefix: str) -> str:
+    subject = f"{bus.subjects.prefix}.evt.job.*.*.submitted"
+    records = await read_log(bus, bus.subjects.events_stream, subject)
+    ids = sorted({r.subject.split(".")[-2] for r in records} if records else set())
+    matches = [i for i in ids if i.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UsageError(f"no job id starts with {prefix} in the event log")
+    shown = ", ".join(matches[:10]) + (" …" if len(matches) > 10 else "")
+    raise UsageError(f"job id prefix {prefix} is ambiguous: {len(matches)} jobs ({shown})")
 
 
 def _print_view(view: JobView, note: str | None) -> None:
@@ -253,21 +288,14 @@ async def _log_projection(bus: Bus) -> Projection:
     return fold(records)
 
 
-async def _ask_master(bus: Bus, op: str, args: dict[str, object]) -> dict[str, Any] | None:
-    """The master's answer, or None when no master answers (then the log is read)."""
-    try:
-        reply = await control(bus, bus.subjects.master_control(op), args, timeout=5, attempts=1)
-    except FleetError as exc:
-        logger.debug("no answer from the master (%s); reading the log", exc)
-        return None
-    return reply.data
-
-
 async def list_jobs(args: argparse.Namespace) -> int:
-    filters = {"agent": args.agent, "status": args.status, "limit": args.limit}
+    since = iso(parse_time(args.since)) if args.since else None
+    # The master knows no --since/--user: ask it for every job and filter here.
+    local = since is not None or args.user is not None
+    filters = {"agent": args.agent, "status": args.status, "limit": 0 if local else args.limit}
     async with await connect(connect_settings(args, "fleet jobs")) as bus:
         online = await presence(bus)
-        doc = await _ask_master(bus, "jobs", filters)
+        doc = await ask_master(bus, "jobs", filters)
         if doc is None:
             projection = await _log_projection(bus)
             jobs = sorted(projection.jobs.values(), key=lambda j: j.job_id)
@@ -275,15 +303,22 @@ async def list_jobs(args: argparse.Namespace) -> int:
                 jobs = [j for j in jobs if j.agent == args.agent]
             if args.status:
                 jobs = [j for j in jobs if j.status == args.status]
-            if args.limit:
-                jobs = jobs[-args.limit :]
             doc = {
                 "jobs": [j.to_json() for j in jobs],
                 "agents": [a.to_json() for a in _agents(projection, online)],
                 "seq": projection.seq,
             }
+            local = True
         else:
             doc["agents"] = _overlay_presence(doc["agents"], online)
+    if local:
+        rows = [
+            j
+            for j in doc["jobs"]
+            if (since is None or (j.get("submitted_at") or "") >= since)
+            and (args.user is None or j.get("submitted_by") == args.user)
+        ]
+        doc["jobs"] = rows[-args.limit :] if args.limit else rows
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
@@ -332,7 +367,7 @@ def _agents(projection: Projection, online: dict[str, Presence]) -> list[AgentVi
 async def list_agents(args: argparse.Namespace) -> int:
     async with await connect(connect_settings(args, "fleet agents")) as bus:
         online = await presence(bus)
-        doc = await _ask_master(bus, "agents", {})
+        doc = await ask_master(bus, "agents", {})
         if doc is None:
             subject = f"{bus.subjects.prefix}.evt.agent.>"
             records = await read_log(bus, bus.subjects.events_stream, subject)

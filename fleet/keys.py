@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Generate a new nkey for a principal. The seed is written to a file with mode "
             "0400 (by default under /etc/fleetbus/keys for root, else "
             "$XDG_CONFIG_HOME/fleetbus/keys); the public key is printed on stdout. "
-            "An existing file is never overwritten unless --force is given."
+            "The file records NAME (a comment line after the seed): commands signing with "
+            "it act as NAME, in the events' source and the reply inbox (FLEET_USER "
+            "overrides). An existing file is never overwritten unless --force is given."
         ),
     )
     gen.add_argument("kind", choices=KEY_KINDS, help="the principal's role")
@@ -35,7 +37,7 @@ def gen_key(args: argparse.Namespace) -> int:
     name = check_token(args.name, "name")
     path: Path = args.output or default_key_dir() / f"{args.kind}-{name}{SEED_FILE_SUFFIX}"
     seed = generate_seed()
-    write_seed_file(path, seed, overwrite=args.force)
+    write_seed_file(path, seed, overwrite=args.force, owner=(args.kind, name))
     public = public_key_of(seed)
     if args.json:
         doc = {"kind": args.kind, "name": name, "public_key": public, "seed_file": str(path)}

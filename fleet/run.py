@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from bus.errors import (
     SubmissionUnknownError,
 )
 from fleet.common import (
+    known_agents,
     match_agents,
     offline_since,
     operator_signer,
@@ -31,6 +33,7 @@ from fleet.common import (
     publish_signed,
 )
 from fleet.follow import JobFollower, OutputPrinter
+from ledger.views import JobView
 from schemas import (
     ArgvCommand,
     Command,
@@ -42,6 +45,8 @@ from schemas import (
     new_id,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
@@ -51,8 +56,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Publish a job to every targeted agent, stream its output, and exit with 0 when "
             "every job succeeded, 4 when any failed, 3 when --wait ran out (the jobs go on). "
-            "Agents are chosen by id (-a, also offline ones: the job waits for them), or among "
-            "the online agents by glob (-g) and labels (-l)."
+            "Agents are chosen by id (-a: also offline ones the fleet knows, whose job waits "
+            "for them; an id never configured nor seen is refused unless --queue), or among "
+            "the online agents by glob (-g) and labels (-l). Each job's id is printed on "
+            "stderr (follow it with `fleet job wait ID`)."
         ),
     )
     where = run.add_argument_group("targets")
@@ -63,6 +70,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=[],
         metavar="AGENT",
         help="an agent id (repeatable)",
+    )
+    where.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue the job for an -a agent the fleet has never seen (else: a usage error)",
     )
     where.add_argument(
         "-g", "--glob", metavar="GLOB", help="online agents whose id matches, e.g. 'web-*'"
@@ -111,7 +123,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     how = run.add_argument_group("how to wait")
     how.add_argument(
-        "--async", dest="detach", action="store_true", help="print the job ids and return at once"
+        "--async",
+        dest="detach",
+        action="store_true",
+        help="print the job ids and return at once (one target: only its id)",
     )
     how.add_argument(
         "--force",
@@ -120,9 +135,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     how.add_argument(
         "--wait",
-        type=float,
+        type=_wait_seconds,
         metavar="S",
-        help="stop waiting after S seconds (exit 3; the jobs go on)",
+        help=f"stop waiting after S seconds (exit 3; the jobs go on); default {DEFAULT_WAIT_S:g}, "
+        "or longer to cover --expire and --timeout; 'inf' for no limit",
     )
     how.add_argument(
         "--batch-size", type=int, metavar="N", help="run on N agents at a time (rolling)"
@@ -141,6 +157,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_connection_args(run)
     run.set_defaults(handler=run_command, is_async=True)
+
+
+DEFAULT_WAIT_S = 600.0
+"""How long ``fleet run`` follows its jobs by default: bounded, so a job that cannot start
+never hangs the terminal; the jobs go on after it (``fleet job wait ID``). A job given
+``--expire``/``--timeout`` is waited for as long as those allow, plus a margin."""
+
+_WAIT_MARGIN_S = 30.0
+
+
+def default_wait(args: argparse.Namespace) -> float:
+    """``--wait`` when not given: bounded, and never shorter than the job's own bounds."""
+    own = (args.expire or 0.0) + (args.timeout or 0.0)
+    return max(DEFAULT_WAIT_S, own + _WAIT_MARGIN_S) if own else DEFAULT_WAIT_S
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != value or value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds, or 'inf'")
+    return value
 
 
 def build_request(args: argparse.Namespace) -> JobRequest:
@@ -217,6 +257,26 @@ def resolve_targets(args: argparse.Namespace, online: dict[str, Presence]) -> li
     return chosen
 
 
+async def refuse_unknown(bus: Bus, agents: list[str], online: dict[str, Presence]) -> None:
+    """Refuse ``-a`` agents the fleet has never heard of: most likely a typo.
+
+    Raises:
+        UsageError: an agent is neither online, nor seen in the log, nor configured.
+    """
+    if all(a in online for a in agents):
+        return
+    known = await known_agents(bus, online)
+    if known is None:
+        logger.warning("cannot tell whether %s exist: neither master nor log answered", agents)
+        return
+    unknown = [a for a in agents if a not in known]
+    if unknown:
+        names = ", ".join(unknown)
+        raise UsageError(
+            f"no agent matches {names}; use --queue to queue it for an agent not yet seen"
+        )
+
+
 def refuse_unsupported(targets: list[str], online: dict[str, Presence], *, force: bool) -> None:
     """Refuse agents off the fleet's target version that may not update (RHQ's rule).
 
@@ -241,6 +301,7 @@ class Outcome:
     status: str
     exit_code: int | None = None
     note: str | None = None
+    view: JobView | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -251,6 +312,13 @@ class Outcome:
         }
         if self.note:
             doc["note"] = self.note
+        view = self.view
+        if view is not None and view.finished:
+            doc["output_tail"] = view.output_tail
+            stored = view.stdout_bytes + view.stderr_bytes
+            doc["output_complete"] = len(view.output_tail.encode()) >= stored
+            if not doc["output_complete"]:
+                doc["output_rest"] = f"fleet job logs {view.job_id}"
         return doc
 
 
@@ -338,6 +406,7 @@ async def submit(
     except BaseException:
         await follower.close()
         raise
+    print(f"fleet: {agent}: job {job_id}", file=sys.stderr, flush=True)
     return follower
 
 
@@ -350,10 +419,16 @@ async def run_command(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\n").encode()
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.wait is None:
+        args.wait = default_wait(args)
+    if args.wait == float("inf"):
+        args.wait = None
     who, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet run")) as bus:
         online = await presence(bus)
         targets = resolve_targets(args, online)
+        if not args.queue:
+            await refuse_unknown(bus, [check_agent_id(a) for a in args.agent], online)
         refuse_unsupported(targets, online, force=args.force)
         if password is not None:
             for agent in targets:
@@ -374,6 +449,8 @@ async def run_command(args: argparse.Namespace) -> int:
                 jobs.append({"job_id": job_id, "agent": agent})
             if args.json:
                 print(json.dumps({"jobs": jobs}))
+            elif len(jobs) == 1:
+                print(jobs[0]["job_id"])  # so that J=$(fleet run --async …) is the id
             else:
                 for job in jobs:
                     print(
@@ -385,14 +462,26 @@ async def run_command(args: argparse.Namespace) -> int:
                 return EXIT_TIMEOUT
             return EXIT_OK
         printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
-        outcomes, timed_out = await _run_batches(
-            bus, args, targets, online, (request, password), who, signer, printer
-        )
+        submitted: list[JobFollower] = []
+        try:
+            outcomes, timed_out = await _run_batches(
+                bus, args, targets, online, (request, password), who, signer, printer, submitted
+            )
+        except asyncio.CancelledError:
+            _print_follow_hint(submitted, "interrupted")
+            raise
+        except SubmissionUnknownError:
+            _print_follow_hint(submitted, "stopped submitting")
+            raise
     if args.json:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes]}))
     else:
         _print_summary(outcomes, single=len(targets) == 1)
     if timed_out:
+        _print_follow_hint(
+            [o for o in outcomes if o.job_id and o.status in ("queued", "running")],
+            f"--wait ran out after {args.wait:g}s",
+        )
         return EXIT_TIMEOUT
     return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_JOB_FAILED
 
@@ -406,6 +495,7 @@ async def _run_batches(
     who: str,
     signer: Signer,
     printer: OutputPrinter | None,
+    submitted: list[JobFollower],
 ) -> tuple[list[Outcome], bool]:
     deadline = None if args.wait is None else time.monotonic() + args.wait
     size = args.batch_size or len(targets)
@@ -418,11 +508,12 @@ async def _run_batches(
                 for a in batch
             ]
             continue
-        followers = []
+        followers: list[JobFollower] = []
         for agent in batch:
             job_id = new_id()
             request = sealed_for(what[0], agent, job_id, who, online, what[1])
             followers.append(await submit(bus, agent, request, who, signer, printer, job_id=job_id))
+            submitted.append(followers[-1])
         for follower in followers:
             if follower.agent not in online and not args.json:
                 note = await offline_since(bus, follower.agent)
@@ -455,7 +546,9 @@ async def _all_done(followers: list[JobFollower], timeout: float | None) -> bool
 async def _outcome(bus: Bus, follower: JobFollower, online: dict[str, Presence]) -> Outcome:
     view = follower.view
     if view is not None and view.finished:
-        return Outcome(follower.agent, follower.job_id, view.status, view.exit_code, view.reason)
+        return Outcome(
+            follower.agent, follower.job_id, view.status, view.exit_code, view.reason, view
+        )
     if view is not None and view.status == "running":
         return Outcome(follower.agent, follower.job_id, "running", note="still running")
     note = (
@@ -474,6 +567,15 @@ def describe(o: Outcome) -> str:
     if o.note and o.note != f"exit status {o.exit_code}":
         text += f": {o.note}"
     return text
+
+
+def _print_follow_hint(jobs: list[JobFollower] | list[Outcome], why: str) -> None:
+    """Which jobs go on without us, and how to follow them."""
+    if not jobs:
+        return
+    print(f"fleet: {why}; the jobs go on:", file=sys.stderr)
+    for job in jobs:
+        print(f"fleet:   {job.agent}: fleet job wait {job.job_id}", file=sys.stderr)
 
 
 def _print_summary(outcomes: list[Outcome], *, single: bool) -> None:

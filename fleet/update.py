@@ -347,7 +347,8 @@ async def set_cmd(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise UsageError(summarize_validation_error(exc)) from None
     except ValueError:
-        raise UsageError(f"{args.key} must be a {kind.__name__}, not {args.value!r}") from None
+        what = "a whole number" if kind is int else "a number"
+        raise UsageError(f"{args.key} must be {what}, not {args.value!r}") from None
     source, signer = operator_signer(args.nkey)
     async with await connect(connect_settings(args, "fleet update")) as bus:
         await write_setting(bus, f"update.{args.key}", value, signer=signer, source=source)

@@ -276,7 +276,7 @@ async def test_a_full_store_says_so_and_recovers_after_a_restart(
         f'jetstream {{ store_dir: "{store / "js"}", max_file_store: 4GB, sync_interval: always }}'
     )
     server = NatsServer(store, name="full", config=config).start()
-    submit_one = ("run", "--async", "--json", "-a", "web-1", "--", "true")
+    submit_one = ("run", "--async", "--json", "--queue", "-a", "web-1", "--", "true")
     try:
         async with await connect(ConnectSettings(servers=[server.url])) as bus:
             await provision(bus.js)
