@@ -238,7 +238,8 @@ async def test_an_outcome_the_log_could_not_take_before_a_stop_is_recorded_after
         ],
     )
     job = await submit(bus, operator[1], "web-1", job_request(["sh", "-c", "exit 3"]))
-    await wait_log(agent, rf"job {job}: recording job.finished failed")
+    # The agent gives a publish 30 s before it says it failed: wait longer than that.
+    await wait_log(agent, rf"job {job}: recording job.finished failed", timeout=75)
     assert await asyncio.to_thread(agent.stop) == 0
     assert await terminal_events(bus, job) == []
 
