@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from agents import AgentProcess, stop_all
+from agents import AgentProcess, MasterProcess, stop_all
 from natsserver import NatsCluster, NatsServer
 
 from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
@@ -102,6 +102,27 @@ def agent_factory(
 
     yield make
     stop_all(made, request)
+
+
+@pytest.fixture
+def master_factory(
+    tmp_path: Path, nats_server: NatsServer
+) -> Iterator[Callable[..., MasterProcess]]:
+    """Make ``fleet-master run`` processes on this test's server; all stopped after."""
+    made: list[MasterProcess] = []
+
+    def make(**config: object) -> MasterProcess:
+        m = MasterProcess(tmp_path, nats_server.url, **config)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        try:
+            m.stop()
+        except Exception:
+            m.kill()
+            raise
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -349,26 +349,6 @@ async def fast_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
         yield b
 
 
-@pytest.fixture
-def master_factory(
-    tmp_path: Path, nats_server: NatsServer
-) -> Iterator[Callable[..., MasterProcess]]:
-    made: list[MasterProcess] = []
-
-    def make(**config: object) -> MasterProcess:
-        m = MasterProcess(tmp_path, nats_server.url, **config)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        try:
-            m.stop()
-        except Exception:
-            m.kill()
-            raise
-
-
 @pytest.mark.slow
 async def test_agent_sigkill_mid_job(
     bus: Bus, agent_factory: Agents, operator: Operator, tmp_path: Path

@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -50,25 +50,6 @@ async def fast_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     async with await connect(ConnectSettings(servers=[nats_server.url])) as b:
         await provision(b.js, settings=StorageSettings(presence_ttl_s=2.0, marker_ttl_s=5.0))
         yield b
-
-
-@pytest.fixture
-def master_factory(
-    tmp_path: Path, nats_server: NatsServer
-) -> Iterator[Callable[..., MasterProcess]]:
-    made: list[MasterProcess] = []
-
-    def make(**config: object) -> MasterProcess:
-        m = MasterProcess(tmp_path, nats_server.url, **config)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        try:
-            m.stop()
-        except Exception:
-            m.kill()
 
 
 async def fleet(url: str, key: Path, *args: str) -> subprocess.CompletedProcess[bytes]:

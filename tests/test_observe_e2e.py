@@ -6,7 +6,7 @@ What an operator's ``curl`` of ``/metrics`` shows after a few jobs, checked valu
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,25 +20,6 @@ from bus.metrics import sample
 from bus.request import control
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def master_factory(
-    tmp_path: Path, nats_server: NatsServer
-) -> Iterator[Callable[..., MasterProcess]]:
-    made: list[MasterProcess] = []
-
-    def make(**config: object) -> MasterProcess:
-        m = MasterProcess(tmp_path, nats_server.url, **config)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        try:
-            m.stop()
-        except Exception:
-            m.kill()
 
 
 def agent_key(agent: AgentProcess) -> str:

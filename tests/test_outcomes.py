@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,26 +19,6 @@ from master.outcomes import Outcomes
 from schemas import JobFinished, make_envelope, new_id, stable_id
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def master_factory(
-    tmp_path: Path, nats_server: NatsServer
-) -> Iterator[Callable[..., MasterProcess]]:
-    made: list[MasterProcess] = []
-
-    def make(**config: object) -> MasterProcess:
-        m = MasterProcess(tmp_path, nats_server.url, **config)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        try:
-            m.stop()
-        except Exception:
-            m.kill()
-            raise
 
 
 async def _finished_envelopes(bus: Bus, job_id: str) -> list[str]:

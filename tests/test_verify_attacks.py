@@ -14,7 +14,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +46,6 @@ from schemas import Envelope, JobFinished, JobLateResult, make_envelope, new_id
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 HEADLESS = str(Path(sys.executable).parent / "fleet-headless")
-
-
-@pytest.fixture
-def master_factory(
-    tmp_path: Path, nats_server: NatsServer
-) -> Iterator[Callable[..., MasterProcess]]:
-    made: list[MasterProcess] = []
-
-    def make(**config: object) -> MasterProcess:
-        m = MasterProcess(tmp_path, nats_server.url, **config)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        try:
-            m.stop()
-        except Exception:
-            m.kill()
 
 
 def agent_signer(agent: AgentProcess) -> Signer:
