@@ -163,7 +163,16 @@ class JobConsumer:
         if found is None:
             return
         job_id, envelope = found
-        if ctx.journal.knows(job_id) or job_id in ctx.jobs:
+        preparing = ctx.jobs.get(job_id)
+        if preparing is not None and not ctx.journal.knows(job_id):
+            # Redelivered while its first delivery is still being checked (the server
+            # lost that delivery's state, or its ack wait ran out): the runner settles
+            # this one. Acking it here would drop the job if the runner then leaves it
+            # queued, since its nak would name a delivery the server no longer waits on.
+            logger.info("job %s redelivered while it is being prepared here", job_id)
+            preparing.delivery = msg
+            return
+        if ctx.journal.knows(job_id):  # started here: the journal owns it
             ctx.counters.duplicates_skipped += 1
             logger.warning(
                 "! job %s was already taken here (a replay?); not running it again", job_id
@@ -183,10 +192,10 @@ class JobConsumer:
                 await msg.nak(_REQUEUE.delay(msg.delivered - 1))
             return
         assert isinstance(decision, Admit)
-        running = RunningJob(job_id)
+        running = RunningJob(job_id, msg)
         ctx.jobs[job_id] = running
         running.task = jobs.create_task(
-            self._runner.run(msg, decision, running),
+            self._runner.run(decision, running),
             name=f"job {job_id}",
             context=ids_context(job=job_id, event=str(envelope.id)),  # on its JSON log lines
         )

@@ -19,13 +19,20 @@ from agentd.seals import UsedSeals
 from agentd.supervise import StopRequest
 from agentd.trust import TrustFile, load_trust
 from bus import Bus, Signer
+from bus.consumer import Delivery
 
 
 @dataclass
 class RunningJob:
-    """A job this agent has taken and not yet finished."""
+    """A job this agent has taken and not yet finished.
+
+    ``delivery`` is the newest delivery of its message: one the server redelivers while
+    the job is still being prepared replaces it, so the runner's ack or nak settles the
+    message the server now waits on, never only a superseded one.
+    """
 
     job_id: str
+    delivery: Delivery
     stop: StopRequest = field(default_factory=StopRequest)
     task: asyncio.Task[None] | None = None
 

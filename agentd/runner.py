@@ -28,7 +28,6 @@ from agentd.record import Recorder
 from agentd.runas import Identity, home_or_root
 from agentd.supervise import Outcome, supervise
 from agentd.trust import Refused
-from bus.consumer import Delivery
 from bus.retry import Backoff
 from schemas import JobStarted, JobSubmitted
 
@@ -45,25 +44,25 @@ class JobRunner:
         self._ctx = ctx
         self._recorder = recorder
 
-    async def run(self, msg: Delivery, admitted: Admit, running: RunningJob) -> None:
+    async def run(self, admitted: Admit, running: RunningJob) -> None:
         """Run one job to its end; whatever happens, it ends with one ``finished``."""
         job = admitted.job
         command: ResolvedCommand | None = None
         try:
-            prepared = await self._prepare(msg, admitted)
+            prepared = await self._prepare(running, admitted)
             if prepared is not None:
                 command, identity = prepared
-                await self._execute(msg, job, command, running, identity)
+                await self._execute(job, command, running, identity)
         except NotNow as exc:
-            delay = _REQUEUE.delay(msg.delivered - 1)
+            delay = _REQUEUE.delay(running.delivery.delivered - 1)
             logger.warning(
                 "↻ job %s left queued: %s; offered again in %.1fs", job.job_id, exc, delay
             )
-            await msg.nak(delay)
+            await running.delivery.nak(delay)
         except Exception:  # a bug must end this job, not the agent
             logger.exception("! job %s failed inside the agent", job.job_id)
             await self._recorder.finish(job.job_id, "failed", reason="internal error in the agent")
-            await msg.ack()
+            await running.delivery.ack()
         finally:
             if command is not None:
                 command.cleanup()
@@ -71,7 +70,7 @@ class JobRunner:
             self._ctx.slot_free.set()
 
     async def _prepare(
-        self, msg: Delivery, admitted: Admit
+        self, running: RunningJob, admitted: Admit
     ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         job = admitted.job
@@ -84,36 +83,36 @@ class JobRunner:
                 outcome.reason or "no reason given",
             )
             self._ctx.journal.record(job.job_id, "finished", status=outcome.status)
-            await msg.ack()
+            await running.delivery.ack()
             return None
         cancel = await cancel_before_start(self._ctx, job)
         if cancel is not None:
             reason = f"cancelled by {cancel.requested_by} before it started"
-            await self._end_unstarted(msg, job, "cancelled", reason)
+            await self._end_unstarted(running, job, "cancelled", reason)
             return None
         who = await self._authorize_run_as(admitted)
         if isinstance(who, Refused):
             # Not left queued when the record fails: a sealed password is used up by now,
             # so a second offer could only be refused as a replay.
             await self._recorder.finish(job.job_id, "rejected", reason=who.reason)
-            await msg.ack()
+            await running.delivery.ack()
             return None
         identity = who
         owner = (identity.uid, identity.gid) if identity else None
         try:
             command = resolve_command(job.request.command, self._ctx.config, job.job_id, owner)
         except CommandRejected as exc:
-            await self._end_unstarted(msg, job, "rejected", str(exc))
+            await self._end_unstarted(running, job, "rejected", str(exc))
             return None
         return command, identity
 
     async def _end_unstarted(
-        self, msg: Delivery, job: JobSubmitted, status: str, reason: str
+        self, running: RunningJob, job: JobSubmitted, status: str, reason: str
     ) -> None:
         """End a job that never started; if that cannot be recorded, leave it queued."""
         if not await self._recorder.finish(job.job_id, status, reason=reason):
             raise NotNow(f"its end ({status}) could not be recorded")
-        await msg.ack()
+        await running.delivery.ack()
 
     async def _authorize_run_as(self, admitted: Admit) -> Identity | Refused | None:
         """Who the job runs as (None: the agent's own user), or why it must not run.
@@ -136,7 +135,6 @@ class JobRunner:
 
     async def _execute(
         self,
-        msg: Delivery,
         job: JobSubmitted,
         command: ResolvedCommand,
         running: RunningJob,
@@ -165,10 +163,10 @@ class JobRunner:
                 "failed",
                 reason=f"cannot start {what}: {exc.strerror or exc}",
             )
-            await msg.ack()
+            await running.delivery.ack()
             return
         ctx.journal.record(job.job_id, "running", pid=proc.pid, start_ticks=start_ticks(proc.pid))
-        await msg.ack()  # the journal owns the job from here on
+        await running.delivery.ack()  # the journal owns the job from here on
         ctx.counters.started += 1
         logger.info("→ job %s pid %d: %s", job.job_id, proc.pid, command.display)
         started = JobStarted(

@@ -170,10 +170,16 @@ async def count(scenario: str, bus: Bus, runs: Path, subs: Submissions, **extra:
 async def wait_all_ended(bus: Bus, jobs: set[str], timeout: float) -> None:
     """Until every job in ``jobs`` has a terminal event (or ``timeout``)."""
 
-    async def ended() -> bool:
-        return jobs <= set(await terminal_events(bus))
+    missing = set(jobs)
 
-    await wait_until(ended, timeout, f"{len(jobs)} jobs to end")
+    async def ended() -> bool:
+        missing.difference_update(await terminal_events(bus))
+        return not missing
+
+    try:
+        await wait_until(ended, timeout, f"{len(jobs)} jobs to end")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {len(missing)} never ended: {sorted(missing)[:10]}") from None
 
 
 async def fill_store(bus: Bus) -> int:

@@ -4,6 +4,7 @@ lost, a queue that waited while it was away. Real server, real agent processes."
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -16,11 +17,18 @@ from agents import (
     first_event,
     job_events,
     job_request,
+    permissive_grant,
     submit,
     wait_event,
 )
 from natsserver import NatsServer
 
+from agentd.admit import Admit
+from agentd.agent import Agent
+from agentd.beforestart import NotNow
+from agentd.config import AgentConfig
+from agentd.context import RunningJob
+from agentd.identity import ensure_identity
 from bus import Bus, Signer, generate_seed, sign_envelope
 from bus.request import control
 from schemas import (
@@ -277,3 +285,62 @@ async def test_a_server_outage_mid_job_loses_nothing_and_fails_nothing(
     for job in (first, queued):
         assert len(await terminal_events(bus, job)) == 1
     assert "internal error" not in agent.log()
+
+
+async def test_a_job_redelivered_while_it_is_being_checked_is_neither_lost_nor_run_twice(
+    bus: Bus, tmp_path: Path, operator: tuple[Path, Signer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server forgets a delivery while the agent still checks that job (a restart
+    lost the consumer's state; here: the consumer is deleted and made again), redelivers
+    it, and the check then fails as in an outage. The job must be left queued on the
+    delivery the server now waits on, and run once: acking the redelivery as a
+    duplicate lost the job (seen under load in the server-SIGKILL fault scenario)."""
+    trust = tmp_path / "trust.toml"
+    trust.write_text(permissive_grant(operator[1].public_key))
+    config = AgentConfig(id="web-1", data_dir=tmp_path / "web-1", heartbeat_s=5.0, trust_file=trust)
+    agent = Agent(bus, config, ensure_identity(config))
+    checking, handed_over, redelivered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    checks = 0
+    prepare = agent.runner._prepare
+
+    class HandOver(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "redelivered while it is being prepared" in record.getMessage():
+                handed_over.set()
+
+    async def held_check(running: RunningJob, admitted: Admit) -> object:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            checking.set()
+            async with asyncio.timeout(30):
+                await handed_over.wait()
+            redelivered.set()
+            raise NotNow("the log could not be read (an outage)")
+        return await prepare(running, admitted)
+
+    caplog.set_level(logging.INFO, logger="agentd.consumer")
+    consumer_log = logging.getLogger("agentd.consumer")
+    consumer_log.addHandler(hand_over := HandOver())
+
+    agent.runner._prepare = held_check  # type: ignore[method-assign]
+    runs = tmp_path / "runs"
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(agent.run())
+        async with asyncio.timeout(30):
+            await agent.ready.wait()
+        job = await submit(
+            bus, operator[1], "web-1", job_request(["sh", "-c", f'echo run >> "{runs}"'])
+        )
+        async with asyncio.timeout(30):
+            await checking.wait()
+        name, _ = bus.subjects.agent_consumer("web-1", "jobs")
+        assert await bus.js.delete_consumer(bus.subjects.events_stream, name)
+        async with asyncio.timeout(60):
+            await redelivered.wait()
+        result = await finished(bus, "web-1", job, timeout=60)
+        agent.stop()
+    consumer_log.removeHandler(hand_over)
+    assert result.status == "succeeded"
+    assert runs.read_text() == "run\n"
+    assert checks == 2

@@ -60,9 +60,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page_master(
-    tmp_path: Path, nats_server: NatsServer
-) -> Iterator[Callable[..., MasterProcess]]:
+def page_master(tmp_path: Path, nats_server: NatsServer) -> Iterator[Callable[..., MasterProcess]]:
     made: list[MasterProcess] = []
 
     def make(**config: object) -> MasterProcess:
@@ -121,9 +119,7 @@ async def test_a_job_run_appears_and_finishes_live_and_markup_stays_text(
         await agent_factory("db-1", labels={"role": "db"}).started(bus),
     ]
     master = page_master(
-        agents={
-            a.id: {"public_key": agent_key(a), "labels": {"role": a.id[:-2]}} for a in agents
-        },
+        agents={a.id: {"public_key": agent_key(a), "labels": {"role": a.id[:-2]}} for a in agents},
         operators={"tester": {"public_key": signer.public_key}},
     ).start()
     port = await listening_port(master.log, "status page")
@@ -139,7 +135,14 @@ async def test_a_job_run_appears_and_finishes_live_and_markup_stays_text(
 
     # A job started with `fleet run` shows up while it runs and finishes in place.
     proc = await asyncio.create_subprocess_exec(
-        FLEET, "run", "-a", "web-1", "--", "sh", "-c", "sleep 2; echo done",
+        FLEET,
+        "run",
+        "-a",
+        "web-1",
+        "--",
+        "sh",
+        "-c",
+        "sleep 2; echo done",
         env=fleet_env(nats_server.url, key),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
