@@ -16,6 +16,7 @@ from bus.command import add_version_flag, configure_logging, run_command
 from bus.detach import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError
 from master.config import MasterConfig, default_config_path, load_master_config
+from master.leadership import read_masters
 from master.startup import PROGRAM, run_master
 from master.users import UserStore, make_record
 from schemas import Presence
@@ -29,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "The fleetbus master: folds the event log into the state of every agent, job and "
             "rollout, tracks the configured agents and who is connected, and answers status "
-            "queries. Commands: run (foreground), start (background), stop, restart, reload "
-            "(re-read the config, keeping state), status (configured agents and whether they "
-            "are connected), hash (the configuration's hash)."
+            "queries. Several may run: the one holding the master lease is active, the others "
+            "stand by and take over when it dies. Commands: run (foreground), start "
+            "(background), stop, restart, reload (re-read the config, keeping state), status "
+            "(the masters, active or standby; configured agents and whether they are "
+            "connected), hash (the configuration's hash)."
         ),
     )
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
@@ -76,6 +79,7 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
             entry = await kv.get(key)
             if entry is not None and entry.value:
                 online[key] = decode_model(entry.value, Presence)
+        holder, present = await read_masters(bus)
     pid = running_pid(config.pid_path)
     configured = [
         {
@@ -90,12 +94,40 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
         {"id": a, "configured": False, "connected": True, "version": online[a].version}
         for a in sorted(set(online) - set(config.agents))
     ]
-    master = {"running": pid is not None, "pid": pid, "config_hash": config.config_hash()}
+    mine = next((m for m in present if m.name == config.name), None)
+    master = {
+        "running": pid is not None,
+        "pid": pid,
+        "config_hash": config.config_hash(),
+        "name": config.name,
+        "role": mine.role if mine is not None else None,
+    }
+    masters = [
+        {"name": m.name, "role": m.role, "seq": m.seq, "ready": m.ready, "host": m.host}
+        for m in present
+    ]
     if as_json:
-        print(json.dumps({"master": master, "agents": configured + strangers}))
+        print(
+            json.dumps(
+                {
+                    "master": master,
+                    "active": holder,
+                    "masters": masters,
+                    "agents": configured + strangers,
+                }
+            )
+        )
         return 0
     state = f"running (pid {pid})" if pid else "not running"
-    print(f"master: {state}, config hash {config.config_hash()[:16]}")
+    role = f", {mine.role}" if mine is not None else ""
+    print(f"master {config.name}: {state}{role}, config hash {config.config_hash()[:16]}")
+    print(f"{'MASTER':<20}{'ROLE':<10}{'SEQ':<12}HOST")
+    for m in present:
+        print(f"{m.name:<20}{m.role:<10}{m.seq:<12}{m.host}")
+    if holder is None:
+        print("no master holds the lease: none is active")
+    else:
+        print(f"the master lease is held by {holder}")
     print(f"{'AGENT':<20}{'CONFIGURED':<12}{'CONNECTED':<11}VERSION")
     for row in configured + strangers:
         known = "yes" if row["configured"] else "NO"

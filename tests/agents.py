@@ -273,8 +273,9 @@ MASTER = str(Path(sys.executable).parent / "fleet-master")
 class MasterProcess(_Daemon):
     """One ``fleet-master run`` process with its own config."""
 
-    def __init__(self, base: Path, url: str, **config: Any) -> None:
-        self.dir = base / "master"
+    def __init__(self, base: Path, url: str, *, home: str = "master", **config: Any) -> None:
+        """``home``: the directory under ``base`` (several masters need one each)."""
+        self.dir = base / home
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "master.toml"
         self.log_path = self.dir / "master.log"

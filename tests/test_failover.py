@@ -1,0 +1,211 @@
+"""Master failover with real processes: a standby takes over from a SIGKILLed active
+master during a burst of jobs and headless logins, nothing lost or recorded twice."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from agents import MASTER, AgentProcess, MasterProcess, finished, job_request, submit
+from natsserver import NatsServer
+
+from bus import Bus, Signer, decode_envelope, generate_seed, write_seed_file
+from bus.log import read_log
+from bus.request import control
+from master.leadership import read_masters
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+HEADLESS = str(Path(sys.executable).parent / "fleet-headless")
+PASSWORD = "correct horse battery staple"
+TTL_S = 3
+TAKEOVER_BOUND_S = TTL_S + 10  # lease_ttl + a few seconds (generous: the machine is shared)
+
+
+async def wait_roles(
+    bus: Bus, want: dict[str, str] | Callable[[dict[str, str]], bool], timeout: float = 60.0
+) -> dict[str, str]:
+    """Wait until the ready masters' presence (name → role) is ``want`` or satisfies it."""
+    done = want if callable(want) else lambda roles: all(roles.get(n) == r for n, r in want.items())
+    kv = await bus.kv(bus.subjects.locks_bucket)
+    roles: dict[str, str] = {}
+    async with asyncio.timeout(timeout), kv.watch("master.presence.*") as changes:
+        async for _ in changes:
+            _, present = await read_masters(bus)
+            roles = {m.name: m.role for m in present if m.ready}
+            if done(roles):
+                return roles
+    raise AssertionError(f"presence ended before {want}: {roles}")
+
+
+async def active_status(bus: Bus) -> dict[str, Any]:
+    """The status the active master answers (only the active one answers)."""
+    reply = await control(bus, bus.subjects.master_control("status"), attempts=6)
+    return reply.data
+
+
+def masters(
+    master_factory: Callable[..., MasterProcess], key: Path, users: Path, *names: str
+) -> list[MasterProcess]:
+    """Masters sharing one identity and one users' file, each with its own directory."""
+    return [
+        master_factory(
+            home=f"master-{n}",
+            name=n,
+            nkey_file=str(key),
+            users_file=str(users),
+            lease_ttl_s=TTL_S,
+            checkpoint_every=5,
+            checkpoint_interval_s=1.0,
+        )
+        for n in names
+    ]
+
+
+async def add_user(master: MasterProcess, tmp: Path) -> Path:
+    """The headless user ``batch``, and its hashed secret file."""
+    added = await asyncio.to_thread(
+        subprocess.run,
+        [MASTER, "user", "add", "batch", "--password-stdin", "-c", str(master.config_path)],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    secret = tmp / "batch.secret"
+    write_seed_file(secret, bcrypt.hashpw(PASSWORD.encode(), salt_of(master)))
+    return secret
+
+
+def salt_of(master: MasterProcess) -> bytes:
+    users = json.loads(Path(master.settings["users_file"]).read_text())
+    return str(users["batch"]["salt"]).encode()
+
+
+async def headless(url: str, secret: Path, n: int) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        HEADLESS, "-s", url.removeprefix("nats://"), "-u", "batch", "-p", str(secret),
+        "--agent", "web-1", "-t", "-1", "-v", "-c", f"echo login-{n}",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> tuple[Path, Path]:
+    """The masters' one key (made beforehand: the agent trusts it) and users' file."""
+    key = tmp_path / "master.nk"
+    write_seed_file(key, generate_seed())
+    return key, tmp_path / "users.json"
+
+
+async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
+    nats_server: NatsServer,
+    bus: Bus,
+    tmp_path: Path,
+    agent_factory: Callable[..., AgentProcess],
+    master_factory: Callable[..., MasterProcess],
+    operator: tuple[Path, Signer],
+    shared: tuple[Path, Path],
+) -> None:
+    _, signer = operator
+    key, users = shared
+    agent = agent_factory(
+        "web-1", max_jobs=8, trusted=[signer.public_key, Signer.from_file(key).public_key]
+    )
+    await agent.started(bus)
+    a, b = masters(master_factory, key, users, "a", "b")
+    a.start()
+    await wait_roles(bus, {"a": "active"})
+    b.start()
+    await wait_roles(bus, {"a": "active", "b": "standby"})
+    assert (await active_status(bus))["name"] == "a"
+    secret = await add_user(a, tmp_path)
+    assert (await headless(nats_server.url, secret, 0))[0] == 0  # logins work before
+
+    # A burst of jobs and logins; the active master is killed in the middle of it.
+    jobs: list[str] = []
+    logins: list[asyncio.Task[tuple[int, str]]] = []
+    for n in range(40):
+        jobs.append(await submit(bus, signer, "web-1", job_request(["sleep", "0.2"])))
+        if n % 5 == 0:
+            logins.append(asyncio.create_task(headless(nats_server.url, secret, n)))
+        if n == 20:
+            a.kill()
+            killed_at = asyncio.get_running_loop().time()
+    # (The killed master's last heartbeat says active until it expires, one TTL at most.)
+    await wait_roles(
+        bus,
+        lambda roles: roles.get("b") == "active" and roles.get("a") != "active",
+        timeout=TAKEOVER_BOUND_S,
+    )
+    took = asyncio.get_running_loop().time() - killed_at
+    assert took <= TAKEOVER_BOUND_S, took
+    assert (await active_status(bus))["name"] == "b"
+
+    # Every job ends exactly once; every login ran its job, once.
+    for job in jobs:  # (how it ends is the agent's business; that it ends, the log's)
+        await finished(bus, "web-1", job, timeout=60)
+    results = await asyncio.gather(*logins)
+    for code, err in results:
+        assert code == 0, err + b.log()[-3000:]
+    late = await headless(nats_server.url, secret, 99)  # and after the takeover
+    assert late[0] == 0, late[1]
+
+    records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
+    envelopes = [decode_envelope(r.data) for r in records]
+    finished_per_job = collections.Counter(
+        e.subject.split(".")[-2] for e in envelopes if e.subject.endswith(".finished")
+    )
+    assert all(finished_per_job[j] == 1 for j in jobs), finished_per_job
+    assert set(finished_per_job.values()) == {1}
+    by_batch = [e for e in envelopes if e.type == "job.submitted" and e.source == "master"]
+    assert len(by_batch) == len(logins) + 2  # one job per login, none twice
+    # No master event twice: by id, and no two checkpoints anchor the same events.
+    mine = [e for e in envelopes if e.source == "master"]
+    assert len({e.id for e in mine}) == len(mine)
+    through = [e.data["through_seq"] for e in mine if e.type == "audit.checkpoint"]
+    assert through, "the masters checkpointed"
+    assert len(set(through)) == len(through), through
+
+    # The killed master comes back as a standby; the active one stays active.
+    a.start()
+    await wait_roles(bus, {"a": "standby", "b": "active"})
+    holder, _ = await read_masters(bus)
+    assert holder == "b"
+
+
+async def test_two_masters_started_at_once_make_one_active(
+    bus: Bus,
+    tmp_path: Path,
+    master_factory: Callable[..., MasterProcess],
+    shared: tuple[Path, Path],
+) -> None:
+    key, users = shared
+    group = masters(master_factory, key, users, "a", "b", "c")
+    for m in group:
+        m.start()
+    roles = await wait_roles(bus, lambda roles: len(roles) == 3)
+    assert sorted(roles.values()) == ["active", "standby", "standby"], roles
+    holder, _ = await read_masters(bus)
+    assert roles[holder or ""] == "active"
+    assert (await active_status(bus))["name"] == holder
+    # A clean stop hands over at once: the lease is released, not left to expire.
+    stopped = next(m for m in group if m.settings["name"] == holder)
+    stopped.stop()
+    rest = [m.settings["name"] for m in group if m is not stopped]
+    roles = await wait_roles(
+        bus, lambda roles: sorted(roles.get(n, "") for n in rest) == ["active", "standby"]
+    )
+    assert holder not in roles
