@@ -40,7 +40,7 @@ from schemas.control import ControlReply, ControlRequest
 from schemas.envelope import Envelope
 from schemas.events import EventData, event_name
 from schemas.jobs import ArgvCommand, JobRequest, ModuleCommand, ScriptCommand
-from schemas.presence import Presence
+from schemas.presence import MasterPresence, Presence
 from schemas.registry import EventRegistry, default_registry
 from schemas.update import (
     SETTING_KEYS,
@@ -61,6 +61,7 @@ SHAPES: tuple[type[BaseModel], ...] = (
     ScriptCommand,
     ModuleCommand,
     Presence,
+    MasterPresence,
     ControlRequest,
     ControlReply,
     AuthStart,

@@ -79,6 +79,7 @@ class Durability:
         # folded more before the checkpoint got into the log).
         self.since_checkpoint = min(self.since_checkpoint, max(0, seq - 1 - data.through_seq))
         self._last_checkpoint = time.monotonic()
+        self.last_checkpoint_at = time.time()
         if self.witness.wants(seq):
             try:
                 self.master.tasks.spawn(self.witness.record(data, seq), "witness")

@@ -14,12 +14,31 @@ from typing import Any
 
 import bcrypt
 import pytest
-from agents import MASTER, AgentProcess, MasterProcess, finished, job_request, submit
+from agents import (
+    FLEET,
+    MASTER,
+    AgentProcess,
+    MasterProcess,
+    finished,
+    fleet_env,
+    job_request,
+    submit,
+)
 from natsserver import NatsServer
 
-from bus import Bus, Signer, decode_envelope, generate_seed, write_seed_file
+from bus import (
+    Bus,
+    ConnectSettings,
+    Signer,
+    connect,
+    decode_envelope,
+    generate_seed,
+    write_seed_file,
+)
+from bus.lease import Lease
 from bus.log import read_log
 from bus.request import control
+from bus.subjects import Subjects
 from master.leadership import read_masters
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -184,6 +203,17 @@ async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
     await wait_roles(bus, {"a": "standby", "b": "active"})
     holder, _ = await read_masters(bus)
     assert holder == "b"
+    for m, role in ((a, "standby"), (b, "active")):
+        shown = await run(MASTER, "status", "--json", "-c", str(m.config_path))
+        assert shown.returncode == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        assert doc["master"]["role"] == role, doc
+        assert doc["active"] == "b"
+        assert {x["name"]: x["role"] for x in doc["masters"]} == {"a": "standby", "b": "active"}
+    text = await run(MASTER, "status", "-c", str(a.config_path))
+    assert text.stdout.startswith("master a: "), text.stdout
+    assert ", standby," in text.stdout.splitlines()[0]
+    assert "the master lease is held by b" in text.stdout
 
 
 async def test_two_masters_started_at_once_make_one_active(
@@ -209,3 +239,72 @@ async def test_two_masters_started_at_once_make_one_active(
         bus, lambda roles: sorted(roles.get(n, "") for n in rest) == ["active", "standby"]
     )
     assert holder not in roles
+
+
+async def test_no_agent_operator_or_client_can_take_the_master_lease(
+    server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    keys: dict[str, tuple[Path, str]] = {}
+    for name in ("master", "web-1", "tester", "batch"):
+        path = tmp_path / f"{name}.nk"
+        write_seed_file(path, generate_seed())
+        keys[name] = (path, Signer.from_file(path).public_key)
+    admin_key = tmp_path / "admin.nk"
+    made = await run(FLEET, "keys", "gen", "admin", "admin", "-o", str(admin_key))
+    assert made.returncode == 0, made.stderr
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        f'[master]\npublic_key = "{keys["master"][1]}"\n'
+        f'[agents.web-1]\npublic_key = "{keys["web-1"][1]}"\n'
+        f'[operators.tester]\npublic_key = "{keys["tester"][1]}"\n'
+        f'[headless.batch]\npublic_key = "{keys["batch"][1]}"\n'
+        f'[admins.admin]\npublic_key = "{made.stdout.strip()}"\n'
+    )
+    rendered = await run(FLEET, "ops", "server-config", "--registry", str(registry))
+    assert rendered.returncode == 0, rendered.stderr
+    url = server_factory(config=rendered.stdout).url
+    init = await run(FLEET, "ops", "init", env=fleet_env(url, admin_key))
+    assert init.returncode == 0, init.stderr
+
+    def as_(name: str) -> ConnectSettings:
+        return ConnectSettings(
+            servers=[url], nkey_file=keys[name][0], inbox_prefix=f"_INBOX_{name}"
+        )
+
+    master = MasterProcess(tmp_path, url, name="m1", nkey_file=str(keys["master"][0]))
+    async with await connect(as_("master")) as watcher:
+        try:
+            master.start()
+            await wait_roles(watcher, {"m1": "active"})
+            for name in ("web-1", "tester", "batch"):
+                async with await connect(as_(name)) as bus:
+                    for key in (Subjects.MASTER_LEASE_KEY, Subjects.master_presence_key("m1")):
+                        subject = Subjects.kv_key(bus.subjects.locks_bucket, key)
+                        await bus.nc.publish(subject, name.encode())
+                        denial = await bus.wait_denied(subject, timeout=5)
+                        assert "publishing to" in str(denial), (name, subject)
+            # A client's own locks still work; it cannot name the masters' even unchecked.
+            async with await connect(as_("batch")) as bus:
+                lock = Lease(bus, bus.subjects.locks_bucket, "nightly", "batch", 5)
+                assert await lock.try_acquire()
+                await lock.release()
+            holder, _ = await read_masters(watcher)
+            assert holder == "m1"
+            refused = await run(
+                HEADLESS, "-s", url, "-a", "nkey", "-u", "batch", "-p", str(keys["batch"][0]),
+                "--agent", "web-1", "--lock", "master.lease", "-c", "true",
+            )  # fmt: skip
+            assert refused.returncode == 2, refused.stderr
+            assert "masters' own" in refused.stderr
+            assert "denied" not in master.log(), master.log()[-3000:]
+        finally:
+            master.stop()
+
+
+async def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
