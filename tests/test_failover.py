@@ -8,7 +8,8 @@ import collections
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from agents import (
     fleet_env,
     job_request,
     submit,
+    wait_event,
 )
 from natsserver import NatsServer
 
@@ -30,9 +32,11 @@ from bus import (
     Bus,
     ConnectSettings,
     Signer,
+    StorageSettings,
     connect,
     decode_envelope,
     generate_seed,
+    provision,
     write_seed_file,
 )
 from bus.lease import Lease
@@ -84,6 +88,7 @@ def masters(
             lease_ttl_s=TTL_S,
             checkpoint_every=5,
             checkpoint_interval_s=1.0,
+            offline_grace_s=1.0,
         )
         for n in names
     ]
@@ -129,21 +134,30 @@ def shared(tmp_path: Path) -> tuple[Path, Path]:
     return key, tmp_path / "users.json"
 
 
+@pytest.fixture
+async def fast_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """A bus whose presence entries expire after 2 s, so crashes are noticed quickly."""
+    async with await connect(ConnectSettings(servers=[nats_server.url])) as b:
+        await provision(b.js, settings=StorageSettings(presence_ttl_s=2.0, marker_ttl_s=5.0))
+        yield b
+
+
 async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
     nats_server: NatsServer,
-    bus: Bus,
+    fast_bus: Bus,
     tmp_path: Path,
     agent_factory: Callable[..., AgentProcess],
     master_factory: Callable[..., MasterProcess],
     operator: tuple[Path, Signer],
     shared: tuple[Path, Path],
 ) -> None:
-    _, signer = operator
+    bus, (operator_key, signer) = fast_bus, operator
     key, users = shared
     agent = agent_factory(
         "web-1", max_jobs=8, trusted=[signer.public_key, Signer.from_file(key).public_key]
     )
     await agent.started(bus)
+    doomed = await agent_factory("web-2").started(bus)
     a, b = masters(master_factory, key, users, "a", "b")
     a.start()
     await wait_roles(bus, {"a": "active"})
@@ -161,6 +175,14 @@ async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
         if n % 5 == 0:
             logins.append(asyncio.create_task(headless(nats_server.url, secret, n)))
         if n == 20:
+            # An agent dies with a job running, and another job of it is due to expire:
+            # the master that records them abandoned and expired is the next one.
+            orphan = await submit(bus, signer, "web-2", job_request(["sleep", "20"]))
+            await wait_event(bus, "web-2", orphan, "started")
+            doomed.kill()
+            expiring = await submit(
+                bus, signer, "web-2", job_request(["true"], expires_at=time.time_ns() + 10**9)
+            )
             a.kill()
             killed_at = asyncio.get_running_loop().time()
     # (The killed master's last heartbeat says active until it expires, one TTL at most.)
@@ -181,6 +203,9 @@ async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
         assert code == 0, err + b.log()[-3000:]
     late = await headless(nats_server.url, secret, 99)  # and after the takeover
     assert late[0] == 0, late[1]
+    assert (await finished(bus, "web-2", orphan, timeout=60)).status == "abandoned"
+    assert (await finished(bus, "web-2", expiring, timeout=60)).status == "expired"
+    jobs += [orphan, expiring]
 
     records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
     envelopes = [decode_envelope(r.data) for r in records]
@@ -197,6 +222,14 @@ async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
     through = [e.data["through_seq"] for e in mine if e.type == "audit.checkpoint"]
     assert through, "the masters checkpointed"
     assert len(set(through)) == len(through), through
+
+    # The log verifies, with the checkpoints of both masters, against either's witness.
+    for m in (a, b):
+        audit = await run(
+            FLEET, "audit", "--verify", "--witness", str(m.dir / "data" / "witness"),
+            env=fleet_env(nats_server.url, operator_key),
+        )  # fmt: skip
+        assert audit.returncode == 0, audit.stdout + audit.stderr
 
     # The killed master comes back as a standby; the active one stays active.
     a.start()
