@@ -177,8 +177,9 @@ class Master:
             fold = self.tasks.spawn(follow_log(self), "fold")
             beat = self.tasks.spawn(self.leadership.heartbeat(self.stopping), "heartbeat")
             lead = self.tasks.spawn(self._lead(), "leadership")
-            ended = await first_of(asyncio.shield(lead), asyncio.shield(fold), asyncio.shield(beat))
-            if ended is not lead:
+            shields = [asyncio.shield(t) for t in (lead, fold, beat)]
+            ended = await first_of(*shields)
+            if ended is not shields[0]:
                 if not self.stopping.is_set():
                     logger.error("! a part of the master ended; stopping")
                 self.stop()
@@ -264,8 +265,9 @@ class Master:
         # Runs until told to stop or the lease is lost (the first part, the keeper, ends).
         # Parts outlive the bus's troubles (they are restarted); one that ends anyway has
         # a bug: the master stops rather than run half working, and says why.
-        ended = await first_of(self.stopping.wait(), *(asyncio.shield(p) for p in parts))
-        if ended is None or self.stopping.is_set() or ended is parts[0]:
+        shields = [asyncio.shield(p) for p in parts]
+        ended = await first_of(self.stopping.wait(), *shields)
+        if ended is None or self.stopping.is_set() or ended is shields[0]:
             return
         logger.error("! a part of the master ended; stopping")
         self.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -341,3 +342,47 @@ async def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.Compl
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode is not None
     return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
+
+
+async def test_a_frozen_master_stops_acting_when_it_wakes_after_losing_the_lease(
+    fast_bus: Bus,
+    tmp_path: Path,
+    master_factory: Callable[..., MasterProcess],
+    operator: tuple[Path, Signer],
+    shared: tuple[Path, Path],
+) -> None:
+    bus, (_, signer) = fast_bus, operator
+    key, users = shared
+    a, b = masters(master_factory, key, users, "a", "b")
+    a.start()
+    await wait_roles(bus, {"a": "active"})
+    b.start()
+    await wait_roles(bus, {"a": "active", "b": "standby"})
+    # Work for the masters: checkpoints due, and jobs for an agent that never comes,
+    # whose expiry falls while a is frozen.
+    soon = time.time_ns() + 2 * 10**9
+    queued = [
+        await submit(bus, signer, "web-9", job_request(["true"], expires_at=soon)) for _ in range(7)
+    ]
+    a.signal(signal.SIGSTOP)  # a pause longer than the lease: a GC, a VM migration
+    try:
+        await wait_roles(
+            bus, lambda roles: roles.get("b") == "active" and "a" not in roles, timeout=60
+        )
+    finally:
+        a.signal(signal.SIGCONT)
+    # Awake, it finds its lease run out: it stands by without touching b's lease.
+    await wait_roles(bus, {"a": "standby", "b": "active"})
+    holder, _ = await read_masters(bus)
+    assert holder == "b"
+    assert "standing by" in a.log()
+    assert (await active_status(bus))["name"] == "b"
+    for job in queued:
+        assert (await finished(bus, "web-9", job)).status == "expired"
+    records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
+    envelopes = [decode_envelope(r.data) for r in records]
+    assert len({e.id for e in envelopes}) == len(envelopes)
+    ends = collections.Counter(e.subject for e in envelopes if e.type == "job.finished")
+    assert sorted(ends.values()) == [1] * len(queued)
+    through = [e.data["through_seq"] for e in envelopes if e.type == "audit.checkpoint"]
+    assert len(set(through)) == len(through), through
