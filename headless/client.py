@@ -111,7 +111,7 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
     give_up_at = loop.time() + job.master_wait_s
     while True:
         try:
-            return await _login(bus, job, salted, client_nonce)
+            return await login(bus, job, salted, client_nonce)
         except ConnectionFailedError as exc:
             if loop.time() >= give_up_at:
                 raise
@@ -126,8 +126,16 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
 _NOT_ACTIVE = "is not the active master"
 
 
-async def _login(bus: Bus, job: Submission, salted: bytes, client_nonce: str) -> str:
-    """One challenge and its answer; the job's id."""
+async def login(bus: Bus, job: Submission, salted: bytes, client_nonce: str) -> str:
+    """One challenge and its answer, which submits the job; returns the job's id.
+
+    Logging in again with the same ``client_nonce`` (one that begins with a fleetbus id)
+    and job gives the same id, and the master submits the job only once.
+
+    Raises:
+        AuthError: the login failed.
+        ConnectionFailedError: no master answered.
+    """
     challenge = AuthChallenge.model_validate(
         await _master(bus, job.user, "auth-start", {"user": job.user, "client_nonce": client_nonce})
     )

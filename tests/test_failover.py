@@ -43,8 +43,12 @@ from bus import (
 from bus.lease import Lease
 from bus.log import read_log
 from bus.request import control
+from bus.scram import new_nonce
 from bus.subjects import Subjects
+from headless.client import Submission, login
+from master.auth import login_job_id
 from master.leadership import read_masters
+from schemas import new_id
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -386,3 +390,37 @@ async def test_a_frozen_master_stops_acting_when_it_wakes_after_losing_the_lease
     assert sorted(ends.values()) == [1] * len(queued)
     through = [e.data["through_seq"] for e in envelopes if e.type == "audit.checkpoint"]
     assert len(set(through)) == len(through), through
+
+
+async def test_a_login_repeated_with_its_nonce_submits_its_job_once(
+    bus: Bus,
+    tmp_path: Path,
+    master_factory: Callable[..., MasterProcess],
+    shared: tuple[Path, Path],
+) -> None:
+    key, users = shared
+    (master,) = masters(master_factory, key, users, "a")
+    master.start()
+    await wait_roles(bus, {"a": "active"})
+    secret = await add_user(master, tmp_path)
+    job = Submission(
+        user="batch",
+        agent="web-1",
+        request=job_request(["true"]),
+        auth="challenge",
+        secret=secret,
+    )
+    salted = secret.read_bytes().strip()
+    nonce = new_id() + new_nonce()
+    # As after a takeover: a new challenge (the new master never saw the first), same nonce.
+    first = await login(bus, job, salted, nonce)
+    again = await login(bus, job, salted, nonce)
+    other = await login(bus, job, salted, new_id() + new_nonce())
+    assert first == again
+    assert other != first
+    records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
+    submitted = [decode_envelope(r.data) for r in records]
+    ids = [e.data["job_id"] for e in submitted if e.type == "job.submitted"]
+    assert sorted(ids) == sorted([first, other])
+    # Someone else's login with the same nonce and job is another job.
+    assert login_job_id("mallory", nonce, "d" * 64) != login_job_id("batch", nonce, "d" * 64)
