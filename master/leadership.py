@@ -95,7 +95,15 @@ class Leadership:
                 taken = bool(won.result())
             except FleetError as exc:
                 attempt += 1
-                logger.warning("! cannot read the master lease: %s", exc)
+                refusal = self.master.bus.denial(self.lease.subject)
+                if refusal is not None:
+                    logger.error(
+                        "! %s: this master may not take the master lease; regenerate the "
+                        "server config (fleet ops server-config)",
+                        refusal,
+                    )
+                else:
+                    logger.warning("! cannot take the master lease: %s", exc)
                 await wait_any(stop, timeout=min(_WATCH_S * attempt, self.ttl_s))
                 continue
             if taken:

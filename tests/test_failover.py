@@ -256,7 +256,6 @@ async def test_a_standby_takes_over_from_a_killed_master_losing_nothing(
 
 async def test_two_masters_started_at_once_make_one_active(
     bus: Bus,
-    tmp_path: Path,
     master_factory: Callable[..., MasterProcess],
     shared: tuple[Path, Path],
 ) -> None:
