@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from bus.command import add_version_flag, configure_logging, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import audit, demo, jobs, keys, ops, run, update
+from fleet import agent, audit, demo, jobs, keys, ops, run, update
 
 PROG = "fleet"
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub)
     jobs.add_parsers(sub)
+    agent.add_parser(sub)
     audit.add_parsers(sub)
     keys.add_parser(sub)
     ops.add_parser(sub)
