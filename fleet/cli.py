@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run jobs on a fleet of machines over NATS, and audit what happened. "
             "Exit codes: 0 ok, 1 connection error, 2 usage error, 3 timeout, 4 a job failed, "
-            "5 verification failed (--verify)."
+            "5 verification failed (--verify), 6 a multi-target run skipped unsupported "
+            "agents (the rest succeeded)."
         ),
     )
     add_version_flag(parser, "-V", "--version")

@@ -15,6 +15,7 @@ from bus import (
     ConnectionFailedError,
     FleetError,
     FleetTimeoutError,
+    UsageError,
     sign_envelope,
 )
 from bus.request import control
@@ -81,6 +82,8 @@ async def _master(
     except FleetError as exc:
         if "authentication failed" in str(exc) or "bad request" in str(exc):
             raise AuthError(str(exc)) from None
+        if "is unsupported (" in str(exc):
+            raise UsageError(str(exc)) from None  # the prime directive: no job for it
         raise
     _show(logging.DEBUG - 1, f"← {op}", reply.data)
     return reply.data
