@@ -223,3 +223,12 @@ async def test_a_daemon_restarted_by_control_keeps_logging_to_its_file(
     finally:
         killed = await agentd("-K", "-c", config)
     assert killed == 0
+
+
+async def test_the_budget_bounds_the_retries(bus: Bus) -> None:
+    from bus import FleetTimeoutError
+    from bus.request import control
+
+    # Nobody answers: tries at 0 s and 1 s; the next pause (2 s) would pass 2.5 s.
+    with pytest.raises(FleetTimeoutError, match="after 2 attempts"):
+        await control(bus, bus.subjects.control("nobody", "status"), deadline=2.5)
