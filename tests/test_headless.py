@@ -405,5 +405,8 @@ async def test_no_job_for_an_unsupported_agent(
     assert refused.returncode == 2, refused.stderr
     assert b"agent web-1 is unsupported (" in refused.stderr
     assert b"the job was not submitted" in refused.stderr
+    signed = await fleet.run("-a", "nkey", *base(fleet.tmp / "batch.nk", "-c", "echo never"))
+    assert signed.returncode == 2, signed.stderr
+    assert b"agent web-1 is unsupported (" in signed.stderr
     submitted = await read_log(bus, bus.subjects.events_stream, bus.subjects.job_events("web-1"))
     assert submitted == []
