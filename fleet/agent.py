@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Ask one agent directly (signed control requests). The agent answers only if its "
             "trust file grants your key the operation (`control = [...]`). Unanswered "
-            "requests are retried after 1, 2, 4 … s (at most 60 s) until --timeout. Exit "
+            "requests are retried after 1, 2, 4 ... s (at most 60 s) until --timeout. Exit "
             "codes: 0 ok, 1 connection error, 2 refused or invalid, 3 no answer in time."
         ),
     )
