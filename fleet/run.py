@@ -132,7 +132,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     how.add_argument(
         "--force",
         action="store_true",
-        help="run on agents marked unsupported (off the target version, may not update)",
+        help="run on agents marked unsupported (off the target version, may not update); "
+        "without it, several targets skip them (exit 6) and one alone is refused",
     )
     how.add_argument(
         "--wait",
