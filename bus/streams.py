@@ -31,6 +31,7 @@ from bus.errors import (
     FleetTimeoutError,
     ProvisioningConflictError,
 )
+from bus.migrate import FieldChange, migrate_stream
 from bus.subjects import Subjects
 
 if TYPE_CHECKING:
@@ -50,23 +51,35 @@ _ERR_STREAM_NAME_IN_USE = 10058
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """Sizes and lifetimes of the fleet's storage. Defaults suit one node."""
+    """Sizes and lifetimes of the fleet's storage. Defaults suit one node.
+
+    A limit of 0 means none (the server's store is then the limit).
+    """
 
     replicas: int = 1
     """JetStream replicas for every stream (3 in a cluster)."""
     events_max_age_s: float = 90 * DAY
-    """How long the event log keeps events."""
+    """How long the event log keeps events (0: forever). Older ones are removed by age."""
+    events_max_bytes: int = 0
+    """The event log's size limit (0: none). When reached, new events are refused with an
+    error (discard new): the log never drops an event to make room."""
     duplicate_window_s: float = 120.0
     """How long a retried publish with the same ``Nats-Msg-Id`` is recognised (≥ 2 min)."""
     max_msg_size: int = DEFAULT_MAX_SIZE
     """The largest single event or output chunk the streams accept."""
     output_max_age_s: float = 7 * DAY
+    """How long job output is kept (0: forever)."""
     output_max_bytes: int = 1024**3
+    """The output stream's size limit (0: none); the oldest output goes first (discard old)."""
+    max_consumers: int = 20_000
+    """Consumers per stream. Explicit, because nats-server 2.15 reads "no limit" (-1) as
+    its default of 1,000: one durable consumer per agent plus readers, for 10,000 agents."""
     presence_ttl_s: float = 15.0
     """An agent whose heartbeat is older than this is gone."""
     marker_ttl_s: float = 60.0
     """How long the server's delete markers for expired keys stay visible to watchers."""
     config_history: int = 10
+    """Revisions kept per key of the fleet's config bucket."""
     tokens_ttl_s: float = 300.0
     """Backstop lifetime of a download token whose holder stopped renewing it."""
 
@@ -77,6 +90,8 @@ class StreamSpec:
 
     kind: str  # "stream", "kv" or "object store"
     fields: dict[str, Any]
+    record: bool = False
+    """The log of record: a limit change that would remove stored messages is refused."""
 
     @property
     def name(self) -> str:
@@ -93,6 +108,15 @@ class ProvisionReport:
 
     created: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    changed: list[FieldChange] = field(default_factory=list)
+    """Fields migrated (only with ``migrate=True``)."""
+    refused: list[FieldChange] = field(default_factory=list)
+    """Fields that differ and were left as they are, with the reason."""
+
+
+def _limit(value: int) -> int:
+    """A size limit as the server keeps it: -1 for none."""
+    return value if value > 0 else -1
 
 
 def _kv(bucket: str, settings: StorageSettings, *, history: int = 1, **extra: Any) -> StreamSpec:
@@ -111,6 +135,7 @@ def _kv(bucket: str, settings: StorageSettings, *, history: int = 1, **extra: An
         "allow_msg_ttl": True,
         "duplicate_window": min(120.0, ttl) if ttl else 120.0,
         "max_age": ttl or 0.0,
+        "max_consumers": settings.max_consumers,
         **extra,
     }
     return StreamSpec("kv", fields)
@@ -130,9 +155,13 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
                 "storage": api.StorageType.FILE,
                 "num_replicas": s.replicas,
                 "max_age": s.events_max_age_s,
+                "max_bytes": _limit(s.events_max_bytes),
+                "max_consumers": s.max_consumers,
                 "max_msg_size": s.max_msg_size,
                 "duplicate_window": s.duplicate_window_s,
-                "discard": api.DiscardPolicy.OLD,
+                # Full means refused, with an error to the publisher: never an old event
+                # dropped to make room.
+                "discard": api.DiscardPolicy.NEW,
                 # An audit log nobody can rewrite: no deleting or purging events.
                 "deny_delete": True,
                 "deny_purge": True,
@@ -140,6 +169,7 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
                 # an agent to reading its own events.
                 "allow_direct": True,
             },
+            record=True,
         ),
         StreamSpec(
             "stream",
@@ -151,7 +181,8 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
                 "storage": api.StorageType.FILE,
                 "num_replicas": s.replicas,
                 "max_age": s.output_max_age_s,
-                "max_bytes": s.output_max_bytes,
+                "max_bytes": _limit(s.output_max_bytes),
+                "max_consumers": s.max_consumers,
                 "max_msg_size": s.max_msg_size,
                 "duplicate_window": s.duplicate_window_s,
                 "discard": api.DiscardPolicy.OLD,
@@ -186,6 +217,7 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
                 ],
                 "storage": api.StorageType.FILE,
                 "num_replicas": s.replicas,
+                "max_consumers": s.max_consumers,
                 "discard": api.DiscardPolicy.NEW,
                 "allow_rollup_hdrs": True,
                 "allow_direct": True,
@@ -201,6 +233,7 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
                 ],
                 "storage": api.StorageType.FILE,
                 "num_replicas": s.replicas,
+                "max_consumers": s.max_consumers,
                 "discard": api.DiscardPolicy.NEW,
                 "allow_rollup_hdrs": True,
                 "allow_direct": True,
@@ -218,6 +251,8 @@ def _comparable(name: str, value: Any) -> Any:
         return sorted(value or [])
     if name == "description":
         return value or None
+    if name in ("max_bytes", "max_msgs", "max_consumers"):
+        return value if value and value > 0 else -1  # the server reads 0 and None as -1
     return value
 
 
@@ -251,18 +286,28 @@ async def _create_or_fetch(js: JetStreamContext, spec: StreamSpec) -> api.Stream
 
 
 async def ensure_stream(
-    js: JetStreamContext, spec: StreamSpec, *, deadline_s: float = PROVISION_DEADLINE_S
+    js: JetStreamContext,
+    spec: StreamSpec,
+    *,
+    deadline_s: float = PROVISION_DEADLINE_S,
+    migrate: bool = False,
+    report: ProvisionReport | None = None,
 ) -> bool:
-    """Create the stream of ``spec`` if absent; check it if present.
+    """Create the stream of ``spec`` if absent; check it (or migrate it) if present.
 
     Unanswered requests are retried until ``deadline_s``: in a cluster, a stream whose
     leader was just lost answers nothing until a new leader is elected.
 
+    Args:
+        migrate: change a differing existing stream where the server allows it
+            (:func:`bus.migrate.migrate_stream`), recording what changed and what was
+            refused in ``report``, instead of raising.
+
     Returns:
-        True if it was created, False if it existed with the right configuration.
+        True if it was created, False if it existed (right, or migrated).
 
     Raises:
-        ProvisioningConflictError: it exists with another configuration.
+        ProvisioningConflictError: it exists with another configuration (not migrating).
         ConnectionFailedError, FleetTimeoutError: the server did not answer in time.
     """
     loop = asyncio.get_running_loop()
@@ -298,8 +343,15 @@ async def ensure_stream(
         logger.info("created %s %s", spec.kind, spec.name)
         return True
     diffs = differences(spec, info.config)
-    if diffs:
+    if diffs and not migrate:
         raise ProvisioningConflictError(spec.name, diffs)
+    if diffs:
+        migration = await migrate_stream(js, info, spec.fields, diffs, record=spec.record)
+        for change in migration.changed:
+            logger.info("migrated %s: %s %r -> %r", spec.name, change.field, change.old, change.new)
+        if report is not None:
+            report.changed.extend(migration.changed)
+            report.refused.extend(migration.refused)
     return False
 
 
@@ -307,24 +359,33 @@ async def provision(
     js: JetStreamContext,
     subjects: Subjects | None = None,
     settings: StorageSettings | None = None,
+    *,
+    migrate: bool = False,
 ) -> ProvisionReport:
     """Make sure every stream, KV bucket and object store of the design exists.
 
     Idempotent: a second run creates nothing and changes nothing.
 
+    Args:
+        migrate: bring existing resources to ``settings`` where the server allows it;
+            the report lists what changed and what was refused.
+
     Raises:
-        ProvisioningConflictError: a resource exists with another configuration; the
-            ones before it in the list have been provisioned, nothing was modified.
+        ProvisioningConflictError: a resource exists with another configuration and
+            ``migrate`` is False; the ones before it in the list have been provisioned,
+            nothing was modified.
     """
     subjects = subjects or Subjects()
     settings = settings or StorageSettings()
     report = ProvisionReport()
     for spec in desired_streams(subjects, settings):
-        created = await ensure_stream(js, spec)
+        created = await ensure_stream(js, spec, migrate=migrate, report=report)
         (report.created if created else report.unchanged).append(spec.name)
     return report
 
 
-async def provision_fleet(bus: Bus, settings: StorageSettings | None = None) -> ProvisionReport:
+async def provision_fleet(
+    bus: Bus, settings: StorageSettings | None = None, *, migrate: bool = False
+) -> ProvisionReport:
     """:func:`provision` this bus's fleet (its subject prefix), for callers outside ``bus``."""
-    return await provision(bus.js, bus.subjects, settings)
+    return await provision(bus.js, bus.subjects, settings, migrate=migrate)
