@@ -12,6 +12,7 @@ from bus.codec import DEFAULT_MAX_SIZE
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_USAGE
 from bus.streams import provision_fleet
+from fleet import backup
 from fleet.ops_status import status_command
 from fleet.permissions import load_registry, render
 from fleet.quantities import parse_duration, parse_size
@@ -86,6 +87,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     status.add_argument("--json", action="store_true", help="print a JSON document")
     add_connection_args(status)
     status.set_defaults(handler=status_command, is_async=True)
+
+    backup.add_parsers(ops_sub)
 
     config = ops_sub.add_parser(
         "server-config",
