@@ -170,19 +170,60 @@ async def _prepare(bus: Bus, stream: str, first_seq: int, *, force: bool, is_log
     return _Target(stream, append=True, skip=False, known=known)
 
 
+def restorable(bus: Bus) -> set[str]:
+    """The streams an export may hold, and so the only ones an import writes to."""
+    s = bus.subjects
+    return {s.events_stream, s.output_stream, f"KV_{s.config_bucket}", f"OBJ_{s.bundles_bucket}"}
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS wildcard matching: ``*`` one token, ``>`` one or more at the end."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for i, want in enumerate(wanted):
+        if want == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (want != "*" and want != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+async def check_records(bus: Bus, header: BackupHeader, records: Iterable[BackupRecord]) -> None:
+    """Refuse a file that would write outside the streams an export holds, or put a
+    subject into a stream that does not take it, before anything is written.
+
+    Raises:
+        UsageError: the first such record or stream.
+    """
+    allowed = restorable(bus)
+    subjects: dict[str, list[str]] = {}
+    for stream in header.first_seqs:
+        if stream not in allowed:
+            raise UsageError(f"the file names stream {stream}, which an export never holds")
+        subjects[stream] = list((await _info(bus, stream)).config.subjects or [])
+    for record in records:
+        if not any(subject_matches(record.subject, p) for p in subjects[record.stream]):
+            raise UsageError(
+                f"record {record.stream} seq {record.seq}: subject {record.subject} is not "
+                f"one of {record.stream}'s"
+            )
+
+
 async def restore(
     bus: Bus,
     header: BackupHeader,
-    records: Iterable[BackupRecord],
+    records: Callable[[], Iterable[BackupRecord]],
     *,
     force: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> RestoreReport:
-    """Republish ``records`` (from a verified file) into their streams.
+    """Republish the records (of a verified file; ``records()`` reads them from the
+    start) into their streams, after checking them all (:func:`check_records`).
 
     Raises:
-        UsageError: a target stream is missing, or not empty and ``force`` is False.
+        UsageError: a record or stream an export never holds; a target stream missing,
+            or not empty and ``force`` is False.
     """
+    await check_records(bus, header, records())
     report = RestoreReport()
     log_stream = bus.subjects.events_stream
     targets: dict[str, _Target] = {}
@@ -192,7 +233,7 @@ async def restore(
         )
         report.restored[stream] = report.skipped[stream] = 0
         report.sequences_kept[stream] = True
-    for record in records:
+    for record in records():
         target = targets[record.stream]
         msg_id = record.headers.get(HEADER_MSG_ID)
         if target.skip or (msg_id is not None and msg_id in target.known):

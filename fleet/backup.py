@@ -71,7 +71,9 @@ def _new_file(path: Path) -> Path:
     """Where to write ``path`` until it is complete; refuses to overwrite it."""
     if path.exists():
         raise UsageError(f"{path} exists; choose another name (an export never overwrites)")
-    return path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # left by an interrupted export; made anew, mode 0600
+    return partial
 
 
 async def export_command(args: argparse.Namespace) -> int:
@@ -93,7 +95,9 @@ async def export_command(args: argparse.Namespace) -> int:
         if args.bundles:
             plan.start[f"OBJ_{subjects.bundles_bucket}"] = 0
         try:
-            with partial.open("wb") as out:
+            # The log holds every job's command and output: for its owner's eyes only.
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
                 writer = BackupWriter(out)
                 counts = await export_streams(bus, plan, writer)
                 digest = writer.trailer()
@@ -124,7 +128,7 @@ async def import_command(args: argparse.Namespace) -> int:
                     f"{args.file} is an export of fleet prefix {header.prefix!r}, "
                     f"not {bus.subjects.prefix!r}"
                 )
-            report = await restore(bus, header, read_records(args.file), force=args.force)
+            report = await restore(bus, header, lambda: read_records(args.file), force=args.force)
         summary.update(
             restored=report.restored, skipped=report.skipped, sequences_kept=report.sequences_kept
         )

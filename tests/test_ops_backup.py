@@ -5,7 +5,9 @@ replays the same; damaged files and non-empty targets are refused."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import stat
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -204,3 +206,65 @@ async def test_damaged_files_are_refused_before_anything_is_restored(
     async with await connect(ConnectSettings(servers=[copy.url])) as other:
         assert (await other.js.stream_info("FLEET_EVENTS")).state.messages == 0
     assert (await fleet(copy.url, key, "ops", "import", str(good), "--check")).returncode == 0
+
+
+def rewrite(path: Path, edit: Callable[[list[dict[str, object]]], None]) -> None:
+    """Edit an export's lines and give it a valid trailer again (as an attacker can)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()[:-1]]
+    edit(lines)
+    raw = b"".join(
+        json.dumps(v, separators=(",", ":"), sort_keys=True).encode() + b"\n" for v in lines
+    )
+    counts: dict[str, int] = {}
+    for v in lines[1:]:
+        counts[str(v["stream"])] = counts.get(str(v["stream"]), 0) + 1
+    for stream in lines[0]["streams"]:  # type: ignore[union-attr]
+        counts.setdefault(stream, 0)
+    trailer = {"end": True, "counts": counts, "sha256": hashlib.sha256(raw).hexdigest()}
+    path.write_bytes(raw + json.dumps(trailer).encode() + b"\n")
+
+
+async def test_an_export_is_readable_by_its_owner_only(
+    tmp_path: Path, nats_server: NatsServer, bus: Bus, operator: tuple[Path, Signer]
+) -> None:
+    key, signer = operator
+    await submit(bus, signer, "web-1", job_request(["echo", "secret-ish argv"]))
+    path = tmp_path / "fleet.export"
+    assert (await fleet(nats_server.url, key, "ops", "export", str(path))).returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_a_crafted_export_cannot_write_to_other_streams(
+    tmp_path: Path,
+    nats_server: NatsServer,
+    bus: Bus,
+    operator: tuple[Path, Signer],
+    server_factory: Callable[..., NatsServer],
+) -> None:
+    """A file that names a stream outside what an export holds (another fleet's log, the
+    presence bucket) or puts a subject of one stream into another is refused whole."""
+    key, signer = operator
+    await submit(bus, signer, "web-1", job_request(["true"]))
+    good = tmp_path / "good.export"
+    assert (await fleet(nats_server.url, key, "ops", "export", str(good))).returncode == 0
+    copy = server_factory(name="copy")
+    assert (await fleet(copy.url, key, "ops", "init")).returncode == 0
+
+    def other_stream(lines: list[dict[str, object]]) -> None:
+        lines[0]["streams"] = {"KV_fleet-presence": {"first_seq": 1}}  # type: ignore[index]
+        for v in lines[1:]:
+            v["stream"] = "KV_fleet-presence"
+            v["subject"] = "$KV.fleet-presence.web-1"
+
+    def wrong_subject(lines: list[dict[str, object]]) -> None:
+        lines[1]["subject"] = "fleet.out.web-1.x.1"
+
+    for name, edit in (("other stream", other_stream), ("wrong subject", wrong_subject)):
+        path = tmp_path / f"{name}.export"
+        path.write_bytes(good.read_bytes())
+        rewrite(path, edit)
+        result = await fleet(copy.url, key, "ops", "import", str(path))
+        assert result.returncode == 2, (name, result.stderr)
+        async with await connect(ConnectSettings(servers=[copy.url])) as other:
+            for stream in ("FLEET_EVENTS", "KV_fleet-presence", "FLEET_OUTPUT"):
+                assert (await other.js.stream_info(stream)).state.messages == 0, name
