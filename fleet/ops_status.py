@@ -19,8 +19,8 @@ from typing import Any
 from bus import connect
 from bus.command import connect_settings
 from bus.connection import Bus
+from bus.storage_design import StorageSettings, desired_streams
 from bus.streaminfo import StreamUsage, stream_usage
-from bus.streams import StorageSettings, desired_streams
 from fleet.quantities import human_bytes, human_seconds
 
 SERVER_DEFAULT_MAX_CONSUMERS = 1000

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from agentd.config import AgentConfig, ModuleSpec
 from bus import errors
-from bus.streams import StorageSettings, desired_streams
+from bus.storage_design import StorageSettings, desired_streams
 from bus.subjects import Subjects
 from master.config import MasterConfig, Principal
 from schemas.auth import AuthAccepted, AuthChallenge, AuthStart, AuthSubmit
