@@ -103,6 +103,20 @@ def _kv(bucket: str, settings: StorageSettings, *, history: int = 1, **extra: An
     return StreamSpec("kv", fields)
 
 
+def _object_store(bucket: str, settings: StorageSettings) -> StreamSpec:
+    fields: dict[str, Any] = {
+        "name": f"OBJ_{bucket}",
+        "subjects": [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        "storage": api.StorageType.FILE,
+        "num_replicas": settings.replicas,
+        "max_consumers": settings.max_consumers,
+        "discard": api.DiscardPolicy.NEW,
+        "allow_rollup_hdrs": True,
+        "allow_direct": True,
+    }
+    return StreamSpec("object store", fields)
+
+
 def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[StreamSpec]:
     """Every stream, bucket and object store of the design, as they should be."""
     s = settings
@@ -169,38 +183,8 @@ def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[Strea
             max_age=s.tokens_ttl_s,
             subject_delete_marker_ttl=s.marker_ttl_s,
         ),
-        StreamSpec(
-            "object store",
-            {
-                "name": f"OBJ_{subjects.bundles_bucket}",
-                "subjects": [
-                    f"$O.{subjects.bundles_bucket}.C.>",
-                    f"$O.{subjects.bundles_bucket}.M.>",
-                ],
-                "storage": api.StorageType.FILE,
-                "num_replicas": s.replicas,
-                "max_consumers": s.max_consumers,
-                "discard": api.DiscardPolicy.NEW,
-                "allow_rollup_hdrs": True,
-                "allow_direct": True,
-            },
-        ),
-        StreamSpec(
-            "object store",
-            {
-                "name": f"OBJ_{subjects.snapshots_bucket}",
-                "subjects": [
-                    f"$O.{subjects.snapshots_bucket}.C.>",
-                    f"$O.{subjects.snapshots_bucket}.M.>",
-                ],
-                "storage": api.StorageType.FILE,
-                "num_replicas": s.replicas,
-                "max_consumers": s.max_consumers,
-                "discard": api.DiscardPolicy.NEW,
-                "allow_rollup_hdrs": True,
-                "allow_direct": True,
-            },
-        ),
+        _object_store(subjects.bundles_bucket, s),
+        _object_store(subjects.snapshots_bucket, s),
     ]
 
 
