@@ -17,6 +17,7 @@ from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env, job_
 from natsserver import NatsServer
 
 from bus import Bus, ConnectSettings, Signer, StorageSettings, connect, provision, public_key_of
+from bus.backup import subject_matches
 from bus.backup_file import verify
 from bus.keys import read_seed_file
 
@@ -268,3 +269,12 @@ async def test_a_crafted_export_cannot_write_to_other_streams(
         async with await connect(ConnectSettings(servers=[copy.url])) as other:
             for stream in ("FLEET_EVENTS", "KV_fleet-presence", "FLEET_OUTPUT"):
                 assert (await other.js.stream_info(stream)).state.messages == 0, name
+
+
+def test_subject_matching_follows_nats_wildcards() -> None:
+    assert subject_matches("fleet.evt.job.a.b.submitted", "fleet.evt.>")
+    assert subject_matches("$O.b.C.x", "$O.b.C.>")
+    assert subject_matches("a.b", "a.*")
+    assert not subject_matches("a.b.c", "a.*")
+    assert not subject_matches("fleet.evt", "fleet.evt.>")
+    assert not subject_matches("fleet.out.a", "fleet.evt.>")
