@@ -45,6 +45,9 @@ async def _info(bus: Bus, stream: str) -> api.StreamInfo:
     try:
         return await bus.js.stream_info(stream)
     except (nats.errors.Error, OSError) as exc:
+        refusal = bus.denial(f"$JS.API.STREAM.INFO.{stream}")
+        if refusal is not None:
+            raise refusal from exc
         raise _stream_error(stream, exc) from exc
 
 

@@ -38,6 +38,7 @@ async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> Stre
 
     Raises:
         ConnectionFailedError: the stream does not exist or the bus is down.
+        PermissionDeniedError: the server refuses this principal the stream's info.
         FleetTimeoutError: the server did not answer.
     """
     try:
@@ -46,6 +47,12 @@ async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> Stre
     except nats.js.errors.NotFoundError:
         raise ConnectionFailedError(f"stream {stream} does not exist") from None
     except nats.errors.TimeoutError as exc:
+        # A refused request is unanswered too: the server says so only on the side.
+        refusal = bus.denial(f"$JS.API.STREAM.INFO.{stream}") or bus.denial(
+            f"$JS.API.STREAM.MSG.GET.{stream}"
+        )
+        if refusal is not None:
+            raise refusal from exc
         raise FleetTimeoutError(f"no answer about {stream}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
