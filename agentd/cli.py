@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-d", "--daemon", action="store_true", help="detach and run in the background"
     )
+    # What a control `restart` of a `-d` agent re-executes with: already in the background.
+    parser.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
     add_log_level_flag(parser, "override the configured log level")
     actions = parser.add_argument_group("actions (each does one thing and exits)")
     one = actions.add_mutually_exclusive_group()
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = _act(args)
         if done is not None:
             return done
-        return run_daemon(_config_path(args), args.log_level, args.daemon)
+        return run_daemon(_config_path(args), args.log_level, args.daemon, detached=args.detached)
     except FleetError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

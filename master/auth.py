@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bus import Bus, Signer, SubjectTakenError, sign_envelope
+from bus import Bus, Signer, SubjectTakenError, UsageError, sign_envelope
 from bus.publish import DEFAULT_DEADLINE_S
 from bus.scram import auth_message, job_digest, new_nonce, server_signature, verify_proof
 from master.users import UserStore
@@ -50,6 +50,11 @@ def login_job_id(user: str, client_nonce: str, digest: str) -> str:
     except ValueError:
         return new_id()
     return stable_id(anchor, "login", user, client_nonce, digest)
+
+
+class TargetUnsupportedError(UsageError):
+    """The job's agent is ``unsupported`` (off the target version, may not update): the
+    master sends it no job (the prime directive). Told only to an authenticated user."""
 
 
 class Throttle:
@@ -106,10 +111,13 @@ class AuthService:
         master_id: str,
         throttle: Throttle | None = None,
         fence: Callable[[], float] | None = None,
+        unsupported: Callable[[str], str | None] = lambda agent: None,
     ) -> None:
+        """``unsupported(agent)``: why that agent may get no job, or None if it may."""
         self.bus = bus
         self.fence = fence
         """Seconds left to publish in, or raises (the master lease); None: no fence."""
+        self.unsupported = unsupported
         self.users = users
         self.signer = signer
         self.master_id = master_id
@@ -157,6 +165,12 @@ class AuthService:
             raise AuthFailed(GENERIC_FAILURE)
         assert record is not None
         self.throttle.succeeded(key)
+        unsupported = self.unsupported(request.agent)
+        if unsupported is not None:
+            logger.warning("! job of %s for unsupported agent %s refused", user, request.agent)
+            raise TargetUnsupportedError(
+                f"agent {request.agent} is unsupported ({unsupported}); the job was not submitted"
+            )
         job_id = login_job_id(user, request.client_nonce, digest)
         data = JobSubmitted(
             job_id=job_id, agent=request.agent, request=request.request, submitted_by=user

@@ -13,8 +13,18 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from agents import MASTER, AgentProcess, MasterProcess, finished, job_events
+from agents import (
+    MASTER,
+    AgentProcess,
+    MasterProcess,
+    finished,
+    fleet_env,
+    job_events,
+    wait_presence,
+)
 from natsserver import NatsServer, free_port
+from updates import SOURCE
+from updates import fleet as fleet_cli
 
 from bus import Bus, Signer, generate_seed, write_seed_file
 from bus.log import read_log
@@ -413,3 +423,38 @@ async def test_one_caller_cannot_lock_another_out(fleet: Fleet, bus: Bus) -> Non
     own = await fleet.run(*base(fleet.secret(), "-t", "-1", "-c", "true"))
     assert own.returncode == 0, own.stderr
     assert await login(bus, fleet, lambda op: bus.subjects.master_control_by(op, "batch"), PASSWORD)
+
+
+async def test_no_job_for_an_unsupported_agent(
+    fleet: Fleet, bus: Bus, operator: tuple[Path, Signer], tmp_path: Path
+) -> None:
+    # The prime directive: web-1 (not run by the launcher) cannot take the fleet's new
+    # target, so it is unsupported, and the master submits no headless job for it.
+    env = fleet_env(fleet.url, operator[0])
+    release = tmp_path / "release.nk"
+    bundle = tmp_path / "b.bundle"
+    for args in (
+        ("keys", "gen", "release", "rel", "-o", str(release)),
+        ("update", "build", "--version", "9.0.0", "--key", str(release), "--source", str(SOURCE),
+         "-o", str(bundle)),
+        ("update", "publish", str(bundle)),
+        ("update", "announce", "9.0.0"),
+    ):  # fmt: skip
+        await asyncio.to_thread(fleet_cli, env, *args)
+    await wait_presence(bus, "web-1", lambda p: p.state == "unsupported")
+    async with asyncio.timeout(30):
+        while True:  # until the master has folded the agent's agent.unsupported event
+            agents = (await control(bus, bus.subjects.master_control("agents"))).data["agents"]
+            if any(a["id"] == "web-1" and a["unsupported"] for a in agents):
+                break
+            await asyncio.sleep(0.1)  # the master is a few events behind: ask again
+
+    refused = await fleet.run(*base(fleet.secret(), "-t", "30", "-c", "echo never"))
+    assert refused.returncode == 2, refused.stderr
+    assert b"agent web-1 is unsupported (" in refused.stderr
+    assert b"the job was not submitted" in refused.stderr
+    signed = await fleet.run("-a", "nkey", *base(fleet.tmp / "batch.nk", "-c", "echo never"))
+    assert signed.returncode == 2, signed.stderr
+    assert b"agent web-1 is unsupported (" in signed.stderr
+    submitted = await read_log(bus, bus.subjects.events_stream, bus.subjects.job_events("web-1"))
+    assert submitted == []
