@@ -70,9 +70,8 @@ async def test_pam_decides_and_privileges_are_dropped(
     pam_user: Throwaway,
     tmp_path: Path,
 ) -> None:
-    agent = await agent_factory("web-1", run_as_mode="root", pam_service=pam_user.service).started(
-        bus
-    )
+    agent = agent_factory("web-1", run_as_mode="root", pam_service=pam_user.service)
+    await agent.started(bus)
     url, key = nats_server.url, operator[0]
     probe = ["sh", "-c", "id -un; id -u; id -G; pwd; umask; echo $HOME $USER"]
 
@@ -129,23 +128,9 @@ async def test_missing_pam_service_is_an_error_not_a_fallback(
     operator: tuple[Path, Signer],
     pam_user: Throwaway,
 ) -> None:
-    await agent_factory("web-1", run_as_mode="root", pam_service="fleet-no-such-service").started(
-        bus
-    )
-    result = await fleet(
-        nats_server.url,
-        operator[0],
-        "run",
-        "-a",
-        "web-1",
-        "--user",
-        pam_user.name,
-        "--password-stdin",
-        "--json",
-        "--",
-        "true",
-        stdin=pam_user.password + "\n",
-    )
+    agent = agent_factory("web-1", run_as_mode="root", pam_service="fleet-no-such-service")
+    await agent.started(bus)
+    result = await run_as(nats_server.url, operator[0], pam_user.name, pam_user.password, "true")
     assert result.returncode == 4
     assert b"PAM service fleet-no-such-service is not installed" in result.stdout
 
