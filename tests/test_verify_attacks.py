@@ -13,6 +13,7 @@ master's and the audit's own refusal stays tested on the open server.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import struct
 import subprocess
@@ -22,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import FLEET, finished, job_request, submit
+from agents import FLEET, finished, job_request, submit, wait_event
 from deployment import Deployment, run_cli
 from natsserver import NatsServer
 
 from bus import Bus, PermissionDeniedError, Signer, sign_envelope
 from bus.request import control
 from ledger.anchoring import read_witness
-from schemas import Envelope, JobFinished, JobLateResult, make_envelope, new_id
+from ledger.policy import MASTER_OUTCOMES
+from schemas import Envelope, JobFinished, JobLateResult, JobSubmitted, make_envelope, new_id
+from schemas.ids import _encode as encode_id
+from schemas.ids import id_time_ns
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -283,3 +287,45 @@ async def test_a_headless_users_own_signature_is_a_known_principal(
     registry.write_config()
     trusted = await fleet(d, "audit", "--verify", "--trust", str(registry.config_path))
     assert trusted.returncode == 0, trusted.stderr
+
+
+def guessed_id(job: str, *parts: str) -> str:
+    """An event id derived from what anyone may know (the job's id and the event's name),
+    the way a retried event's id once was."""
+    ms = id_time_ns(job) // 1_000_000
+    digest = hashlib.sha256("\x1f".join((job, *parts)).encode()).digest()
+    return encode_id((ms << 80) | int.from_bytes(digest[:10], "big"))
+
+
+async def test_a_submitter_cannot_squat_the_ids_of_its_jobs_events(deployment: Deployment) -> None:
+    # The stream drops a message whose Nats-Msg-Id it saw in the last two minutes, on any
+    # subject. A submitter knows its job's id before the job runs: if the agent's started
+    # and finished (and the master's outcomes) had ids anyone could derive from it, a
+    # message carrying them, on a subject the submitter may publish, would make the log
+    # drop the agent's events as repeats, and the job would never have run, as far as
+    # the log tells.
+    d = deployment
+    trusted = [d[n].public_key for n in ("tester", "mallory")]
+    await d.agent("web-1", trusted=trusted).started(d.bus)
+    mallory, job, s = await d.as_("mallory"), new_id(), d.bus.subjects
+    guesses = [guessed_id(job, name) for name in ("started", "finished")]
+    guesses += [guessed_id(job, "finished", "master", st) for st in MASTER_OUTCOMES]
+    for guess in guesses:
+        decoy = new_id()
+        data = JobSubmitted(
+            job_id=decoy, agent="web-2", request=job_request(["true"]), submitted_by="mallory"
+        )
+        subject = s.job_event("web-2", decoy, "submitted")
+        envelope = make_envelope(data, source="mallory", subject=subject, event_id=guess)
+        stored = await mallory.publish_event(sign_envelope(envelope, d["mallory"].signer))
+        assert not stored.duplicate
+    data = JobSubmitted(
+        job_id=job, agent="web-1", request=job_request(["echo", "ran"]), submitted_by="mallory"
+    )
+    subject = s.job_event("web-1", job, "submitted")
+    envelope = make_envelope(data, source="mallory", subject=subject)
+    await mallory.publish_event(sign_envelope(envelope, d["mallory"].signer))
+    started = await wait_event(d.bus, "web-1", job, "started", timeout=20)
+    assert started.id not in guesses
+    done = await finished(d.bus, "web-1", job, timeout=20)
+    assert (done.status, done.output_tail) == ("succeeded", "ran\n")
