@@ -6,14 +6,16 @@ them): the master, agents ``web-1`` and ``web-2``, operators ``tester``, ``watch
 role there is), and the NATS ``admin``. A :class:`Deployment` either
 
 - renders the server's permissions from that registry with ``fleet ops server-config``,
-  starts nats-server with them and runs ``fleet ops init`` with the admin key
-  (``generated``): every principal then connects as itself, through its own inbox, and
-  the server refuses it everything its role does not need; or
+  starts nats-server with them and provisions it as the admin, as ``fleet ops init``
+  does (``generated``): every principal then connects as itself, through its own inbox,
+  and the server refuses it everything its role does not need; or
 - starts the open test server (anyone may do anything) and provisions it the same way,
   so that the defences behind the permissions (the agent's trust file, the master's
   policy, ``fleet audit --verify``) are tested on their own too.
 
-Agents and the master are real processes with the cast's keys; the deployment stops them.
+The keys and the rendered config (a :class:`Cast`) are made once per session: each test
+still has its own server, agents and master. Agents and the master are real processes
+with the cast's keys; the deployment stops them.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from bus import (
     ConnectSettings,
     PermissionDeniedError,
     Signer,
+    StorageSettings,
     connect,
     generate_seed,
     write_seed_file,
 )
+from bus.streams import provision_fleet
 
 ROLES = {
     "master": "master",
@@ -102,49 +106,70 @@ async def refused(bus: Bus, *subjects: str) -> None:
         assert "publishing to" in str(denial), subject
 
 
+class Cast:
+    """Every principal of :data:`ROLES` with a key, their registry, and the server
+    configs ``fleet ops server-config`` renders from it (per ``max_payload``)."""
+
+    def __init__(self, base: Path) -> None:
+        self.principals: dict[str, Principal] = {}
+        base.mkdir(parents=True, exist_ok=True)
+        for name, role in ROLES.items():
+            seed, path = generate_seed(), base / f"{role}-{name}.nk"
+            write_seed_file(path, seed, owner=(role, name))
+            self.principals[name] = Principal(name, role, path, Signer(seed))
+        self.registry = base / "registry.toml"
+        lines = [f'[master]\npublic_key = "{self.principals["master"].public_key}"']
+        for p in self.principals.values():
+            if p.role != "master":
+                lines.append(f'[{_SECTIONS[p.role]}.{p.name}]\npublic_key = "{p.public_key}"')
+        self.registry.write_text("\n".join(lines) + "\n")
+        self._configs: dict[int | None, str] = {}
+
+    async def server_config(self, max_payload: int | None = None) -> str:
+        """What ``fleet ops server-config --registry … [--max-payload N]`` renders."""
+        if max_payload not in self._configs:
+            args = ["--registry", str(self.registry)]
+            if max_payload is not None:
+                args += ["--max-payload", str(max_payload)]
+            rendered = await run_cli(FLEET, "ops", "server-config", *args)
+            assert rendered.returncode == 0, rendered.stderr
+            self._configs[max_payload] = rendered.stdout
+        return self._configs[max_payload]
+
+
 class Deployment:
-    """A server, its registry's principals, and the agents and master started on it.
+    """A server, the cast's principals, and the agents and master started on it.
 
     Use as ``async with Deployment(...) as d:`` (or the ``deployment`` fixture); leaving
     the block stops every agent and master it made and closes its connections.
+    ``ops_init_cli``: provision with ``fleet ops init`` itself rather than in-process.
     """
 
     def __init__(
         self,
         base: Path,
         server_factory: Callable[..., NatsServer],
+        cast: Cast,
         *,
         generated: bool,
         max_payload: int | None = None,
+        ops_init_cli: bool = False,
         request: pytest.FixtureRequest | None = None,
     ) -> None:
         self.base = base
+        self.cast = cast
         self.generated = generated
         self.mode = "generated" if generated else "open"
         self.max_payload = max_payload
+        self.ops_init_cli = ops_init_cli
         self._server_factory = server_factory
         self._request = request
-        self.principals: dict[str, Principal] = {}
-        keys = base / "keys"
-        keys.mkdir(parents=True, exist_ok=True)
-        for name, role in ROLES.items():
-            seed, path = generate_seed(), keys / f"{role}-{name}.nk"
-            write_seed_file(path, seed, owner=(role, name))
-            self.principals[name] = Principal(name, role, path, Signer(seed))
-        self.registry = base / "registry.toml"
-        self.registry.write_text(self._registry_toml())
+        self.principals = cast.principals
         self.server: NatsServer | None = None
         self.agents: list[AgentProcess] = []
         self.masters: list[MasterProcess] = []
         self._buses: list[Bus] = []
         self._as: dict[str, Bus] = {}
-
-    def _registry_toml(self) -> str:
-        lines = [f'[master]\npublic_key = "{self["master"].public_key}"']
-        for p in self.principals.values():
-            if p.role != "master":
-                lines.append(f'[{_SECTIONS[p.role]}.{p.name}]\npublic_key = "{p.public_key}"')
-        return "\n".join(lines) + "\n"
 
     def __getitem__(self, name: str) -> Principal:
         return self.principals[name]
@@ -156,18 +181,14 @@ class Deployment:
 
     async def start(self) -> Deployment:
         """Start the server (with the generated permissions, or open) and provision it."""
-        config = ""
-        if self.generated:
-            args = ["--registry", str(self.registry)]
-            if self.max_payload is not None:
-                args += ["--max-payload", str(self.max_payload)]
-            rendered = await run_cli(FLEET, "ops", "server-config", *args)
-            assert rendered.returncode == 0, rendered.stderr
-            config = rendered.stdout
+        config = await self.cast.server_config(self.max_payload) if self.generated else ""
         self.server = self._server_factory(config=config)
-        init = await run_cli(FLEET, "ops", "init", env=self.env("admin"))
-        assert init.returncode == 0, init.stderr
+        if self.ops_init_cli:
+            init = await run_cli(FLEET, "ops", "init", env=self.env("admin"))
+            assert init.returncode == 0, init.stderr
         self.bus = await self.connect("admin")  # reads everything, to watch what happens
+        if not self.ops_init_cli:
+            await provision_fleet(self.bus, StorageSettings())
         return self
 
     def settings(self, name: str) -> ConnectSettings:

@@ -15,7 +15,7 @@ import nats
 import nats.js.errors
 import pytest
 from agents import FLEET, MASTER, finished
-from deployment import Deployment, refused, run_cli
+from deployment import Cast, Deployment, refused, run_cli
 from natsserver import NatsServer
 from samples import sample_envelope
 
@@ -54,10 +54,19 @@ def consumer_body(name: str, **config: object) -> dict[str, Any]:
 
 
 async def test_no_principal_reaches_another_s_consumers_or_output(
-    server_factory: Callable[..., NatsServer], tmp_path: Path, request: pytest.FixtureRequest
+    server_factory: Callable[..., NatsServer],
+    cast: Cast,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     d = Deployment(
-        tmp_path, server_factory, generated=True, max_payload=MAX_PAYLOAD, request=request
+        tmp_path,
+        server_factory,
+        cast,
+        generated=True,
+        max_payload=MAX_PAYLOAD,
+        ops_init_cli=True,  # `fleet ops init` itself, as the admin: no other role may
+        request=request,
     )
     async with d:
         url, admin = d.url, d.bus
