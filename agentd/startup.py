@@ -26,6 +26,7 @@ from bus.daemon_shell import DaemonSettings, configure_daemon_logging, serve
 from bus.logformat import set_log_ids
 from bus.observe import serve_observability
 from bus.paths import private_dir
+from bus.reloadreport import write_reload_report
 from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
@@ -115,8 +116,10 @@ async def serve_agent(config_path: Path | None, config: AgentConfig, level: str 
             running.reload(new)
         except FleetError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
+            write_reload_report(config.pid_path, False, f"refused: {exc}")
             return
         logging.getLogger().setLevel(level or new.log_level)
+        write_reload_report(config.pid_path, True, "reloaded")
 
     async def presence(bus: Bus) -> object:
         return await bus.kv(bus.subjects.presence_bucket)

@@ -8,9 +8,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bus.command import add_version_flag, configure_logging, run_command
+from bus.command import add_version_flag, configure_logging, log_level_name, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import audit, demo, jobs, keys, ops, run, update
+from fleet import audit, demo, jobs, keys, ops, run, shell, update
 
 PROG = "fleet"
 
@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-l",
         "--log-level",
         default="WARNING",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="diagnostics on stderr (default WARNING)",
+        type=log_level_name,
+        metavar="LEVEL",
+        help="diagnostics on stderr: TRACE, DEBUG, INFO, WARN, ERROR (default WARNING)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub)
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_parser(sub)
     demo.add_parser(sub)
     update.add_parser(sub)
+    shell.add_parser(sub)
     return parser
 
 

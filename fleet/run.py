@@ -192,7 +192,9 @@ def build_request(args: argparse.Namespace) -> JobRequest:
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    kinds = sum(bool(x) for x in (argv and not args.module, args.script, args.module))
+    # Words after --script FILE or -m MODULE are its arguments, not a second command.
+    is_argv = bool(argv) and not args.module and not args.script
+    kinds = sum(bool(x) for x in (is_argv, args.script, args.module))
     if kinds != 1:
         raise UsageError("say what to run: a command after --, or --script FILE, or -m MODULE")
     command: Command

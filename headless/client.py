@@ -136,6 +136,7 @@ class Outcome:
 
     status: str
     exit_code: int | None
+    reason: str | None = None
 
 
 _NOT_YET = "no job "  # the master has not folded the submission yet, or it is not ours
@@ -163,7 +164,7 @@ async def wait_finished(bus: Bus, user: str, job_id: str, timeout: float | None)
                         raise
                     doc = {}
                 if doc.get("finished"):
-                    return Outcome(str(doc["status"]), doc.get("exit_code"))
+                    return Outcome(str(doc["status"]), doc.get("exit_code"), doc.get("reason"))
                 # The master knows the job's end only once it has folded it: ask again.
                 await asyncio.sleep(_POLL.delay(attempt))
                 attempt += 1

@@ -41,10 +41,19 @@ class Fleet:
         write_seed_file(path, bcrypt.hashpw(password.encode(), self.salt(user)))
         return path
 
-    async def run(self, *args: str, url: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    async def run(
+        self, *args: str, url: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``fleet-headless -s URL ARGS`` (without ``-s`` when ``env`` is given)."""
         server = (url or self.url).removeprefix("nats://")
+        where = [] if env is not None else ["-s", server]
         proc = await asyncio.create_subprocess_exec(
-            HEADLESS, "-s", server, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            HEADLESS,
+            *where,
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode is not None
@@ -130,6 +139,42 @@ async def test_failing_job_is_4(fleet: Fleet) -> None:
         *base(fleet.secret(), "-t", "-1", "--lang", "python", "-c", "raise SystemExit(3)")
     )
     assert result.returncode == 4
+    # What cron.example promises: quiet, but one line saying why when it failed.
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("fleet-headless: job ")
+    assert "failed (exit code 3)" in line
+    quiet = await fleet.run(
+        *base(fleet.secret("q"), "-q", "-t", "-1", "--lang", "python", "-c", "raise SystemExit(3)")
+    )
+    assert quiet.returncode == 4
+    assert quiet.stderr == b""
+
+
+async def test_an_unknown_module_is_a_parameter_error(fleet: Fleet) -> None:
+    result = await fleet.run(*base(fleet.secret(), "-t", "-1", "-m", "no-such-module"))
+    assert result.returncode == 2
+    [line] = result.stderr.decode().splitlines()
+    assert "rejected" in line
+    assert "no-such-module" in line
+
+
+async def test_fleet_server_and_server_name_the_server(fleet: Fleet) -> None:
+    by_env = await fleet.run(
+        *base(fleet.secret(), "-t", "-1", "-c", "true"), env={"FLEET_SERVER": fleet.url}
+    )
+    assert by_env.returncode == 0, by_env.stderr
+    by_flag = await fleet.run(
+        "--server", fleet.url, *base(fleet.secret("f"), "-t", "-1", "-c", "true"), env={}
+    )
+    assert by_flag.returncode == 0, by_flag.stderr
+
+
+async def test_an_unsafe_secret_file_is_2_even_with_no_server(fleet: Fleet) -> None:
+    secret = fleet.secret()
+    secret.chmod(0o644)
+    result = await fleet.run(*base(secret, "-c", "true"), url=f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "0644" in result.stderr.decode()
     script = fleet.tmp / "job.py"
     script.write_text("print('python file')\n")
     ok = await fleet.run(*base(fleet.secret("s2"), "-t", "-1", "-f", str(script)))
@@ -264,6 +309,9 @@ async def test_lock_keeps_two_clients_from_overlapping(fleet: Fleet, bus: Bus) -
     refused = await fleet.run(*base(secret, *job))
     assert refused.returncode == 3
     assert "held by another client" in refused.stderr.decode()
+    silent = await fleet.run(*base(secret, "-q", *job))
+    assert silent.returncode == 3
+    assert silent.stderr == b""  # -q: nothing at all
     second = await fleet.run(
         *base(secret, "-v", "--lock-wait", "30", *job[2:4], "--lock", "nightly", *job[4:])
     )
