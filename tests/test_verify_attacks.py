@@ -335,3 +335,22 @@ async def test_a_submitter_cannot_squat_the_ids_of_its_jobs_events(deployment: D
     assert started.id not in guesses
     done = await finished(d.bus, "web-1", job, timeout=20)
     assert (done.status, done.output_tail) == ("succeeded", "ran\n")
+
+
+async def test_another_agent_cannot_squat_a_jobs_output_chunks(deployment: Deployment) -> None:
+    # The output stream drops repeats by message id too. Another agent (publishing only
+    # its own output, as its permissions allow), told a job's id by its submitter before
+    # the job runs, sends chunks with the ids web-1 would give that job's output.
+    d = deployment
+    await d.agent("web-1").started(d.bus)
+    job, s, web2 = new_id(), d.bus.subjects, await d.as_("web-2")
+    for seq in range(1, 4):
+        stored = await web2.publish_stored(
+            s.output("web-2", job), b"decoy\n", msg_id=f"{job}-{seq}", stream=s.output_stream
+        )
+        assert not stored.duplicate
+    request = job_request(["echo", "ran"])
+    await submit(await d.as_("tester"), d["tester"].signer, "web-1", request, job_id=job)
+    assert (await finished(d.bus, "web-1", job)).status == "succeeded"
+    logs = await fleet(d, "job", "logs", job)
+    assert (logs.returncode, logs.stdout) == (0, "ran\n"), logs.stderr
