@@ -47,7 +47,6 @@ from schemas import (
     JobSubmitted,
     UnknownEvent,
     make_envelope,
-    stable_id,
 )
 
 if TYPE_CHECKING:
@@ -232,7 +231,7 @@ class Outcomes:
             data,
             source=self.source,
             subject=subject,
-            event_id=stable_id(job_id, "finished", self.source, status),
+            event_id=self.signer.stable_id(job_id, "finished", self.source, status),
         )
         left = self.fence() if self.fence is not None else DEFAULT_DEADLINE_S
         try:
