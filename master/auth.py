@@ -21,7 +21,7 @@ from bus import Bus, Signer, SubjectTakenError, UsageError, sign_envelope
 from bus.publish import DEFAULT_DEADLINE_S
 from bus.scram import auth_message, job_digest, new_nonce, server_signature, verify_proof
 from master.users import UserStore
-from schemas import AuthDenied, JobSubmitted, make_envelope, new_id, stable_id
+from schemas import AuthDenied, JobSubmitted, make_envelope, new_id
 from schemas.auth import AuthAccepted, AuthChallenge, AuthStart, AuthSubmit
 from schemas.ids import id_time_ns
 
@@ -40,16 +40,18 @@ class AuthFailed(Exception):
     """A login failed; the message is all the client learns."""
 
 
-def login_job_id(user: str, client_nonce: str, digest: str) -> str:
+def login_job_id(signer: Signer, user: str, client_nonce: str, digest: str) -> str:
     """The id of the job a login submits: the same for every login of ``user`` with
     this client nonce and job, when the nonce begins with a fleetbus id (as
-    ``fleet-headless`` makes them: that id's time is the job id's); else a new id."""
+    ``fleet-headless`` makes them: that id's time is the job id's); else a new id.
+    Keyed by the master's key (which every standby shares), so no one else can work it
+    out in advance and take it."""
     anchor = client_nonce[:26]
     try:
         id_time_ns(anchor)
     except ValueError:
         return new_id()
-    return stable_id(anchor, "login", user, client_nonce, digest)
+    return signer.stable_id(anchor, "login", user, client_nonce, digest)
 
 
 class TargetUnsupportedError(UsageError):
@@ -171,7 +173,7 @@ class AuthService:
             raise TargetUnsupportedError(
                 f"agent {request.agent} is unsupported ({unsupported}); the job was not submitted"
             )
-        job_id = login_job_id(user, request.client_nonce, digest)
+        job_id = login_job_id(self.signer, user, request.client_nonce, digest)
         data = JobSubmitted(
             job_id=job_id, agent=request.agent, request=request.request, submitted_by=user
         )
@@ -180,7 +182,7 @@ class AuthService:
             data,
             source=self.master_id,
             subject=subject,
-            event_id=stable_id(job_id, "submitted"),
+            event_id=self.signer.stable_id(job_id, "submitted"),
         )
         try:
             await self.bus.publish_event(

@@ -422,4 +422,7 @@ async def test_a_login_repeated_with_its_nonce_submits_its_job_once(
     ids = [e.data["job_id"] for e in submitted if e.type == "job.submitted"]
     assert sorted(ids) == sorted([first, other])
     # Someone else's login with the same nonce and job is another job.
-    assert login_job_id("mallory", nonce, "d" * 64) != login_job_id("batch", nonce, "d" * 64)
+    signer = Signer.from_file(key)
+    assert login_job_id(signer, "mallory", nonce, "d" * 64) != login_job_id(
+        signer, "batch", nonce, "d" * 64
+    )
