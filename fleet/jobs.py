@@ -240,7 +240,8 @@ async def job_logs(args: argparse.Namespace) -> int:
             await _wait_for(bus, view, None, OutputPrinter(prefix=False))
             return EXIT_OK
         subject = bus.subjects.output(view.agent, view.job_id)
-        for record in await read_log(bus, bus.subjects.output_stream, subject):
+        records = await read_log(bus, bus.subjects.output_stream, subject)
+        for record in records:
             stream = record.headers.get(HEADER_OUTPUT_STREAM, "stdout")
             target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
             target.write(record.data)
@@ -248,6 +249,14 @@ async def job_logs(args: argparse.Namespace) -> int:
         if view.finished and view.output_chunks == 0 and view.stdout_bytes + view.stderr_bytes:
             print(
                 "fleet: the output is no longer stored (expired from the output stream)",
+                file=sys.stderr,
+            )
+        elif view.finished and len(records) < view.output_chunks:
+            # Never a silent short read: the agent counted what it stored.
+            print(
+                f"fleet: only {len(records)} of the {view.output_chunks} output chunks the "
+                "agent stored are there (expired from the output stream, or removed); "
+                "the output above is incomplete",
                 file=sys.stderr,
             )
     return EXIT_OK
