@@ -7,6 +7,7 @@ import getpass
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,46 @@ from schemas import Presence
 
 COMMANDS = ("run", "start", "stop", "restart", "reload", "status", "hash", "user")
 
+COMMAND_HELP: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "run": (
+        "",
+        "Run the master in the foreground, logging to stderr; SIGTERM stops it "
+        "(a last snapshot first), SIGHUP reloads its configuration.",
+        ("-c", "-l"),
+    ),
+    "start": (
+        "",
+        "Start the master in the background (pid file and log in data_dir); "
+        "says on the terminal, exit 2, if one runs already.",
+        ("-c", "-l"),
+    ),
+    "stop": ("", "Stop the running master and wait for it; exit 3 if none runs.", ("-c",)),
+    "restart": ("", "Stop the running master (if any), then start it.", ("-c", "-l")),
+    "reload": (
+        "",
+        "Make the running master re-read its configuration, keeping its state; "
+        "exit 0 when it took the file, 2 (with the reason) when it refused it, "
+        "3 when none runs.",
+        ("-c",),
+    ),
+    "status": (
+        "",
+        "The masters (active or standby), the configured agents and whether "
+        "each is connected (WRONG KEY: its presence carries another key); "
+        "exit 3 when this host's master is not running.",
+        ("-c", "--json"),
+    ),
+    "hash": ("", "Print the SHA-256 of the whole configuration, defaults included.", ("-c",)),
+    "user": (
+        " add|passwd|del NAME",
+        "Manage the headless users' bcrypt store: add or "
+        "passwd asks for the password twice (or reads one line with --password-stdin).",
+        ("-c", "--password-stdin", "--cost"),
+    ),
+}
+"""Each command's arguments, description and the options it takes: ``fleet-master
+COMMAND --help``."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -36,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             "stand by and take over when it dies. Commands: run (foreground), start "
             "(background), stop, restart, reload (re-read the config, keeping state), status "
             "(the masters, active or standby; configured agents and whether they are "
-            "connected), hash (the configuration's hash)."
+            "connected), hash (the configuration's hash), user (headless users). "
+            "`fleet-master COMMAND --help` tells about one command."
         ),
     )
     parser.add_argument(
@@ -207,9 +249,26 @@ def manage_user(config: MasterConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def command_help(parser: argparse.ArgumentParser, command: str) -> str:
+    """``fleet-master COMMAND --help``: that command alone, with the options it takes."""
+    arguments, description, options = COMMAND_HELP[command]
+    lines = [f"usage: {PROG} {command}{arguments} [options]", "", textwrap.fill(description, 79)]
+    lines += ["", "options:"]
+    for action in parser._actions:  # argparse has no public lookup by option string
+        if set(action.option_strings) & set(options):
+            flags = ", ".join(action.option_strings)
+            lines.append(f"  {flags:<22}{action.help or ''}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fleet-master``; returns the exit code."""
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    asked = [w for w in words if w in COMMANDS]
+    if asked and ("-h" in words or "--help" in words):
+        sys.stdout.write(command_help(parser, asked[0]))
+        return 0
     args = parser.parse_args(argv)
     if args.command is None and not args.check:
         parser.error(f"a COMMAND is needed: {', '.join(COMMANDS)} (or --check)")
