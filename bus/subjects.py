@@ -267,3 +267,10 @@ class Subjects:
         if len(parts) != 6 or parts[0] != self.prefix or parts[1:3] != ["evt", "job"]:
             return None
         return parts[3], parts[4], parts[5]
+
+    def parse_output(self, subject: str) -> tuple[str, str] | None:
+        """``(agent, job_id)`` of an output subject, or None if it is not one."""
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[0] != self.prefix or parts[1] != "out":
+            return None
+        return parts[2], parts[3]
