@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="override the configured log level",
     )
+    parser.add_argument(
+        "--simulate",
+        type=int,
+        metavar="N",
+        default=0,
+        help="host N agent identities in this one process (ids <id>-0001 …, each with its "
+        "own key and journal in data_dir/<id>-0001 …, its own connection and presence), "
+        "through the daemon's own code path: for benchmarks and large-fleet tests. "
+        "No self-update, no metrics port",
+    )
     actions = parser.add_argument_group("actions (each does one thing and exits)")
     one = actions.add_mutually_exclusive_group()
     one.add_argument(
@@ -142,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = _act(args)
         if done is not None:
             return done
-        return run_daemon(_config_path(args), args.log_level, args.daemon)
+        return run_daemon(_config_path(args), args.log_level, args.daemon, simulate=args.simulate)
     except FleetError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -42,6 +42,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 _SETTLE_S = 5.0  # how long killed processes get to disappear before we give up waiting
 
 _scopes: dict[int, JobScope] = {}
+_made_here: set[str] = set()
+"""Job cgroups this process created and has not removed: never stale, even before their
+leader is adopted (the agent itself is inside one while it forks)."""
 _subreaper = False
 _spawn_lock = asyncio.Lock()
 _leaders: set[int] = set()  # job leaders whose exit status asyncio has yet to collect
@@ -82,6 +85,7 @@ class JobScope:
             try:
                 path.mkdir(exist_ok=True)
                 self.cgroup = path
+                _made_here.add(path.name)
             except OSError as exc:
                 logger.debug("no cgroup for job %s: %s", job_id, exc)
 
@@ -117,6 +121,7 @@ class JobScope:
 
     def _remove_cgroup(self) -> None:
         if self.cgroup is not None:
+            _made_here.discard(self.cgroup.name)
             with contextlib.suppress(OSError):
                 self.cgroup.rmdir()
             self.cgroup = None
@@ -196,13 +201,17 @@ def kill_job_leftovers(job_id: str) -> int:
 
 
 def remove_stale_cgroups() -> None:
-    """After a restart's recovery: remove job cgroups no running job owns."""
+    """After a restart's recovery: remove job cgroups an earlier agent process left.
+
+    Several agents may share this process (``--simulate``): one recovering while another
+    forks inside its new job's cgroup must not take that cgroup, with the agent in it,
+    for stale.
+    """
     parent = own_cgroup_dir()
     if parent is None or not parent.is_dir():
         return
-    owned = {f"{PREFIX}{s.job_id}" for s in _scopes.values()}
     for path in parent.glob(f"{PREFIX}*"):
-        if path.name not in owned:
+        if path.name not in _made_here:
             kill_cgroup(path)
             with contextlib.suppress(OSError):
                 path.rmdir()

@@ -19,6 +19,7 @@ from agentd.identity import ensure_identity
 from agentd.metrics import agent_readiness, agent_registry
 from agentd.presence import UpdateView
 from agentd.record import Emitter
+from agentd.simulate import serve_simulated, simulated_configs
 from agentd.trust import load_trust
 from bus import FleetError, Signer, daemon_shell
 from bus.connection import Bus
@@ -159,9 +160,14 @@ def _report_healthy() -> None:
         logger.info("reported healthy to the launcher")
 
 
-def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
-    """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``)."""
+def run_daemon(
+    config_path: Path | None, level: str | None, detach: bool, *, simulate: int = 0
+) -> int:
+    """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``);
+    with ``simulate``, that many identities in this one process (:mod:`agentd.simulate`)."""
     config = load_config(config_path)
+    if simulate:
+        simulated_configs(config, simulate)  # a bad count or key is said before detaching
     if config.trust_file is not None:
         load_trust(config.trust_file)  # a bad trust file stops the start, on the terminal
     # config-set writes the file back, possibly after -d changed the directory to /.
@@ -174,6 +180,14 @@ def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int
         configure_daemon_logging(settings, detached=detached)
         logbuffer.install()
 
+    if simulate:
+        code, _ = daemon_shell.run_daemon(
+            settings,
+            lambda: serve_simulated(config, simulate),
+            detach=detach,
+            configure_logging=configure_logging,
+        )
+        return code
     code, restart = daemon_shell.run_daemon(
         settings,
         lambda: serve_agent(config_path, config, level),
