@@ -27,7 +27,7 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from agentd.cgroup import PREFIX, kill_cgroup, move, own_cgroup_dir, populated
@@ -200,21 +200,24 @@ def kill_job_leftovers(job_id: str) -> int:
     return killed
 
 
-def remove_stale_cgroups() -> None:
-    """After a restart's recovery: remove job cgroups an earlier agent process left.
+def remove_stale_cgroups(job_ids: Iterable[str]) -> None:
+    """After a restart's recovery: remove what an earlier process of this agent left of
+    its jobs' cgroups (``job_ids``: the jobs its journal holds).
 
-    Several agents may share this process (``--simulate``): one recovering while another
-    forks inside its new job's cgroup must not take that cgroup, with the agent in it,
-    for stale.
+    Only this agent's own: the cgroups of other agents on the host (another daemon,
+    ``--simulate``, tests in parallel) are theirs, and so is one that another agent of
+    this process has just made and stands in to fork its job's leader.
     """
     parent = own_cgroup_dir()
     if parent is None or not parent.is_dir():
         return
-    for path in parent.glob(f"{PREFIX}*"):
-        if path.name not in _made_here:
-            kill_cgroup(path)
-            with contextlib.suppress(OSError):
-                path.rmdir()
+    for job_id in job_ids:
+        path = parent / f"{PREFIX}{job_id}"
+        if path.name in _made_here or not path.is_dir():
+            continue
+        kill_cgroup(path)
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _tagged(marker: bytes) -> list[int]:
