@@ -42,9 +42,6 @@ _PR_SET_CHILD_SUBREAPER = 36
 _SETTLE_S = 5.0  # how long killed processes get to disappear before we give up waiting
 
 _scopes: dict[int, JobScope] = {}
-_made_here: set[str] = set()
-"""Job cgroups this process created and has not removed: never stale, even before their
-leader is adopted (the agent itself is inside one while it forks)."""
 _subreaper = False
 _spawn_lock = asyncio.Lock()
 _leaders: set[int] = set()  # job leaders whose exit status asyncio has yet to collect
@@ -85,7 +82,6 @@ class JobScope:
             try:
                 path.mkdir(exist_ok=True)
                 self.cgroup = path
-                _made_here.add(path.name)
             except OSError as exc:
                 logger.debug("no cgroup for job %s: %s", job_id, exc)
 
@@ -121,7 +117,6 @@ class JobScope:
 
     def _remove_cgroup(self) -> None:
         if self.cgroup is not None:
-            _made_here.discard(self.cgroup.name)
             with contextlib.suppress(OSError):
                 self.cgroup.rmdir()
             self.cgroup = None
@@ -200,24 +195,24 @@ def kill_job_leftovers(job_id: str) -> int:
     return killed
 
 
-def remove_stale_cgroups(job_ids: Iterable[str]) -> None:
-    """After a restart's recovery: remove what an earlier process of this agent left of
-    its jobs' cgroups (``job_ids``: the jobs its journal holds).
+def remove_stale_cgroups(ours: Iterable[str]) -> None:
+    """After a restart's recovery: remove the cgroups of jobs in ``ours`` (the ones this
+    agent's journal knows) that no running job owns.
 
-    Only this agent's own: the cgroups of other agents on the host (another daemon,
-    ``--simulate``, tests in parallel) are theirs, and so is one that another agent of
-    this process has just made and stands in to fork its job's leader.
+    Only ours: agents that share a cgroup (several on one host outside systemd, or
+    hosted together by ``--simulate``) see each other's job cgroups beside their own,
+    and a restarting agent must not kill its neighbours' jobs.
     """
     parent = own_cgroup_dir()
     if parent is None or not parent.is_dir():
         return
-    for job_id in job_ids:
+    running = {s.job_id for s in _scopes.values()}
+    for job_id in set(ours) - running:
         path = parent / f"{PREFIX}{job_id}"
-        if path.name in _made_here or not path.is_dir():
-            continue
-        kill_cgroup(path)
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        if path.is_dir():
+            kill_cgroup(path)
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _tagged(marker: bytes) -> list[int]:

@@ -255,4 +255,4 @@ class JobRunner:
                 reason += f"; {killed} leftover processes killed"
             logger.warning("job %s abandoned: %s", entry.job_id, reason)
             await self._recorder.finish(entry.job_id, "abandoned", reason=reason)
-        remove_stale_cgroups(list(self._ctx.journal.jobs))
+        remove_stale_cgroups(self._ctx.journal.jobs)

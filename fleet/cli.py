@@ -8,9 +8,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bus.command import add_version_flag, configure_logging, run_command
+from bus.command import add_version_flag, configure_logging, log_level_name, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import audit, demo, jobs, keys, ops, run, update
+from fleet import agent, audit, demo, jobs, keys, ops, run, shell, update
 
 PROG = "fleet"
 
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run jobs on a fleet of machines over NATS, and audit what happened. "
             "Exit codes: 0 ok, 1 connection error, 2 usage error, 3 timeout, 4 a job failed, "
-            "5 verification failed (--verify)."
+            "5 verification failed (--verify), 6 a multi-target run skipped unsupported "
+            "agents (the rest succeeded)."
         ),
     )
     add_version_flag(parser, "-V", "--version")
@@ -29,17 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-l",
         "--log-level",
         default="WARNING",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="diagnostics on stderr (default WARNING)",
+        type=log_level_name,
+        metavar="LEVEL",
+        help="diagnostics on stderr: TRACE, DEBUG, INFO, WARN, ERROR (default WARNING)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub)
     jobs.add_parsers(sub)
+    agent.add_parser(sub)
     audit.add_parsers(sub)
     keys.add_parser(sub)
     ops.add_parser(sub)
     demo.add_parser(sub)
     update.add_parser(sub)
+    shell.add_parser(sub)
     return parser
 
 
