@@ -61,6 +61,7 @@ def updater_options(config: AgentConfig, version: str, root: Path | None) -> Upd
             config.key_path,
             config.journal_path,
             config.seals_path,
+            config.cursor_path,
             config.pid_path,
             *([config.trust_file] if config.trust_file else []),
         ),

@@ -61,7 +61,7 @@ class JobIntake:
         s = ctx.bus.subjects
         self._catchup = CatchUp(ctx.bus, s.events_stream, *s.agent_catchup(ctx.id))
         self._live = LiveSubscription(ctx.bus, s.agent_job_filters(ctx.id))
-        self.cursor = Cursor(ctx.config.data_dir / "catchup.seq")
+        self.cursor = Cursor(ctx.config.cursor_path)
         self._covered = self.cursor.seq - 1
         """Every message of ours up to here has been read by a catch-up (or settled)."""
         # Messages by stream sequence: queued, left queued until a time, held (not settled),
