@@ -45,7 +45,6 @@ from schemas import (
     JobSubmitted,
     UnknownEvent,
     make_envelope,
-    stable_id,
 )
 
 if TYPE_CHECKING:
@@ -214,7 +213,7 @@ class Outcomes:
             data,
             source=self.source,
             subject=subject,
-            event_id=stable_id(job_id, "finished", self.source, status),
+            event_id=self.signer.stable_id(job_id, "finished", self.source, status),
         )
         try:
             await self.bus.publish_event(

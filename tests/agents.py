@@ -257,7 +257,7 @@ def stop_all(agents: list[Any], request: Any) -> None:
             agent.stop(timeout=30)
         except Exception:
             agent.kill()
-    failed = getattr(request.node, "rep_call", None)
+    failed = getattr(getattr(request, "node", None), "rep_call", None)
     if failed is not None and failed.failed:
         for agent in agents:
             print(f"--- log of agent {agent.id} ---\n{agent.log()[-8000:]}")

@@ -13,13 +13,21 @@ from pathlib import Path
 
 import pytest
 from agents import AGENTD, FLEET, fleet_env, job_request, permissive_grant, submit, toml_value
+from deployment import run_cli as run
 from natsserver import NatsServer
-from test_least_privilege import key, run
 
 from agentd.config import AgentConfig
 from agentd.identity import ensure_identity
 from agentd.simulate import simulated_configs
-from bus import Bus, ConnectSettings, Signer, UsageError, connect
+from bus import (
+    Bus,
+    ConnectSettings,
+    Signer,
+    UsageError,
+    connect,
+    generate_seed,
+    write_seed_file,
+)
 from bus.log import read_log
 from bus.tasks import first_of
 from fleet.follow import JobsReader
@@ -27,6 +35,14 @@ from fleet.follow import JobsReader
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 AGENTS = int(os.environ.get("FLEET_TEST_SIMULATED", "300"))
+
+
+def key(tmp: Path, name: str) -> tuple[Path, str]:
+    """A new seed file and its public key."""
+    path = tmp / f"{name}.nk"
+    seed = generate_seed()
+    write_seed_file(path, seed)
+    return path, Signer(seed).public_key
 
 
 def test_simulated_identities_are_numbered_each_with_its_own_directory(tmp_path: Path) -> None:
