@@ -2,8 +2,8 @@
 
 The daemon (:mod:`agentd.startup`) is a thin shell around :class:`Agent`; tests and
 benchmarks host many agents in one process through the same code, each with its own
-identity, consumers, presence key and journal. The agent owns its parts and their tasks:
-the consumer (:mod:`agentd.consumer`) feeds admitted jobs to the runner
+identity, subscriptions, presence key and journal. The agent owns its parts and their
+tasks: the intake (:mod:`agentd.intake`) feeds admitted jobs to the runner
 (:mod:`agentd.runner`); presence (:mod:`agentd.presence`) and control
 (:mod:`agentd.control`) run beside them, and the updater the daemon hands in.
 
@@ -24,9 +24,9 @@ from typing import Any
 
 from agentd.config import AgentConfig
 from agentd.configfile import set_config_keys
-from agentd.consumer import JobConsumer
 from agentd.context import AgentContext, trust_of
 from agentd.control import ControlServer
+from agentd.intake import JobIntake
 from agentd.journal import Journal
 from agentd.presence import PresenceReporter, UpdateView
 from agentd.record import Emitter, Recorder
@@ -61,6 +61,7 @@ def updater_options(config: AgentConfig, version: str, root: Path | None) -> Upd
             config.key_path,
             config.journal_path,
             config.seals_path,
+            config.cursor_path,
             config.pid_path,
             *([config.trust_file] if config.trust_file else []),
         ),
@@ -109,7 +110,7 @@ class Agent:
         self._installed_version = version
         self.recorder = Recorder(self.ctx, Emitter(bus, signer, config.id))
         self.runner = JobRunner(self.ctx, self.recorder)
-        self.consumer = JobConsumer(self.ctx, self.recorder, self.runner)
+        self.intake = JobIntake(self.ctx, self.recorder, self.runner)
         self.update_view = update_view or UpdateView()
         self.presence = PresenceReporter(self.ctx, self.update_view, agent_version(config, version))
         self.control = ControlServer(
@@ -188,8 +189,8 @@ class Agent:
                 heartbeat = tg.create_task(p.heartbeat(), name="heartbeat")
                 async with asyncio.TaskGroup() as jobs:
                     consumers = [
-                        tg.create_task(self.consumer.consume_jobs(jobs), name="jobs"),
-                        tg.create_task(self.consumer.consume_cancels(), name="cancels"),
+                        tg.create_task(self.intake.consume_jobs(jobs), name="jobs"),
+                        tg.create_task(self.intake.consume_live(), name="live"),
                     ]
                     if self.updater is not None:
                         consumers.append(tg.create_task(self._run_updater(), name="updater"))
@@ -208,18 +209,18 @@ class Agent:
         logger.info("← agent %s stopped", self.id)
 
     async def _bind(self) -> None:
-        """Create the consumers, waiting out a server that is not ready yet.
+        """Subscribe to this agent's job subjects, waiting out a server that is not ready.
 
         Raises:
             FleetError: a refusal no wait can fix (permission, no stream).
         """
         for attempt in itertools.count():
             try:
-                await self.consumer.bind()
+                await self.intake.bind()
                 return
             except (FleetTimeoutError, ConnectionFailedError) as exc:
                 delay = _BIND_BACKOFF.delay(attempt)
-                logger.warning("cannot create the consumers: %s; again in %.1fs", exc, delay)
+                logger.warning("cannot subscribe to our jobs: %s; again in %.1fs", exc, delay)
                 if await wait_any(self.ctx.stopping, timeout=delay):
                     raise
         raise AssertionError("unreachable")
@@ -238,7 +239,7 @@ class Agent:
             await wait_any(self.ctx.stopping, timeout=_UPDATER_PAUSE_S)
 
     async def _withdraw(self, control: Service) -> None:
-        await self.consumer.unbind()
+        await self.intake.unbind()
         await control.stop()
         try:
             await self.presence.withdraw()
@@ -271,6 +272,6 @@ class Agent:
             "run_as_mode": self.ctx.config.run_as_mode,
             "counters": {
                 **self.ctx.counters.as_dict(),
-                "consumers_recreated": self.consumer.recreated,
+                "catch_ups": self.intake.catch_ups,
             },
         }

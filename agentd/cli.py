@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     # What a control `restart` of a `-d` agent re-executes with: already in the background.
     parser.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
     add_log_level_flag(parser, "override the configured log level")
+    parser.add_argument(
+        "--simulate",
+        type=int,
+        metavar="N",
+        default=0,
+        help="host N agent identities in this one process (ids <id>-0001 …, each with its "
+        "own key and journal in data_dir/<id>-0001 …, its own connection and presence), "
+        "through the daemon's own code path: for benchmarks and large-fleet tests. "
+        "No self-update, no metrics port",
+    )
     actions = parser.add_argument_group("actions (each does one thing and exits)")
     one = actions.add_mutually_exclusive_group()
     one.add_argument(
@@ -173,7 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = _act(args)
         if done is not None:
             return done
-        return run_daemon(_config_path(args), args.log_level, args.daemon, detached=args.detached)
+        return run_daemon(
+            _config_path(args),
+            args.log_level,
+            args.daemon,
+            detached=args.detached,
+            simulate=args.simulate,
+        )
     except FleetError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

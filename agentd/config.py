@@ -235,6 +235,11 @@ class AgentConfig(BaseModel):
     def seals_path(self) -> Path:
         return self.data_dir / "seals.jsonl"
 
+    @property
+    def cursor_path(self) -> Path:
+        """Where the agent's next catch-up starts (see :mod:`agentd.cursor`)."""
+        return self.data_dir / "catchup.seq"
+
     def connect_settings(self) -> ConnectSettings:
         """How this agent reaches the bus: its own key, its own connection name."""
         return ConnectSettings(

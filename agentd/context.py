@@ -15,24 +15,24 @@ from dataclasses import dataclass, field
 
 from agentd.config import AgentConfig
 from agentd.journal import Journal
+from agentd.offer import Offer
 from agentd.seals import UsedSeals
 from agentd.supervise import StopRequest
 from agentd.trust import TrustFile, load_trust
 from bus import Bus, Signer
-from bus.consumer import Delivery
 
 
 @dataclass
 class RunningJob:
     """A job this agent has taken and not yet finished.
 
-    ``delivery`` is the newest delivery of its message: one the server redelivers while
-    the job is still being prepared replaces it, so the runner's ack or nak settles the
-    message the server now waits on, never only a superseded one.
+    ``delivery`` is its message as the log stored it: the runner settles it (taken,
+    ended) or leaves it queued. The same job heard again meanwhile (live and on catching
+    up) is known by its id and not offered twice, so only this offer is ever settled.
     """
 
     job_id: str
-    delivery: Delivery
+    delivery: Offer
     stop: StopRequest = field(default_factory=StopRequest)
     task: asyncio.Task[None] | None = None
 

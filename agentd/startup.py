@@ -19,6 +19,7 @@ from agentd.identity import ensure_identity
 from agentd.metrics import agent_readiness, agent_registry
 from agentd.presence import UpdateView
 from agentd.record import Emitter
+from agentd.simulate import serve_simulated, simulated_configs
 from agentd.trust import load_trust
 from bus import FleetError, Signer, daemon_shell
 from bus.connection import Bus
@@ -163,14 +164,22 @@ def _report_healthy() -> None:
 
 
 def run_daemon(
-    config_path: Path | None, level: str | None, detach: bool, *, detached: bool = False
+    config_path: Path | None,
+    level: str | None,
+    detach: bool,
+    *,
+    detached: bool = False,
+    simulate: int = 0,
 ) -> int:
     """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``).
 
     ``detached``: this process is already a daemon (re-executed by a control ``restart``
     of a ``-d`` agent): no fork again, but it logs as a daemon does, to its log file.
+    With ``simulate``, that many identities in this one process (:mod:`agentd.simulate`).
     """
     config = load_config(config_path)
+    if simulate:
+        simulated_configs(config, simulate)  # a bad count or key is said before detaching
     if config.trust_file is not None:
         load_trust(config.trust_file)  # a bad trust file stops the start, on the terminal
     # config-set writes the file back, possibly after -d changed the directory to /.
@@ -183,6 +192,14 @@ def run_daemon(
         configure_daemon_logging(settings, detached=detaching or detached)
         logbuffer.install()
 
+    if simulate:
+        code, _ = daemon_shell.run_daemon(
+            settings,
+            lambda: serve_simulated(config, simulate),
+            detach=detach,
+            configure_logging=configure_logging,
+        )
+        return code
     code, restart = daemon_shell.run_daemon(
         settings,
         lambda: serve_agent(config_path, config, level),

@@ -55,6 +55,8 @@ class LogRecord:
     subject: str
     data: bytes
     headers: dict[str, str]
+    stored_ns: int | None = None
+    """When the log stored it, where the reader was told."""
 
 
 class Tail:
@@ -288,8 +290,13 @@ async def last_message(
         raise FleetTimeoutError(f"no answer reading the last of {subject}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"reading the last of {subject}: {exc}") from exc
+    stored_ns = int(raw.time.timestamp() * 1e9) if raw.time else None
     return LogRecord(
-        int(raw.seq or 0), raw.subject or subject, raw.data or b"", dict(raw.headers or {})
+        int(raw.seq or 0),
+        raw.subject or subject,
+        raw.data or b"",
+        dict(raw.headers or {}),
+        stored_ns,
     )
 
 

@@ -18,10 +18,8 @@ from schemas import ids
 
 DEFAULT_PREFIX = "fleet"
 
-# The job events an agent consumes: the log is also its queue.
+# The job events an agent takes (live, and on catching up): the log is also its queue.
 AGENT_CONSUMED_EVENTS = ("submitted", "cancel_requested")
-# Each of an agent's durable consumers, by kind, and the event it takes.
-AGENT_CONSUMERS = {"jobs": "submitted", "cancels": "cancel_requested"}
 
 JS_API = "$JS.API"
 """The JetStream API's subject prefix (no domain)."""
@@ -190,19 +188,18 @@ class Subjects:
         return f"{self.prefix}.evt.job.{a}.{j}.*"
 
     def agent_job_filters(self, agent: str) -> list[str]:
-        """The filters of an agent's durable consumer: its own submissions and cancels."""
+        """What an agent subscribes to live: its own submissions and cancels."""
         check_agent_id(agent)
         return [f"{self.prefix}.evt.job.{agent}.*.{event}" for event in AGENT_CONSUMED_EVENTS]
 
-    def agent_consumer(self, agent: str, kind: str) -> tuple[str, str]:
-        """``(durable name, filter subject)`` of an agent's consumer of ``kind``
-        (``jobs`` or ``cancels``, see ``AGENT_CONSUMERS``)."""
-        event = AGENT_CONSUMERS[kind]
-        return f"agent_{check_agent_id(agent)}_{kind}", f"{self.prefix}.evt.job.{agent}.*.{event}"
+    def agent_catchup(self, agent: str) -> tuple[str, str]:
+        """``(consumer name, filter subject)`` of an agent's short-lived catch-up reader:
+        every event of its own jobs."""
+        return f"agent_{check_agent_id(agent)}_catchup", f"{self.prefix}.evt.job.{agent}.>"
 
-    def agent_consumer_create(self, agent: str, kind: str) -> str:
-        """The one filtered-create subject an agent may use for its consumer of ``kind``."""
-        name, filter_subject = self.agent_consumer(agent, kind)
+    def agent_catchup_create(self, agent: str) -> str:
+        """The one filtered-create subject an agent may use: its catch-up reader."""
+        name, filter_subject = self.agent_catchup(agent)
         return consumer_create_subject(self.events_stream, name, filter_subject)
 
     def agent_event(self, agent: str, event: str) -> str:
@@ -276,3 +273,10 @@ class Subjects:
         if len(parts) != 6 or parts[0] != self.prefix or parts[1:3] != ["evt", "job"]:
             return None
         return parts[3], parts[4], parts[5]
+
+    def parse_output(self, subject: str) -> tuple[str, str] | None:
+        """``(agent, job_id)`` of an output subject, or None if it is not one."""
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[0] != self.prefix or parts[1] != "out":
+            return None
+        return parts[2], parts[3]

@@ -6,9 +6,9 @@ needs. Replies go to a per-principal inbox (``_INBOX_<id>``), never the shared
 refused, because only the keys listed here are users of the server.
 
 The subjects below are the ones each component really uses (read off a traced server):
-an agent consumes only its own durable consumers, reads single events only by subject
-within its own job subjects (direct get), and publishes only its own events, output and
-presence.
+an agent hears only its own job subjects live, catches up only through its own
+short-lived consumer pinned to them, reads single events only by subject within its
+own job subjects (direct get), and publishes only its own events, output and presence.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from bus import Subjects, UsageError
 from bus.codec import DEFAULT_MAX_SIZE
 from bus.paths import read_toml
 from bus.subjects import (
-    AGENT_CONSUMERS,
     consumer_delete_subject,
     consumer_info_subject,
     consumer_next_subject,
@@ -77,8 +76,8 @@ def _consumer_reader(s: Subjects) -> list[str]:
 
     On the event log only the form that names the consumer and pins its one filter
     (``CREATE.<stream>.<name>.<filter>``): the unnamed ``CREATE.<stream>`` takes the
-    consumer's name from the request body, so through it anyone could rewrite an agent's
-    durable consumer. Elsewhere (output, buckets) no consumer is anyone's queue, and
+    consumer's name from the request body, so through it anyone could take an agent's
+    catch-up consumer. Elsewhere (output, buckets) no consumer is anyone's queue, and
     nats-py's ordered consumers use the unnamed form. No ``DELETE``: ephemeral consumers
     go away by themselves once idle.
     """
@@ -95,25 +94,24 @@ def _consumer_reader(s: Subjects) -> list[str]:
 
 
 def _agents_consumers(s: Subjects, agents: list[str]) -> list[str]:
-    """Every API subject that touches an agent's durable consumers: denied to every role
+    """Every API subject that touches an agent's catch-up consumer: denied to every role
     but the agent itself and the admin (a deny wins over any allow)."""
     events = s.events_stream
     out = []
     for agent in agents:
-        for kind in AGENT_CONSUMERS:
-            name, _ = s.agent_consumer(agent, kind)
-            out += [
-                f"$JS.API.CONSUMER.CREATE.{events}.{name}",
-                f"$JS.API.CONSUMER.CREATE.{events}.{name}.>",
-                f"$JS.API.CONSUMER.DURABLE.CREATE.{events}.{name}",
-                consumer_delete_subject(events, name),
-                consumer_next_subject(events, name),
-                f"$JS.API.CONSUMER.PAUSE.{events}.{name}",
-                f"$JS.API.CONSUMER.RESET.{events}.{name}",
-                f"$JS.API.CONSUMER.UNPIN.{events}.{name}",
-                f"$JS.API.CONSUMER.LEADER.STEPDOWN.{events}.{name}",
-                f"$JS.ACK.{events}.{name}.>",
-            ]
+        name, _ = s.agent_catchup(agent)
+        out += [
+            f"$JS.API.CONSUMER.CREATE.{events}.{name}",
+            f"$JS.API.CONSUMER.CREATE.{events}.{name}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{events}.{name}",
+            consumer_delete_subject(events, name),
+            consumer_next_subject(events, name),
+            f"$JS.API.CONSUMER.PAUSE.{events}.{name}",
+            f"$JS.API.CONSUMER.RESET.{events}.{name}",
+            f"$JS.API.CONSUMER.UNPIN.{events}.{name}",
+            f"$JS.API.CONSUMER.LEADER.STEPDOWN.{events}.{name}",
+            f"$JS.ACK.{events}.{name}.>",
+        ]
     return out
 
 
@@ -152,17 +150,15 @@ Permissions = dict[str, object]
 
 def _agent(s: Subjects, agent: str) -> Permissions:
     p, events = s.prefix, s.events_stream
-    consumer_api = []
-    for kind in AGENT_CONSUMERS:
-        name, _ = s.agent_consumer(agent, kind)
-        consumer_api += [
-            # Only the subject that pins the filter: the server refuses a body asking
-            # for any other, so the agent cannot widen its consumers to others' events.
-            s.agent_consumer_create(agent, kind),
-            consumer_info_subject(events, name),
-            consumer_next_subject(events, name),
-            f"$JS.ACK.{events}.{name}.>",
-        ]
+    name, _ = s.agent_catchup(agent)
+    consumer_api = [
+        # Only the subject that pins the filter: the server refuses a body asking for
+        # any other, so the agent cannot widen its catch-up to others' events.
+        s.agent_catchup_create(agent),
+        consumer_info_subject(events, name),
+        consumer_next_subject(events, name),
+        consumer_delete_subject(events, name),
+    ]
     return {
         "publish": {
             "allow": [
@@ -183,6 +179,8 @@ def _agent(s: Subjects, agent: str) -> Permissions:
         "subscribe": {
             "allow": [
                 f"{inbox_prefix(agent)}.>",
+                # Its own jobs, live: what the log stores there is heard here too.
+                *s.agent_job_filters(agent),
                 f"{p}.ctl.{agent}.*",
                 f"$KV.{s.config_bucket}.release.>",
                 f"$KV.{s.config_bucket}.update.>",

@@ -33,7 +33,7 @@ from fleet.common import (
     presence,
     publish_signed,
 )
-from fleet.follow import JobFollower, OutputPrinter
+from fleet.follow import JobsReader, JobWatch, OutputPrinter
 from ledger.views import JobView
 from schemas import (
     ArgvCommand,
@@ -410,24 +410,25 @@ async def publish_job(
 
 async def submit(
     bus: Bus,
+    reader: JobsReader,
     agent: str,
     request: JobRequest,
     who: str,
     signer: Signer,
-    printer: OutputPrinter | None,
     *,
     job_id: str | None = None,
-) -> JobFollower:
-    """Start following a new job, then publish it (so no event can slip past)."""
+) -> JobWatch:
+    """Publish a new job and watch it through ``reader`` (opened before, so no event can
+    slip past)."""
     job_id = job_id or new_id()
-    follower = await JobFollower(bus, agent, job_id, printer).start()
+    watch = reader.watch(agent, job_id)
     try:
         await publish_job(bus, job_id, agent, request, who, signer)
     except BaseException:
-        await follower.close()
+        reader.forget(job_id)
         raise
     print(f"fleet: {agent}: job {job_id}", file=sys.stderr, flush=True)
-    return follower
+    return watch
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -482,10 +483,12 @@ async def run_command(args: argparse.Namespace) -> int:
                 return EXIT_TIMEOUT
             return EXIT_SKIPPED if skipped else EXIT_OK
         printer = None if args.json else OutputPrinter(prefix=len(targets) + len(skipped) > 1)
-        submitted: list[JobFollower] = []
+        submitted: list[JobWatch] = []
+        # One reader for the whole run, however many jobs: opened before the first submit.
+        reader = await JobsReader.for_new_jobs(bus, printer)
         try:
             outcomes, timed_out = await _run_batches(
-                bus, args, targets, online, (request, password), who, signer, printer, submitted
+                bus, args, targets, online, (request, password), who, signer, reader, submitted
             )
         except asyncio.CancelledError:
             _print_follow_hint(submitted, "interrupted")
@@ -493,6 +496,8 @@ async def run_command(args: argparse.Namespace) -> int:
         except SubmissionUnknownError:
             _print_follow_hint(submitted, "stopped submitting")
             raise
+        finally:
+            await reader.close()
     if args.json:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes], "skipped": skipped}))
     else:
@@ -520,8 +525,8 @@ async def _run_batches(
     what: tuple[JobRequest, bytes | None],
     who: str,
     signer: Signer,
-    printer: OutputPrinter | None,
-    submitted: list[JobFollower],
+    reader: JobsReader,
+    submitted: list[JobWatch],
 ) -> tuple[list[Outcome], bool]:
     deadline = None if args.wait is None else time.monotonic() + args.wait
     size = args.batch_size or len(targets)
@@ -534,11 +539,11 @@ async def _run_batches(
                 for a in batch
             ]
             continue
-        followers: list[JobFollower] = []
+        followers: list[JobWatch] = []
         for agent in batch:
             job_id = new_id()
             request = sealed_for(what[0], agent, job_id, who, online, what[1])
-            followers.append(await submit(bus, agent, request, who, signer, printer, job_id=job_id))
+            followers.append(await submit(bus, reader, agent, request, who, signer, job_id=job_id))
             submitted.append(followers[-1])
         for follower in followers:
             if follower.agent not in online and not args.json:
@@ -548,7 +553,7 @@ async def _run_batches(
         ran_out = not await _all_done(followers, remaining)
         for follower in followers:
             outcomes.append(await _outcome(bus, follower, online))
-            await follower.close()
+            reader.forget(follower.job_id)
         if ran_out:
             rest = targets[start + size :]
             outcomes += [
@@ -558,7 +563,7 @@ async def _run_batches(
     return outcomes, False
 
 
-async def _all_done(followers: list[JobFollower], timeout: float | None) -> bool:
+async def _all_done(followers: list[JobWatch], timeout: float | None) -> bool:
     """Wait until every follower is done; False if ``timeout`` seconds passed first."""
     try:
         async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
@@ -569,7 +574,7 @@ async def _all_done(followers: list[JobFollower], timeout: float | None) -> bool
     return True
 
 
-async def _outcome(bus: Bus, follower: JobFollower, online: dict[str, Presence]) -> Outcome:
+async def _outcome(bus: Bus, follower: JobWatch, online: dict[str, Presence]) -> Outcome:
     view = follower.view
     if view is not None and view.finished:
         return Outcome(
@@ -595,7 +600,7 @@ def describe(o: Outcome) -> str:
     return text
 
 
-def _print_follow_hint(jobs: list[JobFollower] | list[Outcome], why: str) -> None:
+def _print_follow_hint(jobs: list[JobWatch] | list[Outcome], why: str) -> None:
     """Which jobs go on without us, and how to follow them."""
     if not jobs:
         return

@@ -1,10 +1,9 @@
-"""The agent through faults: a deleted consumer, a log it cannot read, an outcome that
+"""The agent through faults: a job it did not hear, a log it cannot read, an outcome that
 lost, a queue that waited while it was away. Real server, real agent processes."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -79,6 +78,12 @@ async def set_stream(bus: Bus, **changes: object) -> None:
     await bus.js.update_stream(config)
 
 
+async def agents_consumers(bus: Bus) -> list[str]:
+    """The consumers of agents on the event log (the test's own readers are not)."""
+    infos = await bus.js.consumers_info(bus.subjects.events_stream)
+    return [c.name for c in infos if c.name.startswith("agent_")]
+
+
 async def master_says(bus: Bus, master: Signer, agent: str, job_id: str, status: str) -> None:
     """What the master publishes when it ends a job without the agent."""
     data = JobFinished(job_id=job_id, agent=agent, status=status, reason=f"master: {status}")  # type: ignore[arg-type]
@@ -87,37 +92,41 @@ async def master_says(bus: Bus, master: Signer, agent: str, job_id: str, status:
     await bus.publish_event(envelope, expected_last_subject_seq=0)
 
 
-async def test_a_deleted_consumer_is_recreated_and_the_next_jobs_run(
-    bus: Bus, agent_factory: Agents, operator: Operator
+async def test_a_job_it_did_not_hear_is_found_by_the_catch_up_after_a_reconnect(
+    nats_server: NatsServer, bus: Bus, tmp_path: Path, operator: Operator
 ) -> None:
-    agent = await agent_factory("web-1").started(bus)
-    first = await submit(bus, operator[1], "web-1", job_request(["true"]))
-    assert (await finished(bus, "web-1", first)).status == "succeeded"
+    """Core NATS delivers at most once: a submission the agent never heard (here: it
+    stopped listening) waits in the log, and the catch-up after a reconnect runs it,
+    once. Idle, the agent keeps no consumer on the server."""
+    trust = tmp_path / "trust.toml"
+    trust.write_text(permissive_grant(operator[1].public_key))
+    config = AgentConfig(id="web-1", data_dir=tmp_path / "web-1", heartbeat_s=5.0, trust_file=trust)
+    agent = Agent(bus, config, ensure_identity(config))
+    runs = tmp_path / "runs"
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(agent.run())
+        async with asyncio.timeout(30):
+            await agent.ready.wait()
+        first = await submit(bus, operator[1], "web-1", job_request(["true"]))
+        assert (await finished(bus, "web-1", first)).status == "succeeded"
+        assert await agents_consumers(bus) == []
 
-    # An admin (or an attacker with the old reader role) deletes both consumers.
-    stream = bus.subjects.events_stream
-    for kind in ("jobs", "cancels"):
-        name, _ = bus.subjects.agent_consumer("web-1", kind)
-        assert await bus.js.delete_consumer(stream, name)
-
-    job = await submit(bus, operator[1], "web-1", job_request(["echo", "again"]))
-    result = await finished(bus, "web-1", job, timeout=60)
-    assert result.status == "succeeded"
-    assert result.output_tail == "again\n"
-    line = await wait_log(agent, r"consumer agent_web-1_jobs .* was deleted; created it again")
-    assert "WARNING" in line
-
-    # Cancels flow again too.
-    slow = await submit(bus, operator[1], "web-1", job_request(["sleep", "60"]))
-    await wait_event(bus, "web-1", slow, "started")
-    data = JobCancelRequested(job_id=slow, agent="web-1", requested_by="tester")
-    subject = bus.subjects.job_event("web-1", slow, "cancel_requested")
-    await bus.publish_event(
-        sign_envelope(make_envelope(data, source="tester", subject=subject), operator[1])
-    )
-    assert (await finished(bus, "web-1", slow, timeout=60)).status == "cancelled"
-    status = await control(bus, bus.subjects.control("web-1", "status"), signer=operator[1])
-    assert status.data["counters"]["consumers_recreated"] == 2
+        await agent.intake._live.close()  # deaf from here on, as if the message were lost
+        missed = await submit(
+            bus, operator[1], "web-1", job_request(["sh", "-c", f'echo run >> "{runs}"'])
+        )
+        before = agent.intake.catch_ups
+        reconnects = bus.reconnects
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.to_thread(nats_server.start)
+        await bus.wait_reconnected(reconnects, 30)
+        result = await finished(bus, "web-1", missed, timeout=60)
+        assert result.status == "succeeded"
+        assert agent.intake.catch_ups > before
+        agent.stop()
+    assert runs.read_text() == "run\n"
+    assert len(await terminal_events(bus, missed)) == 1
+    assert await agents_consumers(bus) == []
 
 
 async def test_a_log_it_cannot_read_leaves_the_job_queued_not_failed(
@@ -287,26 +296,21 @@ async def test_a_server_outage_mid_job_loses_nothing_and_fails_nothing(
     assert "internal error" not in agent.log()
 
 
-async def test_a_job_redelivered_while_it_is_being_checked_is_neither_lost_nor_run_twice(
-    bus: Bus, tmp_path: Path, operator: tuple[Path, Signer], caplog: pytest.LogCaptureFixture
+async def test_a_job_heard_again_while_it_is_being_checked_is_neither_lost_nor_run_twice(
+    bus: Bus, tmp_path: Path, operator: tuple[Path, Signer]
 ) -> None:
-    """The server forgets a delivery while the agent still checks that job (a restart
-    lost the consumer's state; here: the consumer is deleted and made again), redelivers
-    it, and the check then fails as in an outage. The job must be left queued on the
-    delivery the server now waits on, and run once: acking the redelivery as a
+    """A catch-up reads a job again while the agent still checks it (heard live first),
+    and the check then fails as in an outage. The job must stay queued on the one offer
+    the agent holds and run once: with durable consumers, acking the redelivery as a
     duplicate lost the job (seen under load in the server-SIGKILL fault scenario)."""
     trust = tmp_path / "trust.toml"
     trust.write_text(permissive_grant(operator[1].public_key))
     config = AgentConfig(id="web-1", data_dir=tmp_path / "web-1", heartbeat_s=5.0, trust_file=trust)
     agent = Agent(bus, config, ensure_identity(config))
-    checking, handed_over, redelivered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    checking, read_again = asyncio.Event(), asyncio.Event()
     checks = 0
     prepare = agent.runner._prepare
-
-    class HandOver(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "redelivered while it is being prepared" in record.getMessage():
-                handed_over.set()
+    intake = agent.intake
 
     async def held_check(running: RunningJob, admitted: Admit) -> object:
         nonlocal checks
@@ -314,14 +318,9 @@ async def test_a_job_redelivered_while_it_is_being_checked_is_neither_lost_nor_r
         if checks == 1:
             checking.set()
             async with asyncio.timeout(30):
-                await handed_over.wait()
-            redelivered.set()
+                await read_again.wait()
             raise NotNow("the log could not be read (an outage)")
         return await prepare(running, admitted)
-
-    caplog.set_level(logging.INFO, logger="agentd.consumer")
-    consumer_log = logging.getLogger("agentd.consumer")
-    consumer_log.addHandler(hand_over := HandOver())
 
     agent.runner._prepare = held_check  # type: ignore[method-assign]
     runs = tmp_path / "runs"
@@ -329,18 +328,23 @@ async def test_a_job_redelivered_while_it_is_being_checked_is_neither_lost_nor_r
         tg.create_task(agent.run())
         async with asyncio.timeout(30):
             await agent.ready.wait()
+        async with asyncio.timeout(30):
+            await intake.caught_up.wait()  # the first catch-up is over: this job comes live
         job = await submit(
             bus, operator[1], "web-1", job_request(["sh", "-c", f'echo run >> "{runs}"'])
         )
         async with asyncio.timeout(30):
             await checking.wait()
-        name, _ = bus.subjects.agent_consumer("web-1", "jobs")
-        assert await bus.js.delete_consumer(bus.subjects.events_stream, name)
-        async with asyncio.timeout(60):
-            await redelivered.wait()
+        # A catch-up from the start of the log, as after a lost cursor: it finds the job.
+        intake.caught_up.clear()
+        intake._covered = 0
+        intake._catch_up_due = True
+        agent.ctx.slot_free.set()
+        async with asyncio.timeout(30):
+            await intake.caught_up.wait()
+        read_again.set()
         result = await finished(bus, "web-1", job, timeout=60)
         agent.stop()
-    consumer_log.removeHandler(hand_over)
     assert result.status == "succeeded"
     assert runs.read_text() == "run\n"
     assert checks == 2

@@ -142,15 +142,23 @@ async def test_each_principal_gets_only_what_its_role_needs(
                     await bus.publish_event(forged, timeout=1.0)
                 for subject in (
                     "$KV.fleet-presence.web-2",  # speak for web-2's presence
-                    # consume its jobs:
-                    "$JS.API.CONSUMER.DURABLE.CREATE.FLEET_EVENTS.agent_web-2_jobs",
+                    # catch up on its jobs:
+                    "$JS.API.CONSUMER.DURABLE.CREATE.FLEET_EVENTS.agent_web-2_catchup",
+                    "$JS.API.CONSUMER.CREATE.FLEET_EVENTS.agent_web-2_catchup.fleet.evt.job.web-2.>",
                     "$JS.API.DIRECT.GET.FLEET_EVENTS.fleet.evt.job.web-2.x.submitted",  # read them
                     "fleet.evt.job.web-1.x.submitted",  # submit jobs to itself
                 ):
                     await bus.nc.publish(subject, b"{}")
                     assert "publishing to" in await denied(bus, subject)
-                for subject in ("fleet.ctl.web-2.*", "_INBOX_tester.>", "_INBOX.>"):
-                    await bus.nc.subscribe(subject)  # answer web-2's control, read others' replies
+                for subject in (
+                    "fleet.ctl.web-2.*",  # answer web-2's control
+                    "_INBOX_tester.>",  # read others' replies
+                    "_INBOX.>",
+                    "fleet.evt.job.web-2.*.submitted",  # hear web-2's jobs live
+                    "fleet.evt.job.web-2.*.cancel_requested",
+                    "fleet.evt.job.*.*.submitted",
+                ):
+                    await bus.nc.subscribe(subject)
                     assert "subscribing to" in await denied(bus, subject)
         finally:
             for agent in agents:
