@@ -34,6 +34,9 @@ from schemas.ids import new_id
 
 logger = logging.getLogger(__name__)
 
+_READ_ALL_S = 30.0
+"""How long :func:`read_log` may take to reach the newest message it was told of."""
+
 _BATCH = 1024
 _HEARTBEAT_S = 5.0
 _BUFFER_BYTES = 64 * 1024 * 1024
@@ -266,16 +269,42 @@ class Tail:
         await self.close()
 
 
-async def read_log(bus: Bus, stream: str, subject: str) -> list[LogRecord]:
-    """Every message of ``subject`` stored in ``stream`` now, in order."""
+async def read_log(
+    bus: Bus, stream: str, subject: str, *, timeout: float = _READ_ALL_S
+) -> list[LogRecord]:
+    """Every message of ``subject`` stored in ``stream`` now, in order.
+
+    The newest message on ``subject`` is looked up first and the read goes on until it
+    has arrived: a reader made just after a stream leader changed can report nothing
+    pending for a moment, and a short answer here would be a silently short log.
+
+    Raises:
+        FleetTimeoutError: the messages up to the newest could not be read in ``timeout``.
+        ConnectionFailedError: the stream does not exist or the bus is down.
+    """
+    # From the leader: the newest it holds is what the reader below will be served.
+    newest = await last_message(bus, stream, subject, direct=False)
+    if newest is None:
+        return []
     async with await Tail.open(bus, stream, subject) as tail:
-        return await tail.read_available()
+        out = await tail.read_available()
+        try:
+            async with asyncio.timeout(timeout):
+                while not out or out[-1].seq < newest.seq:
+                    out.extend(await tail.fetch(timeout=2.0))
+        except TimeoutError:
+            got = out[-1].seq if out else 0
+            raise FleetTimeoutError(
+                f"reading {subject} from {stream}: up to seq {got} of {newest.seq} in {timeout:g}s"
+            ) from None
+    return out
 
 
 async def last_message(
-    bus: Bus, stream: str, subject: str, *, timeout: float = 5.0
+    bus: Bus, stream: str, subject: str, *, timeout: float = 5.0, direct: bool = True
 ) -> LogRecord | None:
-    """The last message stored on ``subject`` (a direct get), or None if there is none.
+    """The last message stored on ``subject`` (a direct get, any replica answers; else
+    from the stream leader), or None if there is none.
 
     Raises:
         FleetTimeoutError: no answer in ``timeout`` seconds (a server outage, an election).
@@ -283,7 +312,7 @@ async def last_message(
     """
     try:
         async with asyncio.timeout(timeout):
-            raw = await bus.js.get_last_msg(stream, subject, direct=True)
+            raw = await bus.js.get_last_msg(stream, subject, direct=direct)
     except nats.js.errors.NotFoundError:
         return None
     except (TimeoutError, nats.errors.TimeoutError) as exc:

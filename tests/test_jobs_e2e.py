@@ -243,7 +243,7 @@ async def test_one_mib_of_output_arrives_byte_exact_and_in_order(
     jobs = json.loads((await fleet(nats_server.url, operator[0], "jobs", "--json")).stdout)["jobs"]
     job_id = jobs[-1]["job_id"]
     logs = await fleet(nats_server.url, operator[0], "job", "logs", job_id)
-    assert logs.stdout == expected
+    assert logs.stdout == expected, logs.stderr
     records = await read_log(bus, bus.subjects.output_stream, bus.subjects.output("web-1", job_id))
     assert [int(r.headers["Fleet-Seq"]) for r in records] == list(range(1, len(records) + 1))
     assert {r.headers[HEADER_OUTPUT_STREAM] for r in records} == {"stdout"}
