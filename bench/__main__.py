@@ -1,5 +1,5 @@
 """``python -m bench all``: every benchmark, its JSON kept in ``bench/results/``, and the
-table in ``bench/README.md`` rendered from them with the machine they ran on.
+table in the top-level ``README.md`` rendered from them with the machine they ran on.
 
 Each benchmark runs as its own process (``python -m bench.<name>``), as it would by hand,
 so one's memory or child processes never colour the next.
@@ -24,13 +24,13 @@ from bench.table import render_table
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-README = HERE / "README.md"
+README = HERE.parent / "README.md"
 
 FULL: dict[str, list[str]] = {
     "roundtrip": ["--count", "300"],
     "throughput": ["--jobs", "2000", "--max-jobs", "16"],
     "fanout": ["--agents", "100"],
-    "replay": ["--events", "100000"],
+    "replay": ["--events", "50000"],
     "memory": ["--jobs", "2000", "--agents", "100"],
     "coldstart": ["--runs", "20"],
 }
