@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 from agentd import service
 from agentd.config import default_config_path, load_config, render_config, update_config_text
 from agentd.startup import PROGRAM, run_daemon
-from bus.command import add_version_flag
+from agentd.trust import load_trust
+from bus.command import add_log_level_flag, add_version_flag
 from bus.detach import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError
+from bus.keys import read_seed_file
+from bus.paths import missing_files
 
 PROG = "fleet-agentd"
 
@@ -37,12 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-d", "--daemon", action="store_true", help="detach and run in the background"
     )
-    parser.add_argument(
-        "-l",
-        "--log-level",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="override the configured log level",
-    )
+    # What a control `restart` of a `-d` agent re-executes with: already in the background.
+    parser.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    add_log_level_flag(parser, "override the configured log level")
     actions = parser.add_argument_group("actions (each does one thing and exits)")
     one = actions.add_mutually_exclusive_group()
     one.add_argument(
@@ -76,15 +77,42 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument(
         "-Q", "--query-status", action="store_true", help="exit 0 if the agent runs, 3 if not"
     )
+    one.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration, its trust file and key files without starting; "
+        "exit 0 if they are good, 2 with the reason if not",
+    )
     add_version_flag(parser, "-V", "--version")
     return parser
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
     if args.config is not None:
-        return Path(args.config)
+        # Absolute: -d, reload, restart and the generated unit run from elsewhere.
+        return Path(os.path.abspath(args.config))
     default = default_config_path()
     return default if default.exists() else None
+
+
+def check_config(path: Path | None) -> str:
+    """What ``--check`` prints for a good configuration.
+
+    Raises:
+        UsageError, SecretFileError: what a start would stop on.
+    """
+    config = load_config(path)
+    grants = len(load_trust(config.trust_file).grant) if config.trust_file else 0
+    problems = missing_files(config, "tls_ca", "tls_cert", "tls_key")
+    if problems:
+        raise UsageError("; ".join(problems))
+    if config.key_path.exists():
+        read_seed_file(config.key_path)  # unsafe permissions stop a start: say so now
+    trust = f"{grants} grants in {config.trust_file}" if config.trust_file else "no trust file"
+    return (
+        f"{path or 'defaults'}: OK: agent {config.id}, server {config.server}, "
+        f"run_as_mode {config.run_as_mode}, {trust}"
+    )
 
 
 def _act(args: argparse.Namespace) -> int | None:
@@ -120,6 +148,9 @@ def _act(args: argparse.Namespace) -> int | None:
     if args.remove_service:
         service.remove_service()
         return 0
+    if args.check:
+        print(check_config(config_path))
+        return 0
     if args.kill_daemon or args.query_status:
         config = load_config(config_path)
         if args.kill_daemon:
@@ -142,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = _act(args)
         if done is not None:
             return done
-        return run_daemon(_config_path(args), args.log_level, args.daemon)
+        return run_daemon(_config_path(args), args.log_level, args.daemon, detached=args.detached)
     except FleetError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

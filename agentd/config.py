@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agentd.jobenv import check_env_names
 from bus import ConnectSettings, UsageError
-from bus.connection import DEFAULT_SERVER
-from bus.paths import config_file, data_dir, read_toml
+from bus.command import LogLevel
+from bus.connection import default_server
+from bus.paths import anchored, config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
 from schemas import ids
 from schemas.fields import Labels
@@ -69,8 +70,9 @@ class AgentConfig(BaseModel):
         description="this agent's identity on the bus; default: the short host name",
     )
     server: str = Field(
-        default=DEFAULT_SERVER,
-        description="NATS server URL; several, comma-separated, for a cluster",
+        default_factory=default_server,
+        description="NATS server URL; several, comma-separated, for a cluster "
+        "(default: $FLEET_SERVER, else the local server)",
     )
     data_dir: Path = Field(
         default_factory=default_data_dir,
@@ -134,8 +136,8 @@ class AgentConfig(BaseModel):
     output_tail_bytes: int = Field(
         default=4096, ge=0, le=65536, description="output kept in the job's finished event"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    log_level: LogLevel = Field(
+        default="INFO", description="TRACE, DEBUG, INFO, WARN (or WARNING) or ERROR"
     )
     log_file: Path | None = Field(
         default=None, description="log here instead of stderr (default with -d: data_dir)"
@@ -252,10 +254,11 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> A
     raw = read_toml(path, f" (create one with -C {path})") if path is not None else {}
     raw.update(overrides or {})
     try:
-        return AgentConfig.model_validate(raw)
+        config = AgentConfig.model_validate(raw)
     except ValidationError as exc:
         where = f"{path}: " if path else ""
         raise UsageError(f"{where}invalid config: {summarize_validation_error(exc)}") from None
+    return anchored(config, path) if path is not None else config
 
 
 # --- writing commented TOML -------------------------------------------------------------

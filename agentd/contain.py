@@ -27,7 +27,7 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from agentd.cgroup import PREFIX, kill_cgroup, move, own_cgroup_dir, populated
@@ -195,14 +195,21 @@ def kill_job_leftovers(job_id: str) -> int:
     return killed
 
 
-def remove_stale_cgroups() -> None:
-    """After a restart's recovery: remove job cgroups no running job owns."""
+def remove_stale_cgroups(ours: Iterable[str]) -> None:
+    """After a restart's recovery: remove the cgroups of jobs in ``ours`` (the ones this
+    agent's journal knows) that no running job owns.
+
+    Only ours: agents that share a cgroup (several on one host outside systemd, or
+    hosted together by ``--simulate``) see each other's job cgroups beside their own,
+    and a restarting agent must not kill its neighbours' jobs.
+    """
     parent = own_cgroup_dir()
     if parent is None or not parent.is_dir():
         return
-    owned = {f"{PREFIX}{s.job_id}" for s in _scopes.values()}
-    for path in parent.glob(f"{PREFIX}*"):
-        if path.name not in owned:
+    running = {s.job_id for s in _scopes.values()}
+    for job_id in set(ours) - running:
+        path = parent / f"{PREFIX}{job_id}"
+        if path.is_dir():
             kill_cgroup(path)
             with contextlib.suppress(OSError):
                 path.rmdir()

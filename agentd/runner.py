@@ -264,4 +264,4 @@ class JobRunner:
                 reason += f"; {killed} leftover processes killed"
             logger.warning("job %s abandoned: %s", entry.job_id, reason)
             await self._recorder.finish(entry.job_id, "abandoned", reason=reason)
-        remove_stale_cgroups()
+        remove_stale_cgroups(self._ctx.journal.jobs)

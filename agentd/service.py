@@ -19,7 +19,7 @@ def systemd_unit(config_path: Path) -> str:
 # systemd unit for the fleetbus agent, written by `fleet-agentd -S`.
 [Unit]
 Description=fleetbus agent (runs jobs sent over NATS)
-Documentation=man:fleet-agentd(8)
+Documentation=file:///etc/fleetbus/agentd.toml
 After=network-online.target
 Wants=network-online.target
 
@@ -39,6 +39,16 @@ Delegate=yes
 TimeoutStopSec=90
 Restart=on-failure
 RestartSec=2s
+# Root: run_as_mode = "root" runs each job as the user it names (after PAM). For
+# run_as_mode = "self", make this an unprivileged account that owns the data_dir.
+User=root
+# A job cannot gain privileges its user does not have (no setuid sudo inside a job):
+# who a job runs as is decided by the trust file and PAM, not by the job. (In "self"
+# mode with sealed passwords, pam_unix needs its setuid helper: remove this line.)
+NoNewPrivileges=yes
+# Not ProtectSystem= nor PrivateTmp=: the agent exists to run administrative jobs
+# (package installs, configuration under /etc, files left in /tmp for others), which
+# a read-only /usr or a private /tmp would break.
 
 [Install]
 WantedBy=multi-user.target

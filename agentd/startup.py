@@ -26,6 +26,7 @@ from bus.daemon_shell import DaemonSettings, configure_daemon_logging, serve
 from bus.logformat import set_log_ids
 from bus.observe import serve_observability
 from bus.paths import private_dir
+from bus.reloadreport import write_reload_report
 from updater.agent import Updater
 from updater.handoff import RESTART_EXIT, install_root_from_env, notify_ready
 from updater.install import InstallRoot
@@ -115,8 +116,10 @@ async def serve_agent(config_path: Path | None, config: AgentConfig, level: str 
             running.reload(new)
         except FleetError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
+            write_reload_report(config.pid_path, False, f"refused: {exc}")
             return
         logging.getLogger().setLevel(level or new.log_level)
+        write_reload_report(config.pid_path, True, "reloaded")
 
     async def presence(bus: Bus) -> object:
         return await bus.kv(bus.subjects.presence_bucket)
@@ -159,8 +162,14 @@ def _report_healthy() -> None:
         logger.info("reported healthy to the launcher")
 
 
-def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int:
-    """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``)."""
+def run_daemon(
+    config_path: Path | None, level: str | None, detach: bool, *, detached: bool = False
+) -> int:
+    """Everything ``fleet-agentd`` does when it runs the agent (foreground or ``-d``).
+
+    ``detached``: this process is already a daemon (re-executed by a control ``restart``
+    of a ``-d`` agent): no fork again, but it logs as a daemon does, to its log file.
+    """
     config = load_config(config_path)
     if config.trust_file is not None:
         load_trust(config.trust_file)  # a bad trust file stops the start, on the terminal
@@ -169,9 +178,9 @@ def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int
     settings = _settings(config, level)
     set_log_ids(agent=config.id)  # on every JSON log line
 
-    def configure_logging(detached: bool) -> None:
+    def configure_logging(detaching: bool) -> None:
         private_dir(config.data_dir)  # narrowed even when an older version made it 0755
-        configure_daemon_logging(settings, detached=detached)
+        configure_daemon_logging(settings, detached=detaching or detached)
         logbuffer.install()
 
     code, restart = daemon_shell.run_daemon(
@@ -187,5 +196,20 @@ def run_daemon(config_path: Path | None, level: str | None, detach: bool) -> int
         logger.warning("exiting to be restarted by the launcher")
         return RESTART_EXIT
     logger.warning("restarting on request")
-    argv = [a for a in sys.argv[1:] if a not in ("-d", "--daemon")]
-    os.execv(sys.executable, [sys.executable, "-m", "agentd", *argv])  # noqa: S606 - re-exec ourselves
+    os.execv(sys.executable, restart_argv(config_path, level, detached=detach or detached))  # noqa: S606 - re-exec ourselves
+
+
+def restart_argv(config_path: Path | None, level: str | None, *, detached: bool) -> list[str]:
+    """The command line that runs this agent again in this process.
+
+    Built from what the agent runs with, not copied from ``sys.argv``: the config path
+    absolute (a daemon's working directory is ``/``) and, for a daemon, ``--detached``
+    instead of ``-d``: it stays in the background and keeps logging to its log file
+    rather than to the ``/dev/null`` its standard streams point at.
+    """
+    argv = [sys.executable, "-m", "agentd"]
+    if config_path is not None:
+        argv += ["-c", str(config_path)]
+    if level is not None:
+        argv += ["-l", level]
+    return argv + (["--detached"] if detached else [])

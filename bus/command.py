@@ -16,14 +16,64 @@ import sys
 from collections.abc import Coroutine
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from bus.connection import DEFAULT_SERVER, ConnectSettings
+from pydantic import BeforeValidator
+
+from bus.connection import DEFAULT_SERVER, ConnectSettings, default_server
 from bus.errors import FleetError, exit_code_for
 from bus.eventloop import run
 from bus.keys import read_key_owner
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+TRACE = 5
+"""Below DEBUG: everything, nats-py's own protocol chatter included (JAMS's TRACE)."""
+logging.addLevelName(TRACE, "TRACE")
+
+LOG_LEVEL_NAMES = ("TRACE", "DEBUG", "INFO", "WARN", "WARNING", "ERROR")
+"""What ``-l`` and ``log_level`` accept, in any case; WARN is WARNING (the JAMS spelling)."""
+
+
+def log_level_name(value: str) -> str:
+    """The canonical name of a log level given as any of :data:`LOG_LEVEL_NAMES`.
+
+    Raises:
+        ValueError: not a level name (argparse and pydantic turn it into a usage error).
+    """
+    name = value.strip().upper()
+    if name not in LOG_LEVEL_NAMES:
+        raise ValueError(f"{value!r} is not a log level: use one of {', '.join(LOG_LEVEL_NAMES)}")
+    return "WARNING" if name == "WARN" else name
+
+
+LogLevel = Annotated[str, BeforeValidator(lambda v: log_level_name(str(v)))]
+"""A configuration file's ``log_level``: checked and made canonical like ``-l``."""
+
+
+def nats_log_level(level: str | int) -> int:
+    """How much of nats-py's own logging to let through at our ``level``: its reconnect
+    chatter says what ours already says, so only errors, except at TRACE."""
+    number = level if isinstance(level, int) else logging.getLevelName(level)
+    return logging.DEBUG if isinstance(number, int) and number <= TRACE else logging.ERROR
+
+
+def add_log_level_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``-l/--log-level`` accepting :data:`LOG_LEVEL_NAMES` in any case."""
+
+    def level(value: str) -> str:
+        try:
+            return log_level_name(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument(
+        "-l",
+        "--log-level",
+        type=level,
+        metavar="LEVEL",
+        help=f"{help_text}: {', '.join(LOG_LEVEL_NAMES)}",
+    )
 
 
 def fleetbus_version() -> str:
@@ -110,7 +160,7 @@ def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
 
     Replies come to ``_INBOX_<principal>``: least-privilege servers allow no other inbox.
     """
-    server = args.server or os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
+    server = args.server or default_server()
     nkey = args.nkey or (Path(os.environ["FLEET_NKEY"]) if os.environ.get("FLEET_NKEY") else None)
     servers = [s.strip() for s in server.split(",") if s.strip()]
     return ConnectSettings(
@@ -125,8 +175,7 @@ def connect_settings(args: argparse.Namespace, name: str) -> ConnectSettings:
 def configure_logging(level: str | int = "WARNING") -> None:
     """Log to stderr at ``level``. Only entry points call this; libraries just log."""
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
-    # nats-py logs its own reconnect chatter; ours says the same once, in our words.
-    logging.getLogger("nats").setLevel(max(logging.getLogger().level, logging.ERROR))
+    logging.getLogger("nats").setLevel(nats_log_level(level))
 
 
 def run_command(prog: str, main: Coroutine[Any, Any, int], *, use_uvloop: bool = True) -> int:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,9 +46,19 @@ from schemas import Envelope
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
+
+
 # Room for the headers of an event (message id, expected sequence): the server counts
 # them against its max_payload, nats-py checks only the body.
+def default_server() -> str:
+    """``FLEET_SERVER`` if set, else the local server: what a command or a daemon whose
+    configuration names no server connects to."""
+    return os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
+
+
 _HEADER_ALLOWANCE = 1024
+_WAITING_WARN_S = 30.0
+"""A daemon waiting for its server warns at once, then at most this often."""
 
 
 class ConnectSettings(BaseModel):
@@ -329,6 +341,10 @@ async def connect(settings: ConnectSettings | None = None, *, wait_for_server: b
     first_connect = True
     last_error: Exception | None = None
     refused: Exception | None = None  # an authorization refusal outranks later resets
+    servers = ", ".join(settings.servers)
+    warned_at: float | None = None  # a daemon waiting for its server says so, not too often
+    if wait_for_server:
+        logger.info("connecting to %s", servers)
     # `bus` is created before connecting so the callbacks can record into it.
 
     async def on_error(exc: Exception) -> None:
@@ -342,7 +358,13 @@ async def connect(settings: ConnectSettings | None = None, *, wait_for_server: b
             logger.error("%s", denied)
             await bus._note_denied(denied)
         elif first_connect:
-            logger.debug("connect attempt failed: %s", exc)
+            nonlocal warned_at
+            now = time.monotonic()
+            if wait_for_server and (warned_at is None or now - warned_at >= _WAITING_WARN_S):
+                warned_at = now
+                logger.warning("cannot reach %s (%s); still trying", servers, _describe(exc))
+            else:
+                logger.debug("connect attempt failed: %s", exc)
         else:
             logger.warning("NATS error: %s", exc)
 
@@ -388,10 +410,13 @@ async def connect(settings: ConnectSettings | None = None, *, wait_for_server: b
         ) from None
     except (OSError, nats.errors.Error) as exc:
         await nc.close()
-        servers = ", ".join(settings.servers)
         raise ConnectionFailedError(f"cannot connect to {servers}: {exc}") from exc
     first_connect = False
-    logger.debug("connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+    url = nc.connected_url.netloc if nc.connected_url else "?"
+    if warned_at is not None:
+        logger.warning("connected to %s", url)
+    else:
+        logger.log(logging.INFO if wait_for_server else logging.DEBUG, "connected to %s", url)
     return bus
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from bus.command import LOG_FORMAT
+from bus.command import LOG_FORMAT, nats_log_level
 from bus.connection import Bus, ConnectSettings, connect
 from bus.detach import PidFile, daemonize, report_ready
 from bus.errors import FleetError
@@ -73,8 +73,7 @@ def configure_daemon_logging(settings: DaemonSettings, *, detached: bool) -> Non
         handlers = [logging.StreamHandler(sys.stderr)]
     logging.basicConfig(level=settings.log_level, format=LOG_FORMAT, handlers=handlers, force=True)
     use_format(settings.log_format)
-    # nats-py logs its own reconnect chatter; ours says the same once, in our words.
-    logging.getLogger("nats").setLevel(logging.ERROR)
+    logging.getLogger("nats").setLevel(nats_log_level(settings.log_level))
 
 
 def run_daemon(
@@ -105,7 +104,9 @@ def run_daemon(
         pidfile.acquire()
     except FleetError as exc:
         logger.error("%s", exc)
-        report_ready(ready_fd, ok=False)
+        report_ready(
+            ready_fd, ok=False, why=f"{settings.program}: error: {exc}", code=exc.exit_code
+        )
         return exc.exit_code, None
     report_ready(ready_fd, ok=True)
     try:

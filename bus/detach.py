@@ -118,10 +118,16 @@ def daemonize() -> int:
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)
-        # The parent exits once the daemon holds its pid file (or failed to).
+        # The parent exits once the daemon holds its pid file (or failed to). It still
+        # has the terminal: a failure is said there, not only in a log nobody watches.
         with os.fdopen(read_end, "rb") as r:
-            status = r.read(1)
-        os._exit(0 if status == b"0" else 1)
+            status = r.read()
+        if status == b"0":
+            os._exit(0)
+        code, _, why = status.decode("utf-8", "replace").partition(":")
+        sys.stderr.write(f"{why or 'the daemon failed to start; see its log'}\n")
+        sys.stderr.flush()
+        os._exit(int(code) if code.isdigit() and code != "0" else 1)
     os.close(read_end)
     os.setsid()
     if os.fork() > 0:
@@ -135,8 +141,10 @@ def daemonize() -> int:
     return write_end
 
 
-def report_ready(fd: int | None, ok: bool) -> None:
+def report_ready(fd: int | None, ok: bool, why: str = "", code: int = 1) -> None:
+    """Tell the process that detached us (see :func:`daemonize`) we started, or why not
+    (``why``, and the exit code it should end with)."""
     if fd is not None:
         with contextlib.suppress(OSError):
-            os.write(fd, b"0" if ok else b"1")
+            os.write(fd, b"0" if ok else f"{code}:{why}".encode())
             os.close(fd)

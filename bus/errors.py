@@ -30,6 +30,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_JOB_FAILED = 4
 EXIT_VERIFICATION = 5
+EXIT_SKIPPED = 6  # a multi-target run skipped unsupported agents; the rest succeeded
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect after Ctrl-C
 
 

@@ -6,7 +6,9 @@ import io
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+from pydantic import BaseModel
 
 from bus.errors import UsageError
 
@@ -62,3 +64,30 @@ def open_private(path: Path, mode: str = "a") -> TextIO:
     fd = os.open(path, flags, 0o600)
     os.fchmod(fd, 0o600)  # an existing file keeps its old mode through os.open: narrow it
     return io.TextIOWrapper(io.FileIO(fd, mode), encoding="utf-8")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def anchored(config: M, config_file: Path) -> M:
+    """``config`` with every relative top-level path made absolute against the directory
+    of the file it came from: a daemon changes to ``/`` when it detaches, and a reload or a
+    restart must find the same files the first start did."""
+    base = Path(os.path.abspath(config_file)).parent
+    update = {
+        name: base / value
+        for name, value in config
+        if isinstance(value, Path) and not value.is_absolute()
+    }
+    return config.model_copy(update=update) if update else config
+
+
+def missing_files(config: BaseModel, *names: str) -> list[str]:
+    """``name: path`` for each of the named top-level path settings that is set but
+    names no file: what ``--check`` reports before a start would fail on it."""
+    out = []
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, Path) and not value.exists():
+            out.append(f"{name}: {value}: no such file")
+    return out

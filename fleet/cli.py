@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bus.command import add_version_flag, configure_logging, run_command
+from bus.command import add_version_flag, configure_logging, log_level_name, run_command
 from bus.errors import FleetError, exit_code_for
 
 PROG = "fleet"
@@ -24,12 +24,14 @@ _MODULES = {
     "job": "fleet.jobs",
     "jobs": "fleet.jobs",
     "agents": "fleet.jobs",
+    "agent": "fleet.agent",
     "replay": "fleet.audit",
     "audit": "fleet.audit",
     "keys": "fleet.keys",
     "ops": "fleet.ops",
     "demo": "fleet.demo",
     "update": "fleet.update",
+    "completion": "fleet.shell",
 }
 """Each command, and the module whose ``add_parser`` or ``add_parsers`` adds it."""
 
@@ -54,7 +56,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description=(
             "Run jobs on a fleet of machines over NATS, and audit what happened. "
             "Exit codes: 0 ok, 1 connection error, 2 usage error, 3 timeout, 4 a job failed, "
-            "5 verification failed (--verify)."
+            "5 verification failed (--verify), 6 a multi-target run skipped unsupported "
+            "agents (the rest succeeded)."
         ),
     )
     add_version_flag(parser, "-V", "--version")
@@ -62,8 +65,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "-l",
         "--log-level",
         default="WARNING",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="diagnostics on stderr (default WARNING)",
+        type=log_level_name,
+        metavar="LEVEL",
+        help="diagnostics on stderr: TRACE, DEBUG, INFO, WARN, ERROR (default WARNING)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = [_MODULES[command]] if command in _MODULES else list(dict.fromkeys(_MODULES.values()))

@@ -345,10 +345,12 @@ def _overlay_presence(
             labels=dict(p.labels),
             last_seen=iso(p.ts),
             running=list(p.running),
+            state=p.state,
+            update=p.update,
         )
     for agent_id, row in by_id.items():
         if agent_id not in online:
-            row.update(online=False, running=[])
+            row.update(online=False, running=[], state="offline", update=row.get("unsupported"))
     return [by_id[k] for k in sorted(by_id)]
 
 
@@ -377,13 +379,24 @@ async def list_agents(args: argparse.Namespace) -> int:
         print(json.dumps({"agents": agents}))
         return EXIT_OK
     now = time.time()
-    print(f"{'AGENT':<18}{'STATE':<9}{'VERSION':<10}{'RUNNING':<9}{'LAST SEEN':<14}LABELS")
+    print(f"{'AGENT':<18}{'STATE':<12}{'VERSION':<10}{'RUNNING':<9}{'LAST SEEN':<14}LABELS")
     for a in agents:
         seen = "never"
         if a.get("last_seen"):
             moment = datetime.datetime.fromisoformat(a["last_seen"].replace("Z", "+00:00"))
             seen = f"{now - moment.timestamp():.0f}s ago"
         labels = ",".join(f"{k}={v}" for k, v in sorted((a.get("labels") or {}).items()))
-        state, version = "online" if a["online"] else "offline", a.get("version") or "?"
-        print(f"{a['id']:<18}{state:<9}{version:<10}{len(a['running']):<9}{seen:<14}{labels}")
+        state, version = agent_state(a), a.get("version") or "?"
+        print(f"{a['id']:<18}{state:<12}{version:<10}{len(a['running']):<9}{seen:<14}{labels}")
+        if a.get("update"):
+            print(f"{'':<18}↳ {a['update']}")
     return EXIT_OK
+
+
+def agent_state(agent: dict[str, Any]) -> str:
+    """``online``, or what keeps it from being plainly so: ``updating``, ``unsupported``
+    (it cannot take the fleet's target: no job is sent to it), ``draining``, ``offline``."""
+    if not agent.get("online"):
+        return "offline"
+    state = str(agent.get("state") or "ready")
+    return "online" if state == "ready" else state

@@ -145,7 +145,7 @@ def _update_reader(s: Subjects) -> list[str]:
 
 
 # What each headless principal may ask the master, naming itself as the caller.
-HEADLESS_MASTER_OPS = ("auth-salt", "auth-start", "auth-submit", "job-output")
+HEADLESS_MASTER_OPS = ("auth-salt", "auth-start", "auth-submit", "job-output", "agent-state")
 
 Permissions = dict[str, object]
 

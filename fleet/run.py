@@ -17,6 +17,7 @@ from bus.command import add_connection_args, connect_settings
 from bus.errors import (
     EXIT_JOB_FAILED,
     EXIT_OK,
+    EXIT_SKIPPED,
     EXIT_TIMEOUT,
     ConnectionFailedError,
     PublishTimeoutError,
@@ -131,7 +132,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     how.add_argument(
         "--force",
         action="store_true",
-        help="run on agents marked unsupported (off the target version, may not update)",
+        help="run on agents marked unsupported (off the target version, may not update); "
+        "without it, several targets skip them (exit 6) and one alone is refused",
     )
     how.add_argument(
         "--wait",
@@ -192,7 +194,9 @@ def build_request(args: argparse.Namespace) -> JobRequest:
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    kinds = sum(bool(x) for x in (argv and not args.module, args.script, args.module))
+    # Words after --script FILE or -m MODULE are its arguments, not a second command.
+    is_argv = bool(argv) and not args.module and not args.script
+    kinds = sum(bool(x) for x in (is_argv, args.script, args.module))
     if kinds != 1:
         raise UsageError("say what to run: a command after --, or --script FILE, or -m MODULE")
     command: Command
@@ -277,21 +281,37 @@ async def refuse_unknown(bus: Bus, agents: list[str], online: dict[str, Presence
         )
 
 
-def refuse_unsupported(targets: list[str], online: dict[str, Presence], *, force: bool) -> None:
-    """Refuse agents off the fleet's target version that may not update (RHQ's rule).
+def skip_unsupported(
+    targets: list[str], online: dict[str, Presence], *, force: bool
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Leave out agents off the fleet's target version that may not update (RHQ's rule).
+
+    One target, or only such targets, is refused; among several, the healthy ones get
+    the job and the others are skipped with a warning (the exit code says so).
+
+    Returns:
+        The targets to run on, and the skipped ones (``agent``, ``reason``).
 
     Raises:
-        UsageError: a target is ``unsupported`` and ``force`` is not set.
+        UsageError: every target is ``unsupported`` and ``force`` is not set.
     """
     bad = [a for a in targets if a in online and online[a].state == "unsupported"]
+    reasons = {a: online[a].update or "off the fleet's target version" for a in bad}
     if not bad or force:
         for agent in bad:
-            print(
-                f"fleet: warning: {agent} is unsupported: {online[agent].update}", file=sys.stderr
-            )
-        return
-    why = "; ".join(f"{a}: {online[a].update or 'unsupported version'}" for a in bad)
-    raise UsageError(f"refusing unsupported agents ({why}); --force runs there anyway")
+            print(f"fleet: warning: {agent} is unsupported: {reasons[agent]}", file=sys.stderr)
+        return targets, []
+    if len(bad) == len(targets):
+        why = "; ".join(f"{a}: {reasons[a]}" for a in bad)
+        raise UsageError(f"refusing unsupported agents ({why}); --force runs there anyway")
+    for agent in bad:
+        print(
+            f"fleet: warning: skipping {agent}, unsupported: {reasons[agent]} "
+            "(--force runs there anyway)",
+            file=sys.stderr,
+        )
+    healthy = [a for a in targets if a not in reasons]
+    return healthy, [{"agent": a, "reason": reasons[a]} for a in bad]
 
 
 @dataclass
@@ -429,7 +449,7 @@ async def run_command(args: argparse.Namespace) -> int:
         targets = resolve_targets(args, online)
         if not args.queue:
             await refuse_unknown(bus, [check_agent_id(a) for a in args.agent], online)
-        refuse_unsupported(targets, online, force=args.force)
+        targets, skipped = skip_unsupported(targets, online, force=args.force)
         if password is not None:
             for agent in targets:
                 agent_key(agent, online)  # every key known before anything is submitted
@@ -448,7 +468,7 @@ async def run_command(args: argparse.Namespace) -> int:
                     break
                 jobs.append({"job_id": job_id, "agent": agent})
             if args.json:
-                print(json.dumps({"jobs": jobs}))
+                print(json.dumps({"jobs": jobs, "skipped": skipped}))
             elif len(jobs) == 1:
                 print(jobs[0]["job_id"])  # so that J=$(fleet run --async …) is the id
             else:
@@ -460,8 +480,8 @@ async def run_command(args: argparse.Namespace) -> int:
             if unknown is not None:
                 print(f"fleet: {unknown}", file=sys.stderr)
                 return EXIT_TIMEOUT
-            return EXIT_OK
-        printer = None if args.json else OutputPrinter(prefix=len(targets) > 1)
+            return EXIT_SKIPPED if skipped else EXIT_OK
+        printer = None if args.json else OutputPrinter(prefix=len(targets) + len(skipped) > 1)
         submitted: list[JobFollower] = []
         try:
             outcomes, timed_out = await _run_batches(
@@ -474,16 +494,22 @@ async def run_command(args: argparse.Namespace) -> int:
             _print_follow_hint(submitted, "stopped submitting")
             raise
     if args.json:
-        print(json.dumps({"jobs": [o.to_json() for o in outcomes]}))
+        print(json.dumps({"jobs": [o.to_json() for o in outcomes], "skipped": skipped}))
     else:
-        _print_summary(outcomes, single=len(targets) == 1)
+        _print_summary(outcomes, single=len(targets) == 1 and not skipped)
+        for skip in skipped:
+            print(
+                f"fleet: {skip['agent']}: skipped, unsupported ({skip['reason']})", file=sys.stderr
+            )
     if timed_out:
         _print_follow_hint(
             [o for o in outcomes if o.job_id and o.status in ("queued", "running")],
             f"--wait ran out after {args.wait:g}s",
         )
         return EXIT_TIMEOUT
-    return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_JOB_FAILED
+    if not all(o.status == "succeeded" for o in outcomes):
+        return EXIT_JOB_FAILED
+    return EXIT_SKIPPED if skipped else EXIT_OK
 
 
 async def _run_batches(

@@ -7,21 +7,18 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from pydantic import ValidationError
+from packaging.version import InvalidVersion, Version
+from pydantic import TypeAdapter, ValidationError
 
 from bus import Bus, ConnectionFailedError, Signer, UsageError, connect
 from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_OK, BundleError
-from bus.log import read_log
-from bus.subjects import version_token
+from fleet import update_fetch, update_status
 from fleet.common import operator_signer, presence, publish_signed
-from ledger.driver import fold
-from ledger.views import AgentView, RolloutView
 from schemas import Presence, UpdateAnnounced, UpdatePublished
 from schemas.registry import summarize_validation_error
-from schemas.update import ReleaseTarget, RolloutStage, UpdateSettings
+from schemas.update import PurgeGlob, ReleaseTarget, RolloutStage, UpdateSettings
 from updater.bundle import build_bundle, inspect_bundle, open_bundle, sha256_hex
 from updater.download import store_digest
 from updater.install import InstallRoot
@@ -106,9 +103,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     announce.add_argument("--json", action="store_true", help="print a JSON document")
     announce.set_defaults(handler=announce_cmd, is_async=True)
 
-    status = cmds.add_parser("status", help="the target, the settings and every agent's version")
-    status.add_argument("--json", action="store_true", help="print a JSON document")
-    status.set_defaults(handler=status_cmd, is_async=True)
+    update_status.add_parser(cmds)
 
     for name, helptext in (
         ("pause", "no agent starts an update until resume"),
@@ -123,6 +118,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     setp.add_argument("key", choices=sorted(_SETTABLE))
     setp.add_argument("value")
     setp.set_defaults(handler=set_cmd, is_async=True)
+
+    update_fetch.add_parser(cmds)
 
     install = cmds.add_parser(
         "install",
@@ -141,7 +138,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     install.set_defaults(handler=install_cmd)
 
-    for p in (publish, announce, status, setp, *[cmds.choices[n] for n in ("pause", "resume")]):
+    for p in (publish, announce, setp, *[cmds.choices[n] for n in ("pause", "resume")]):
         add_connection_args(p)
     for n in ("disable", "enable"):
         add_connection_args(cmds.choices[n])
@@ -152,12 +149,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def build_cmd(args: argparse.Namespace) -> int:
     version = normalized_version(args.version)
+    for glob in args.purge:
+        try:
+            TypeAdapter(PurgeGlob).validate_python(glob)
+        except ValidationError:
+            raise UsageError(
+                f"--purge {glob!r}: a glob relative to the agent's data_dir, of letters, "
+                "digits, '._+-', '/' between parts and '*?[]!' (no '.' or '..' part, no "
+                "leading '/')"
+            ) from None
     signer = Signer.from_file(args.key)
     wheels: list[Path] = list(args.wheel)
     with tempfile.TemporaryDirectory() as tmp:
         if not any(w.name.startswith("fleetbus-") for w in wheels):
             wheels.insert(0, build_wheel(args.source, version, Path(tmp)))
-        data = build_bundle(version, wheels, signer, build=args.build, purge=args.purge)
+        try:
+            data = build_bundle(version, wheels, signer, build=args.build, purge=args.purge)
+        except ValidationError as exc:
+            raise UsageError(f"bad bundle manifest: {summarize_validation_error(exc)}") from None
     out: Path = args.output or Path(object_name(version))
     out.write_bytes(data)
     doc = {"path": str(out), "version": version, "sha256": sha256_hex(data), "size": len(data)}
@@ -248,6 +257,14 @@ async def announce_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"{version} is not published (fleet update publish BUNDLE first)")
         sha, size = stored
         online = await presence(bus)
+        if not args.allow_downgrade:
+            current = (await read_settings(bus)).target
+            newer = newer_than(version, current.version if current else None, online)
+            if newer:
+                raise UsageError(
+                    f"{version} would be a downgrade: {'; '.join(newer)}. Agents on newer "
+                    "versions go back only with --allow-downgrade"
+                )
         behind = sorted(a for a, p in online.items() if p.version != version)
         canaries = behind[: args.canary]
         if args.canary > len(canaries):
@@ -297,6 +314,24 @@ async def announce_cmd(args: argparse.Namespace) -> int:
         first = f"; canaries first: {', '.join(canaries)}" if canaries else ""
         print(f"announced fleetbus {version} as the target{first}")
     return EXIT_OK
+
+
+def newer_than(version: str, target: str | None, online: dict[str, Presence]) -> list[str]:
+    """What runs or is targeted at a version newer than ``version``, said for a person."""
+
+    def older(a: str, b: str) -> bool:
+        try:
+            return Version(a) < Version(b)
+        except InvalidVersion:
+            return False  # not comparable: not known to be a downgrade
+
+    found = [f"the current target is {target}"] if target and older(version, target) else []
+    ahead = sorted(a for a, p in online.items() if older(version, p.version))
+    if ahead:
+        shown = ", ".join(f"{a} ({online[a].version})" for a in ahead[:5])
+        more = f" and {len(ahead) - 5} more" if len(ahead) > 5 else ""
+        found.append(f"{shown}{more} run newer")
+    return found
 
 
 # --- switches ---------------------------------------------------------------------------
@@ -354,82 +389,3 @@ async def set_cmd(args: argparse.Namespace) -> int:
         await write_setting(bus, f"update.{args.key}", value, signer=signer, source=source)
     print(f"update.{args.key} = {value}")
     return EXIT_OK
-
-
-# --- status -----------------------------------------------------------------------------
-
-
-async def status_cmd(args: argparse.Namespace) -> int:
-    async with await connect(connect_settings(args, "fleet update")) as bus:
-        settings = await read_settings(bus)
-        online = await presence(bus)
-        # Agents that are not online: their last known version, from their own events.
-        known = fold(
-            await read_log(bus, bus.subjects.events_stream, f"{bus.subjects.prefix}.evt.agent.>")
-        ).agents
-        rollout: RolloutView | None = None
-        if settings.target is not None:
-            v = settings.target.version
-            subject = f"{bus.subjects.prefix}.evt.update.{version_token(v)}.>"
-            projection = fold(await read_log(bus, bus.subjects.events_stream, subject))
-            rollout = projection.rollouts.get(v)
-    doc = _status_doc(settings, online, known, rollout)
-    if args.json:
-        print(json.dumps(doc))
-        return EXIT_OK
-    target = doc["target"]
-    print(f"target:         {target['version'] if target else '(none)'}")
-    if target:
-        print(f"stage:          {doc['stage']}")
-    print(
-        f"updates:        {'enabled' if settings.enabled else 'DISABLED'}"
-        f"{', paused' if settings.paused else ''}"
-    )
-    print(f"max concurrent: {settings.max_concurrent}")
-    if rollout is not None:
-        print(
-            f"failures:       {rollout.failures} (max {rollout.max_failures})"
-            + (f"; halted: {rollout.halted}" if rollout.halted else "")
-        )
-    print()
-    print(f"{'AGENT':<20} {'VERSION':<12} {'STATE':<12} NOTE")
-    for agent in doc["agents"]:
-        note = agent["update"] or agent["rollout"] or ""
-        version = agent["version"] or "?"
-        print(f"{agent['id']:<20} {version:<12} {agent['state']:<12} {note}")
-    return EXIT_OK
-
-
-def _status_doc(
-    settings: UpdateSettings,
-    online: dict[str, Presence],
-    known: dict[str, AgentView],
-    rollout: RolloutView | None,
-) -> dict[str, Any]:
-    target = settings.target
-    agents = []
-    for agent_id in sorted(set(online) | set(known)):
-        p = online.get(agent_id)
-        view = known.get(agent_id)
-        version = p.version if p else (view.version if view else None)
-        agents.append(
-            {
-                "id": agent_id,
-                "online": p is not None,
-                "version": version,
-                "state": p.state if p else "offline",
-                "update": p.update if p else (view.unsupported if view else None),
-                "on_target": target is not None and version == target.version,
-                "rollout": rollout.agents.get(agent_id) if rollout else None,
-            }
-        )
-    return {
-        "target": target.model_dump(mode="json") if target else None,
-        "stage": settings.stage_of(target.version) if target else None,
-        "enabled": settings.enabled,
-        "paused": settings.paused,
-        "max_concurrent": settings.max_concurrent,
-        "retry_after_s": settings.retry_after_s,
-        "rollout": rollout.to_json() if rollout else None,
-        "agents": agents,
-    }

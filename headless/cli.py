@@ -1,8 +1,10 @@
 """``fleet-headless``: start one batch job from cron (after the PLANTA headless client).
 
-Quiet by default: cron mails whatever a job prints. Return codes: 0 ok, 1 socket or
-connection error, 2 parameter error (bad flag, bad secret file, failed
-authentication), 3 timeout (the job goes on), 4 the job ran and failed.
+Quiet by default, so cron mails only when something went wrong: any return code but 0
+prints one line with the reason on stderr (-q: not even that). Return codes: 0 ok,
+1 socket or connection error, 2 parameter error (bad flag, bad secret file, failed
+authentication, a job the agent rejected: unknown module, not granted), 3 timeout (the
+job goes on) or the --lock is held, 4 the job ran and failed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 
 from bus import ConnectSettings, UsageError, check_agent_id, connect
 from bus.command import add_tls_args, add_version_flag, run_command, tls_settings
-from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT, FleetError
+from bus.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, FleetError
 from bus.lease import Lease
 from headless.client import Submission, submit, wait_finished
+from headless.secret import read_hash
 from schemas import JobRequest, ModuleCommand, ScriptCommand
 
 PROG = "fleet-headless"
@@ -33,16 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_version_flag(parser)
     talk = parser.add_mutually_exclusive_group()
-    talk.add_argument("-q", "--quiet", action="store_true", help="no output at all (the default)")
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="no output at all, not even why it failed"
+    )
     talk.add_argument(
         "-v", "--verbose", action="count", default=0, help="info; -vv the request; -vvv the reply"
     )
     parser.add_argument(
         "-s",
         "--service",
+        "--server",
+        dest="service",
         metavar="HOST:PORT|URL",
-        default="127.0.0.1:4222",
-        help="the NATS server (default 127.0.0.1:4222)",
+        default=os.environ.get("FLEET_SERVER") or "127.0.0.1:4222",
+        help="the NATS server (env FLEET_SERVER; default 127.0.0.1:4222)",
     )
     parser.add_argument(
         "-t",
@@ -169,7 +176,7 @@ async def _run(args: argparse.Namespace) -> int:
                 bus, bus.subjects.locks_bucket, args.lock, f"{args.user}@{args.agent}", _LOCK_TTL_S
             )
             if not await lease.acquire(args.lock_wait):
-                print(f"{PROG}: lock {args.lock} is held by another client", file=sys.stderr)
+                _failed(f"lock {args.lock} is held by another client")
                 return EXIT_TIMEOUT
         keeper = asyncio.create_task(lease.keep()) if lease else None
         try:
@@ -186,12 +193,21 @@ async def _run(args: argparse.Namespace) -> int:
             if lease is not None:
                 await asyncio.shield(lease.release())
     if finished is None:
-        logging.getLogger(PROG).warning(
-            "job %s has not ended within %ss; it goes on", job_id, args.timeout
-        )
+        _failed(f"job {job_id} has not ended within {args.timeout}s; it goes on")
         return EXIT_TIMEOUT
-    logging.getLogger(PROG).info("job %s %s", job_id, finished.status)
-    return EXIT_OK if finished.status == "succeeded" else EXIT_JOB_FAILED
+    if finished.status == "succeeded":
+        logging.getLogger(PROG).info("job %s succeeded", job_id)
+        return EXIT_OK
+    why = f": {finished.reason}" if finished.reason else ""
+    exit_code = "" if finished.exit_code is None else f" (exit code {finished.exit_code})"
+    _failed(f"job {job_id} {finished.status}{exit_code}{why}")
+    # Rejected: the agent never ran it (unknown module, not granted): a parameter error.
+    return EXIT_USAGE if finished.status == "rejected" else EXIT_JOB_FAILED
+
+
+def _failed(why: str) -> None:
+    """The one line a failed run prints (to stderr, which -q silences)."""
+    print(f"{PROG}: {why}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,8 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("bus").setLevel(logging.CRITICAL + 1)
         logging.getLogger("nats").setLevel(logging.CRITICAL + 1)
-    try:
-        return run_command(PROG, _run(args))
-    except FleetError as exc:  # errors raised before the loop runs
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    with contextlib.ExitStack() as stack:
+        if args.quiet:  # -q: nothing at all, not even the reason for a failure
+            stack.enter_context(contextlib.redirect_stderr(open(os.devnull, "w")))  # noqa: SIM115
+        try:
+            if args.auth_type == "challenge" and Path(args.secret).exists():
+                read_hash(Path(args.secret))  # an unsafe secret file is a 2, server or not
+            return run_command(PROG, _run(args))
+        except FleetError as exc:  # errors raised before the loop runs
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return exc.exit_code

@@ -15,6 +15,7 @@ from bus import (
     ConnectionFailedError,
     FleetError,
     FleetTimeoutError,
+    UsageError,
     sign_envelope,
 )
 from bus.request import control
@@ -57,6 +58,7 @@ async def submit(bus: Bus, job: Submission) -> str:
 
 async def _submit_signed(bus: Bus, job: Submission) -> str:
     signer = read_nkey(job.secret)
+    await _refuse_unsupported(bus, job)
     job_id = new_id()
     data = JobSubmitted(job_id=job_id, agent=job.agent, request=job.request, submitted_by=job.user)
     subject = bus.subjects.job_event(job.agent, job_id, "submitted")
@@ -64,6 +66,26 @@ async def _submit_signed(bus: Bus, job: Submission) -> str:
     _show(logging.DEBUG, "→ publish", {"subject": subject, "job_id": job_id})
     await bus.publish_event(envelope)
     return job_id
+
+
+async def _refuse_unsupported(bus: Bus, job: Submission) -> None:
+    """No job for an unsupported agent (the prime directive), as far as the master knows.
+
+    Signed submissions need no master: when none answers, the job goes (said at INFO).
+
+    Raises:
+        UsageError: the master says the agent is unsupported.
+    """
+    try:
+        state = await _master(bus, job.user, "agent-state", {"agent": job.agent}, attempts=1)
+    except FleetError as exc:
+        # No master, an older one, or a server config without the op: cannot tell.
+        logger.info("cannot ask whether %s is supported (%s); submitting", job.agent, exc)
+        return
+    if state.get("unsupported"):
+        raise UsageError(
+            f"agent {job.agent} is unsupported ({state['unsupported']}); the job was not submitted"
+        )
 
 
 async def _master(
@@ -81,6 +103,8 @@ async def _master(
     except FleetError as exc:
         if "authentication failed" in str(exc) or "bad request" in str(exc):
             raise AuthError(str(exc)) from None
+        if "is unsupported (" in str(exc):
+            raise UsageError(str(exc)) from None  # the prime directive: no job for it
         raise
     _show(logging.DEBUG - 1, f"← {op}", reply.data)
     return reply.data
@@ -136,6 +160,7 @@ class Outcome:
 
     status: str
     exit_code: int | None
+    reason: str | None = None
 
 
 _NOT_YET = "no job "  # the master has not folded the submission yet, or it is not ours
@@ -163,7 +188,7 @@ async def wait_finished(bus: Bus, user: str, job_id: str, timeout: float | None)
                         raise
                     doc = {}
                 if doc.get("finished"):
-                    return Outcome(str(doc["status"]), doc.get("exit_code"))
+                    return Outcome(str(doc["status"]), doc.get("exit_code"), doc.get("reason"))
                 # The master knows the job's end only once it has folded it: ask again.
                 await asyncio.sleep(_POLL.delay(attempt))
                 attempt += 1

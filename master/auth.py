@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from bus import Bus, Signer, sign_envelope
+from bus import Bus, Signer, UsageError, sign_envelope
 from bus.scram import auth_message, job_digest, new_nonce, server_signature, verify_proof
 from master.users import UserStore
 from schemas import AuthDenied, JobSubmitted, make_envelope, new_id
@@ -30,6 +31,11 @@ GENERIC_FAILURE = "authentication failed"
 
 class AuthFailed(Exception):
     """A login failed; the message is all the client learns."""
+
+
+class TargetUnsupportedError(UsageError):
+    """The job's agent is ``unsupported`` (off the target version, may not update): the
+    master sends it no job (the prime directive). Told only to an authenticated user."""
 
 
 class Throttle:
@@ -85,8 +91,11 @@ class AuthService:
         signer: Signer,
         master_id: str,
         throttle: Throttle | None = None,
+        unsupported: Callable[[str], str | None] = lambda agent: None,
     ) -> None:
+        """``unsupported(agent)``: why that agent may get no job, or None if it may."""
         self.bus = bus
+        self.unsupported = unsupported
         self.users = users
         self.signer = signer
         self.master_id = master_id
@@ -134,6 +143,12 @@ class AuthService:
             raise AuthFailed(GENERIC_FAILURE)
         assert record is not None
         self.throttle.succeeded(key)
+        unsupported = self.unsupported(request.agent)
+        if unsupported is not None:
+            logger.warning("! job of %s for unsupported agent %s refused", user, request.agent)
+            raise TargetUnsupportedError(
+                f"agent {request.agent} is unsupported ({unsupported}); the job was not submitted"
+            )
         job_id = new_id()
         data = JobSubmitted(
             job_id=job_id, agent=request.agent, request=request.request, submitted_by=user

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from bus import Subjects
-from schemas.fields import Token
+from schemas.fields import AgentId, Token
 
 JOB_OUTPUT = "job-output"
+AGENT_STATE = "agent-state"
 
 
 class JobRecord(Protocol):
@@ -36,6 +37,18 @@ class JobRecord(Protocol):
 class JobOutputRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     job_id: Token
+
+
+class AgentStateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    agent: AgentId
+
+
+class AgentRecord(Protocol):
+    """What ``agent-state`` needs of an agent's view in the projection."""
+
+    @property
+    def unsupported(self) -> str | None: ...
 
 
 def parse_control(subjects: Subjects, subject: str) -> tuple[str, str | None]:
@@ -72,3 +85,21 @@ def job_output(
     doc = job.to_json(tail=True)
     doc["finished"] = job.finished
     return doc
+
+
+def agent_state(agents: Mapping[str, AgentRecord], args: dict[str, Any]) -> dict[str, Any]:
+    """Whether an agent may be sent a job: ``{"agent", "known", "unsupported"}``.
+
+    What a headless user signing its own jobs (no master in the submission) asks before
+    submitting, so that it too sends no job to an unsupported agent.
+
+    Raises:
+        pydantic.ValidationError: a malformed request.
+    """
+    request = AgentStateRequest.model_validate(args)
+    view = agents.get(request.agent)
+    return {
+        "agent": request.agent,
+        "known": view is not None,
+        "unsupported": None if view is None else view.unsupported,
+    }

@@ -6,15 +6,17 @@ import argparse
 import getpass
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from bus import connect, decode_model
-from bus.command import add_version_flag, configure_logging, run_command
+from bus.command import add_log_level_flag, add_version_flag, configure_logging, run_command
 from bus.detach import EXIT_NOT_RUNNING, kill_daemon, running_pid
 from bus.errors import FleetError, UsageError
+from bus.keys import read_seed_file
+from bus.paths import missing_files
+from bus.reloadreport import request_reload
 from master.config import MasterConfig, default_config_path, load_master_config
 from master.startup import PROGRAM, run_master
 from master.users import UserStore, make_record
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
             "are connected), hash (the configuration's hash)."
         ),
     )
-    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
+    parser.add_argument(
+        "command", nargs="?", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS)
+    )
     parser.add_argument("action", nargs="?", choices=("add", "passwd", "del"), help="with user")
     parser.add_argument("name", nargs="?", help="with user: the headless user's name")
     parser.add_argument(
@@ -50,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"configuration (default {default_config_path()})",
     )
-    parser.add_argument("-l", "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_log_level_flag(parser, "override the configured log level")
     parser.add_argument("--json", action="store_true", help="status as a JSON document")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration and the files it names without starting; "
+        "exit 0 if they are good, 2 with the reason if not",
+    )
     add_version_flag(parser, "-V", "--version")
     return parser
 
@@ -61,7 +71,8 @@ PROG = PROGRAM
 
 def _config_path(args: argparse.Namespace) -> Path | None:
     if args.config is not None:
-        return Path(args.config)
+        # Absolute: -d, reload, restart and the generated unit run from elsewhere.
+        return Path(os.path.abspath(args.config))
     default = default_config_path()
     return default if default.exists() else None
 
@@ -77,31 +88,64 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
             if entry is not None and entry.value:
                 online[key] = decode_model(entry.value, Presence)
     pid = running_pid(config.pid_path)
+
+    def wrong_key(agent: str) -> bool:
+        # Presence under a configured id but another key is not that agent: an
+        # impostor, or a reinstalled host whose new key was never registered.
+        return agent in online and online[agent].public_key != config.agents[agent].public_key
+
     configured = [
         {
             "id": a,
             "configured": True,
-            "connected": a in online,
+            "connected": a in online and not wrong_key(a),
+            "wrong_key": wrong_key(a),
             "version": online[a].version if a in online else None,
         }
         for a in sorted(config.agents)
     ]
     strangers = [
-        {"id": a, "configured": False, "connected": True, "version": online[a].version}
+        {
+            "id": a,
+            "configured": False,
+            "connected": True,
+            "wrong_key": False,
+            "version": online[a].version,
+        }
         for a in sorted(set(online) - set(config.agents))
     ]
     master = {"running": pid is not None, "pid": pid, "config_hash": config.config_hash()}
+    # Exit 3 when the master is not running, like `systemctl status` and `-Q`: scripts
+    # asking "is it up?" get the answer from the code, the table still says the rest.
+    code = 0 if pid is not None else EXIT_NOT_RUNNING
     if as_json:
         print(json.dumps({"master": master, "agents": configured + strangers}))
-        return 0
+        return code
     state = f"running (pid {pid})" if pid else "not running"
     print(f"master: {state}, config hash {config.config_hash()[:16]}")
     print(f"{'AGENT':<20}{'CONFIGURED':<12}{'CONNECTED':<11}VERSION")
     for row in configured + strangers:
         known = "yes" if row["configured"] else "NO"
-        connected = "yes" if row["connected"] else "no"
+        connected = "WRONG KEY" if row["wrong_key"] else "yes" if row["connected"] else "no"
         print(f"{row['id']:<20}{known:<12}{connected:<11}{row['version'] or '-'}")
-    return 0
+    return code
+
+
+def check_config(path: Path | None, config: MasterConfig) -> str:
+    """What ``--check`` prints for a good configuration.
+
+    Raises:
+        UsageError, SecretFileError: what a start would stop on.
+    """
+    problems = missing_files(config, "tls_ca", "tls_cert", "tls_key", "web_tls_cert", "web_tls_key")
+    if problems:
+        raise UsageError("; ".join(problems))
+    if config.key_path.exists():
+        read_seed_file(config.key_path)  # unsafe permissions stop a start: say so now
+    return (
+        f"{path or 'defaults'}: OK: server {config.server}, {len(config.agents)} agents, "
+        f"config hash {config.config_hash()[:16]}"
+    )
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -133,10 +177,16 @@ def manage_user(config: MasterConfig, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fleet-master``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and not args.check:
+        parser.error(f"a COMMAND is needed: {', '.join(COMMANDS)} (or --check)")
     path = _config_path(args)
     try:
         config = load_master_config(path)
+        if args.check:
+            print(check_config(path, config))
+            return 0
         if args.command == "user":
             return manage_user(config, args)
         if args.command == "hash":
@@ -159,12 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if pid is None:
                 print(f"{PROGRAM} is not running", file=sys.stderr)
                 return EXIT_NOT_RUNNING
-            os.kill(pid, signal.SIGHUP)
-            print(
-                f"{PROGRAM} (pid {pid}) reloading; config hash {config.config_hash()}",
-                file=sys.stderr,
-            )
-            return 0
+            report = request_reload(config.pid_path, pid)
+            if report is None:
+                print(
+                    f"{PROGRAM} (pid {pid}) was sent SIGHUP but gave no verdict within 10 s; "
+                    f"see its log",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"{PROGRAM} (pid {pid}): {report.message}", file=sys.stderr)
+            return 0 if report.ok else UsageError.exit_code
         configure_logging(args.log_level or "WARNING")
         return run_command(PROGRAM, _status(config, args.json))
     except FleetError as exc:

@@ -22,9 +22,10 @@ from pydantic import (
 )
 
 from bus import ConnectSettings, UsageError
-from bus.connection import DEFAULT_SERVER
+from bus.command import LogLevel
+from bus.connection import default_server
 from bus.httpd import Listen
-from bus.paths import config_file, data_dir, read_toml
+from bus.paths import anchored, config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
 from ledger.policy import Principals
 from schemas import ids
@@ -57,7 +58,10 @@ class MasterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(default="master", description="the master's principal id")
-    server: str = Field(default=DEFAULT_SERVER, description="NATS server URL(s), comma-separated")
+    server: str = Field(
+        default_factory=default_server,
+        description="NATS server URL(s), comma-separated (default: $FLEET_SERVER, else local)",
+    )
     prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the fleet")
     data_dir: Path = Field(
         default_factory=default_data_dir, description="key, pid file, log, witness file"
@@ -92,7 +96,9 @@ class MasterConfig(BaseModel):
         description="pause after 3 failed headless logins of a user from one caller; "
         "doubles per failure, at most 300 s",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = Field(
+        default="INFO", description="TRACE, DEBUG, INFO, WARN (or WARNING) or ERROR"
+    )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="text, or json: one object per line with time, level, logger, message, ids",
@@ -218,6 +224,7 @@ def load_master_config(path: Path | None) -> MasterConfig:
     """
     raw: dict[str, Any] = read_toml(path) if path is not None else {}
     try:
-        return MasterConfig.model_validate(raw)
+        config = MasterConfig.model_validate(raw)
     except ValidationError as exc:
         raise UsageError(f"{path}: invalid config: {summarize_validation_error(exc)}") from None
+    return anchored(config, path) if path is not None else config

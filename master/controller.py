@@ -79,6 +79,7 @@ class Master:
             signer,
             config.id,
             Throttle(first=config.auth_throttle_s, cap=max(THROTTLE_CAP_S, config.auth_throttle_s)),
+            unsupported=self._unsupported,
         )
         self.rollout_changed = asyncio.Event()
         self._listeners: list[FoldListener] = [self._note_rollout_change]
@@ -88,6 +89,12 @@ class Master:
     @property
     def projection(self) -> Projection:
         return self.driver.projection
+
+    def _unsupported(self, agent: str) -> str | None:
+        """Why ``agent`` is unsupported (its last ``agent.unsupported`` since it came
+        online or updated), or None."""
+        view = self.projection.agents.get(agent)
+        return None if view is None else view.unsupported
 
     @property
     def chain(self) -> Chain:

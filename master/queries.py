@@ -17,7 +17,7 @@ from bus.codec import pack
 from bus.serve import serve
 from ledger.views import RolloutView
 from master.auth import AuthFailed
-from master.callers import JOB_OUTPUT, job_output, parse_control
+from master.callers import AGENT_STATE, JOB_OUTPUT, agent_state, job_output, parse_control
 from schemas import ControlReply, ControlRequest
 from schemas.auth import AuthStart, AuthSubmit
 from schemas.registry import summarize_validation_error
@@ -63,6 +63,8 @@ async def answer(master: Master, subject: str, data: bytes) -> ControlReply:
             reply = await authenticate(master, op, control.args, caller)
         elif op == JOB_OUTPUT:
             reply = job_output(master.projection.jobs, caller, control.args)
+        elif op == AGENT_STATE:
+            reply = agent_state(master.projection.agents, control.args)
         else:
             reply = query(master, op, control.args)
         return ControlReply(ok=True, data=reply)

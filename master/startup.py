@@ -8,6 +8,7 @@ from pathlib import Path
 from bus import FleetError, Signer, generate_seed, write_seed_file
 from bus.connection import Bus
 from bus.daemon_shell import DaemonSettings, run_daemon, serve
+from bus.reloadreport import write_reload_report
 from master.config import MasterConfig, load_master_config
 from master.controller import Master
 
@@ -47,9 +48,11 @@ async def serve_master(config_path: Path | None, config: MasterConfig) -> None:
             new = load_master_config(config_path)
         except FleetError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
+            write_reload_report(config.pid_path, False, f"refused: {exc}")
             return
         write_hash(new)
         master.reload(new)
+        write_reload_report(config.pid_path, True, f"reloaded; config hash {new.config_hash()}")
 
     async def snapshots(bus: Bus) -> object:
         return await bus.objects(bus.subjects.snapshots_bucket)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.fields import AgentId, EventId, PrincipalId, PublicKey
 
@@ -18,6 +18,21 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._+-]+$")]
 BundlePath = Annotated[str, Field(pattern=r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")]
 """A relative path inside a bundle: no ``..``, no absolute paths, no odd characters."""
+
+
+def _check_purge_glob(value: str) -> str:
+    if any(part in (".", "..") for part in value.split("/")):
+        raise ValueError(f"{value!r}: a purge glob stays inside data_dir (no '.' or '..')")
+    return value
+
+
+PurgeGlob = Annotated[
+    str,
+    Field(max_length=256, pattern=r"^[A-Za-z0-9._+*?!\[\]-]+(/[A-Za-z0-9._+*?!\[\]-]+)*$"),
+    AfterValidator(_check_purge_glob),
+]
+"""A glob relative to the agent's ``data_dir`` (``fnmatch``: ``*``, ``?``, ``[…]``), matched
+against each path under it; no ``..``, no absolute paths."""
 
 
 class BundleManifest(BaseModel):
@@ -34,7 +49,7 @@ class BundleManifest(BaseModel):
     """The fleetbus wheel's dependencies (PEP 508); those not bundled must be installed."""
     files: dict[BundlePath, Sha256]
     """Every other member of the bundle (wheels), with its SHA-256."""
-    purge: list[BundlePath] = []
+    purge: list[PurgeGlob] = []
     """Globs under the agent's data_dir that this version no longer wants, removed once
     it is healthy (never before: a rollback must find them)."""
 

@@ -344,3 +344,26 @@ async def test_a_job_redelivered_while_it_is_being_checked_is_neither_lost_nor_r
     assert result.status == "succeeded"
     assert runs.read_text() == "run\n"
     assert checks == 2
+
+
+async def test_a_restarting_agent_leaves_its_neighbours_jobs_alone(
+    bus: Bus, agent_factory: Agents, operator: tuple[Path, Signer], tmp_path: Path
+) -> None:
+    """Two agents in one cgroup (one host without a unit each, or ``--simulate``): when
+    one restarts and sweeps what its crash left behind, the other's running job lives on."""
+    gate = tmp_path / "gate"
+    await agent_factory("web-1").started(bus)
+    restarting = await agent_factory("web-2").started(bus)
+    job = await submit(
+        bus,
+        operator[1],
+        "web-1",
+        job_request(["sh", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.05; done; echo out']),
+    )
+    await wait_event(bus, "web-1", job, "started")
+    restarting.kill()
+    await restarting.started(bus)
+    gate.touch()
+    result = await finished(bus, "web-1", job, timeout=60)
+    assert result.status == "succeeded", result.reason
+    assert result.output_tail == "out\n"

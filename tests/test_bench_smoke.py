@@ -20,9 +20,9 @@ def test_every_bench_runs_and_the_table_is_rendered(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\nhand-written text stays\n")
     results = tmp_path / "results"
+    command = [sys.executable, "-m", "bench", "all", "--quick"]
     subprocess.run(
-        [sys.executable, "-m", "bench", "all", "--quick", "--results", str(results)]
-        + ["--readme", str(readme)],
+        [*command, "--results", str(results), "--readme", str(readme)],
         check=True,
         stdout=subprocess.DEVNULL,
         timeout=850,

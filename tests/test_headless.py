@@ -13,8 +13,18 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from agents import MASTER, AgentProcess, MasterProcess, finished, job_events
+from agents import (
+    MASTER,
+    AgentProcess,
+    MasterProcess,
+    finished,
+    fleet_env,
+    job_events,
+    wait_presence,
+)
 from natsserver import NatsServer, free_port
+from updates import SOURCE
+from updates import fleet as fleet_cli
 
 from bus import Bus, Signer, generate_seed, write_seed_file
 from bus.log import read_log
@@ -41,10 +51,19 @@ class Fleet:
         write_seed_file(path, bcrypt.hashpw(password.encode(), self.salt(user)))
         return path
 
-    async def run(self, *args: str, url: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    async def run(
+        self, *args: str, url: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``fleet-headless -s URL ARGS`` (without ``-s`` when ``env`` is given)."""
         server = (url or self.url).removeprefix("nats://")
+        where = [] if env is not None else ["-s", server]
         proc = await asyncio.create_subprocess_exec(
-            HEADLESS, "-s", server, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            HEADLESS,
+            *where,
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode is not None
@@ -130,6 +149,42 @@ async def test_failing_job_is_4(fleet: Fleet) -> None:
         *base(fleet.secret(), "-t", "-1", "--lang", "python", "-c", "raise SystemExit(3)")
     )
     assert result.returncode == 4
+    # What cron.example promises: quiet, but one line saying why when it failed.
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("fleet-headless: job ")
+    assert "failed (exit code 3)" in line
+    quiet = await fleet.run(
+        *base(fleet.secret("q"), "-q", "-t", "-1", "--lang", "python", "-c", "raise SystemExit(3)")
+    )
+    assert quiet.returncode == 4
+    assert quiet.stderr == b""
+
+
+async def test_an_unknown_module_is_a_parameter_error(fleet: Fleet) -> None:
+    result = await fleet.run(*base(fleet.secret(), "-t", "-1", "-m", "no-such-module"))
+    assert result.returncode == 2
+    [line] = result.stderr.decode().splitlines()
+    assert "rejected" in line
+    assert "no-such-module" in line
+
+
+async def test_fleet_server_and_server_name_the_server(fleet: Fleet) -> None:
+    by_env = await fleet.run(
+        *base(fleet.secret(), "-t", "-1", "-c", "true"), env={"FLEET_SERVER": fleet.url}
+    )
+    assert by_env.returncode == 0, by_env.stderr
+    by_flag = await fleet.run(
+        "--server", fleet.url, *base(fleet.secret("f"), "-t", "-1", "-c", "true"), env={}
+    )
+    assert by_flag.returncode == 0, by_flag.stderr
+
+
+async def test_an_unsafe_secret_file_is_2_even_with_no_server(fleet: Fleet) -> None:
+    secret = fleet.secret()
+    secret.chmod(0o644)
+    result = await fleet.run(*base(secret, "-c", "true"), url=f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "0644" in result.stderr.decode()
     script = fleet.tmp / "job.py"
     script.write_text("print('python file')\n")
     ok = await fleet.run(*base(fleet.secret("s2"), "-t", "-1", "-f", str(script)))
@@ -264,6 +319,9 @@ async def test_lock_keeps_two_clients_from_overlapping(fleet: Fleet, bus: Bus) -
     refused = await fleet.run(*base(secret, *job))
     assert refused.returncode == 3
     assert "held by another client" in refused.stderr.decode()
+    silent = await fleet.run(*base(secret, "-q", *job))
+    assert silent.returncode == 3
+    assert silent.stderr == b""  # -q: nothing at all
     second = await fleet.run(
         *base(secret, "-v", "--lock-wait", "30", *job[2:4], "--lock", "nightly", *job[4:])
     )
@@ -365,3 +423,38 @@ async def test_one_caller_cannot_lock_another_out(fleet: Fleet, bus: Bus) -> Non
     own = await fleet.run(*base(fleet.secret(), "-t", "-1", "-c", "true"))
     assert own.returncode == 0, own.stderr
     assert await login(bus, fleet, lambda op: bus.subjects.master_control_by(op, "batch"), PASSWORD)
+
+
+async def test_no_job_for_an_unsupported_agent(
+    fleet: Fleet, bus: Bus, operator: tuple[Path, Signer], tmp_path: Path
+) -> None:
+    # The prime directive: web-1 (not run by the launcher) cannot take the fleet's new
+    # target, so it is unsupported, and the master submits no headless job for it.
+    env = fleet_env(fleet.url, operator[0])
+    release = tmp_path / "release.nk"
+    bundle = tmp_path / "b.bundle"
+    for args in (
+        ("keys", "gen", "release", "rel", "-o", str(release)),
+        ("update", "build", "--version", "9.0.0", "--key", str(release), "--source", str(SOURCE),
+         "-o", str(bundle)),
+        ("update", "publish", str(bundle)),
+        ("update", "announce", "9.0.0"),
+    ):  # fmt: skip
+        await asyncio.to_thread(fleet_cli, env, *args)
+    await wait_presence(bus, "web-1", lambda p: p.state == "unsupported")
+    async with asyncio.timeout(30):
+        while True:  # until the master has folded the agent's agent.unsupported event
+            agents = (await control(bus, bus.subjects.master_control("agents"))).data["agents"]
+            if any(a["id"] == "web-1" and a["unsupported"] for a in agents):
+                break
+            await asyncio.sleep(0.1)  # the master is a few events behind: ask again
+
+    refused = await fleet.run(*base(fleet.secret(), "-t", "30", "-c", "echo never"))
+    assert refused.returncode == 2, refused.stderr
+    assert b"agent web-1 is unsupported (" in refused.stderr
+    assert b"the job was not submitted" in refused.stderr
+    signed = await fleet.run("-a", "nkey", *base(fleet.tmp / "batch.nk", "-c", "echo never"))
+    assert signed.returncode == 2, signed.stderr
+    assert b"agent web-1 is unsupported (" in signed.stderr
+    submitted = await read_log(bus, bus.subjects.events_stream, bus.subjects.job_events("web-1"))
+    assert submitted == []

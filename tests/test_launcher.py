@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -223,3 +224,9 @@ async def test_sigterm_goes_to_the_agent_and_ends_the_launcher_without_a_restart
     code, _ = await launched.exit_code()
     assert code == RESTART_EXIT
     assert not pid_alive(launched.agent_pids[0])
+
+
+def test_the_launcher_tells_its_version() -> None:
+    shown = subprocess.run([LAUNCHER, "--version"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("fleet-agentd-launcher ")

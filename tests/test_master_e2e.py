@@ -315,7 +315,9 @@ async def test_status_hash_and_reload(
         assert "web-1" in cli("status").stdout
     finally:
         assert cli("stop").returncode == 0
-    assert json.loads(cli("status", "--json").stdout)["master"]["running"] is False
+    stopped = cli("status", "--json")
+    assert stopped.returncode == 3  # not running
+    assert json.loads(stopped.stdout)["master"]["running"] is False
 
 
 async def wait_event_on(bus: Bus, subject: str) -> bool:

@@ -307,3 +307,24 @@ async def test_under_least_privilege_the_key_name_opens_the_right_inbox(
     typo = await cli("run", "-a", "web-9", "--", "true", env=env)
     assert typo.returncode == 2, typo.stderr
     assert "no agent matches web-9" in typo.stderr
+
+
+async def test_script_arguments_and_a_refused_user_are_shown(
+    nats_server: NatsServer, bus: Bus, agent_factory: Agents, operator: Operator, tmp_path: Path
+) -> None:
+    """``--script FILE a b`` passes a and b to the script; ``--user`` that a self-mode
+    agent cannot honour is refused, and the human output says why."""
+    await agent_factory("web-1").started(bus)
+    script = tmp_path / "s.sh"
+    script.write_text('echo "args: $*"\n')
+    ran = await fleet(
+        nats_server.url, operator[0], "run", "-a", "web-1", "--script", str(script), "a", "b"
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "args: a b\n"
+    other = await fleet(
+        nats_server.url, operator[0], "run", "-a", "web-1", "--user", "nobody", "--", "true"
+    )
+    assert other.returncode == 4, other.stderr
+    assert "rejected" in other.stderr
+    assert "nobody" in other.stderr

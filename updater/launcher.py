@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from types import FrameType
 
@@ -191,7 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a new version has to report healthy before it is rolled back (default 60)",
     )
     parser.add_argument("agent_args", nargs="*", help="arguments for fleet-agentd, after --")
+    parser.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print the launcher's version and exit",
+    )
     return parser
+
+
+def _version() -> str:
+    # Not bus.command's helper: the launcher stays independent of the agent's packages.
+    try:
+        return metadata.version("fleetbus")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

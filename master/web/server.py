@@ -143,7 +143,9 @@ class StatusPage:
             return Response(200, body, content_type)
         if request.path == "/api/stream":
             return Response(
-                200, content_type="text/event-stream", stream=self.live.stream(),
+                200,
+                content_type="text/event-stream",
+                stream=self.live.stream(),
                 headers={"X-Accel-Buffering": "no"},
             )
         if request.path.startswith("/api/"):
@@ -198,7 +200,5 @@ class StatusPage:
         if name == "audit":
             before = int(query.get("before") or 0)
             _, limit = pages.paging(query)
-            return await trail.audit_page(
-                master.bus, before, limit, trusted, query.get("type", "")
-            )
+            return await trail.audit_page(master.bus, before, limit, trusted, query.get("type", ""))
         raise LookupError(f"no such page {name!r}")
