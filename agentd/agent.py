@@ -57,6 +57,13 @@ def updater_options(config: AgentConfig, version: str, root: Path | None) -> Upd
         data_dir=config.data_dir,
         root=root,
         rate_bytes_s=config.update_rate_bytes_s,
+        keep=(
+            config.key_path,
+            config.journal_path,
+            config.seals_path,
+            config.pid_path,
+            *([config.trust_file] if config.trust_file else []),
+        ),
     )
 
 
@@ -87,7 +94,7 @@ class Agent:
             signer=signer,
             config=config,
             journal=Journal(config.journal_path),
-            seals=UsedSeals(config.data_dir / "seals.jsonl"),
+            seals=UsedSeals(config.seals_path),
         )
         self.ctx.trust = trust_of(config)
         if self.ctx.trust is None:

@@ -231,6 +231,10 @@ class AgentConfig(BaseModel):
     def journal_path(self) -> Path:
         return self.data_dir / "journal.jsonl"
 
+    @property
+    def seals_path(self) -> Path:
+        return self.data_dir / "seals.jsonl"
+
     def connect_settings(self) -> ConnectSettings:
         """How this agent reaches the bus: its own key, its own connection name."""
         return ConnectSettings(

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from bus import Bus, FleetError
+from bus import Bus, FleetError, Signer
 from bus.codec import HEADER_OUTPUT_SEQ, HEADER_OUTPUT_STREAM
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,12 @@ class JobOutput:
         stream: str,
         max_bytes: int,
         tail_bytes: int,
+        signer: Signer,
     ) -> None:
+        """``signer``: the agent's key, which alone yields the chunks' message ids (the
+        stream drops a repeated id whoever sent the first, so no one may know them)."""
         self._bus = bus
+        self._signer = signer
         self._subject = subject
         self._job_id = job_id
         self._stream = stream
@@ -113,7 +117,7 @@ class JobOutput:
                 await self._bus.publish_stored(
                     self._subject,
                     data,
-                    msg_id=f"{self._job_id}-{self._seq}",
+                    msg_id=self._signer.stable_id(self._job_id, "output", str(self._seq)),
                     headers={HEADER_OUTPUT_STREAM: name, HEADER_OUTPUT_SEQ: str(self._seq)},
                     stream=self._stream,
                 )

@@ -1,7 +1,8 @@
 """Recording what the agent does as signed events, each job's outcome exactly once.
 
 An event a retry can repeat (a job's ``started``, ``finished`` or ``late_result``) is
-built once, with an id derived from the job (:func:`schemas.stable_id`), and that same
+built once, with an id derived from the job and the agent's key
+(:meth:`bus.Signer.stable_id`: no one else can publish it first), and that same
 envelope is published on every try, so the stream's duplicate window drops repeats. A
 job's ``finished`` is stored only as the first message on its subject: when the master
 got there first (``abandoned``, ``expired``, a cancel without the agent), the server
@@ -23,7 +24,6 @@ from bus.errors import ConnectionFailedError, FleetTimeoutError, SubjectTakenErr
 from bus.retry import Backoff
 from bus.tasks import first_of, wait_any
 from schemas import Envelope, EventData, JobFinished, JobLateResult, event_name, make_envelope
-from schemas.ids import stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ class Emitter:
         if data.TYPE.startswith("update."):
             return subjects.update_event(data.version, name, agent=agent)  # type: ignore[attr-defined]
         return subjects.agent_event(agent, name)
+
+    def stable_id(self, job_id: str, name: str) -> str:
+        """The id the job's event ``name`` has on every try: only this agent's key
+        yields it (see :meth:`bus.Signer.stable_id`)."""
+        return self._signer.stable_id(job_id, name)
 
     def envelope(self, data: EventData, event_id: str | None = None) -> Envelope:
         """The signed envelope of ``data`` (with a fixed id for one a retry may repeat)."""
@@ -96,7 +101,7 @@ class Recorder:
             SubjectTakenError: ``first`` and another message holds the subject.
         """
         job_id: str = data.job_id  # type: ignore[attr-defined]
-        envelope = self.emitter.envelope(data, stable_id(job_id, name))  # built once
+        envelope = self.emitter.envelope(data, self.emitter.stable_id(job_id, name))  # once
         attempt = 0
         while True:
             try:

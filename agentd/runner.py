@@ -190,6 +190,7 @@ class JobRunner:
             stream=ctx.bus.subjects.output_stream,
             max_bytes=ctx.config.max_output_bytes,
             tail_bytes=ctx.config.output_tail_bytes,
+            signer=ctx.signer,
         )
         async with asyncio.TaskGroup() as tg:
             # Recorded beside the running process: an outage delays the record, it

@@ -38,7 +38,7 @@ from bus.errors import (
 from bus.keys import read_seed_file
 from bus.kv import KeyValueStore
 from bus.objects import ObjectStoreHandle
-from bus.publish import PublishResult, publish_event, publish_with_retry
+from bus.publish import DEFAULT_DEADLINE_S, PublishResult, publish_event, publish_with_retry
 from bus.retry import Backoff
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from schemas import Envelope
@@ -200,17 +200,20 @@ class Bus:
         *,
         timeout: float = 2.0,
         expected_last_subject_seq: int | None = None,
+        deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> PublishResult:
         """Store an event in the event log, deduplicated by its id (see :mod:`bus.publish`).
 
         With ``expected_last_subject_seq=0`` the event is stored only as the first on its
         subject; otherwise :class:`~bus.errors.SubjectTakenError` says who was first.
+        Retries end ``deadline_s`` seconds after the first try.
         """
         return await publish_event(
             self.js,
             envelope,
             stream=self.subjects.events_stream,
-            timeout=timeout,
+            timeout=min(timeout, deadline_s),
+            deadline_s=deadline_s,
             max_size=self.max_event_size,
             denied=self.denial,
             expected_last_subject_seq=expected_last_subject_seq,

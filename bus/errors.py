@@ -181,6 +181,10 @@ class SubjectTakenError(FleetError):
         self.seq = seq
 
 
+class NotActiveError(FleetError):
+    """This master does not hold the master lease (any longer): it must not publish."""
+
+
 class RevisionMismatchError(FleetError):
     """A conditional KV write found another revision than the one it was based on."""
 

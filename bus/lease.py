@@ -36,6 +36,10 @@ class Lease:
         self.holder = holder
         self.ttl_s = max(1.0, ttl_s)
         self.revision: int | None = None
+        self.valid_until = 0.0
+        """Event-loop time before which the lease is surely ours: the TTL counted from
+        just before the write that took or renewed it (the server counts from when it
+        stored that write, later)."""
 
     async def _free_revision(self) -> int | None:
         """The revision to replace if the key is free, None if someone holds it."""
@@ -66,8 +70,24 @@ class Lease:
         if expected is None:
             return False
         ttl = {"Nats-TTL": str(int(self.ttl_s))}
+        sent = asyncio.get_running_loop().time()
         self.revision = await self._write(self.holder.encode(), expected, ttl)
+        if self.revision is not None:
+            self.valid_until = sent + int(self.ttl_s)
         return self.revision is not None
+
+    async def holder_now(self) -> str | None:
+        """Who holds the lease now (None: free)."""
+        try:
+            last = await self.bus.js.get_last_msg(self.stream, self.subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, OSError) as exc:
+            raise ConnectionFailedError(f"lease {self.key}: {exc}") from exc
+        headers = last.headers or {}
+        if headers.get("KV-Operation") in _FREE_OPERATIONS or "Nats-Marker-Reason" in headers:
+            return None
+        return bytes(last.data or b"").decode(errors="replace") or None
 
     async def acquire(self, wait_s: float) -> bool:
         """Take the lease, waiting up to ``wait_s`` for its holder to let go."""
@@ -94,7 +114,10 @@ class Lease:
         if self.revision is None:
             return False
         ttl = {"Nats-TTL": str(int(self.ttl_s))}
+        sent = asyncio.get_running_loop().time()
         self.revision = await self._write(self.holder.encode(), self.revision, ttl)
+        if self.revision is not None:
+            self.valid_until = sent + int(self.ttl_s)
         return self.revision is not None
 
     async def keep(self) -> None:
@@ -113,6 +136,21 @@ class Lease:
                 logger.warning("renewing lease %s: %s", self.key, exc)
 
     async def release(self) -> None:
+        self.valid_until = 0.0
         if self.revision is not None:
             await self._write(b"", self.revision, {"KV-Operation": "DEL"})
             self.revision = None
+
+
+async def put_expiring(bus: Bus, bucket: str, key: str, value: bytes, ttl_s: float) -> None:
+    """Write a KV key that the server deletes by itself ``ttl_s`` seconds later unless
+    written again (a heartbeat).
+
+    Raises:
+        ConnectionFailedError: the server did not take the write.
+    """
+    headers = {"Nats-TTL": str(max(1, int(ttl_s)))}
+    try:
+        await bus.js.publish(Subjects.kv_key(bucket, key), value, headers=headers)
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"{bucket} {key}: {exc}") from exc

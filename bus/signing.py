@@ -25,22 +25,36 @@ from bus.codec import canonical_bytes, canonical_control_bytes, pack
 from bus.errors import SignatureError, UsageError
 from bus.keys import public_key_of, read_seed_file, verify_key_for
 from schemas import ControlRequest, Envelope
-from schemas.ids import new_id
+from schemas.ids import new_id, stable_id
+
+_STABLE_ID_CONTEXT = b"fleetbus stable event ids v1"
 
 
 class Signer:
     """Holds one principal's seed and signs with it. Its repr never shows the seed."""
 
-    __slots__ = ("_kp", "public_key")
+    __slots__ = ("_id_key", "_kp", "public_key")
 
     def __init__(self, seed: bytes) -> None:
         self.public_key: str = public_key_of(seed)
         self._kp = nkeys.from_seed(bytearray(seed))
+        # ed25519 signatures are deterministic: the same for this key every time, and
+        # unknown to anyone without the seed.
+        self._id_key = hashlib.sha256(self.sign(_STABLE_ID_CONTEXT)).digest()
 
     @classmethod
     def from_file(cls, path: Path) -> Signer:
         """Load from a seed file (see :func:`bus.keys.read_seed_file` for the checks)."""
         return cls(read_seed_file(path))
+
+    def stable_id(self, anchor: str, *parts: str) -> str:
+        """An event id that this key gives ``anchor`` and ``parts`` on every retry, and
+        that no one without this key can work out (see :func:`schemas.ids.stable_id`).
+
+        Raises:
+            ValueError: ``anchor`` is not an id made by :func:`schemas.ids.new_id`.
+        """
+        return stable_id(anchor, *parts, secret=self._id_key)
 
     def sign(self, data: bytes) -> bytes:
         """The 64-byte ed25519 signature of ``data``."""

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
+from nats.js import api
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
+from bus.migrate import oldest_age_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,20 +25,34 @@ class StreamUsage:
     max_messages: int
     max_bytes: int
     max_age_s: float
+    consumers: int = 0
+    max_consumers: int = 0
+    discard_new: bool = False
+    """Full means new messages are refused (rather than the oldest removed)."""
+    oldest_age_s: float | None = None
+    """Age of the oldest message (None if empty, or not asked for)."""
 
 
-async def stream_usage(bus: Bus, stream: str) -> StreamUsage:
-    """Ask the server about ``stream``.
+async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> StreamUsage:
+    """Ask the server about ``stream`` (and, ``with_age``, the age of its oldest message).
 
     Raises:
         ConnectionFailedError: the stream does not exist or the bus is down.
+        PermissionDeniedError: the server refuses this principal the stream's info.
         FleetTimeoutError: the server did not answer.
     """
     try:
         info = await bus.js.stream_info(stream)
+        oldest = await oldest_age_s(bus.js, info) if with_age else None
     except nats.js.errors.NotFoundError:
         raise ConnectionFailedError(f"stream {stream} does not exist") from None
     except nats.errors.TimeoutError as exc:
+        # A refused request is unanswered too: the server says so only on the side.
+        refusal = bus.denial(f"$JS.API.STREAM.INFO.{stream}") or bus.denial(
+            f"$JS.API.STREAM.MSG.GET.{stream}"
+        )
+        if refusal is not None:
+            raise refusal from exc
         raise FleetTimeoutError(f"no answer about {stream}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
@@ -54,4 +70,8 @@ async def stream_usage(bus: Bus, stream: str) -> StreamUsage:
         max_messages=limit(config.max_msgs),
         max_bytes=limit(config.max_bytes),
         max_age_s=float(config.max_age or 0),
+        consumers=int(state.consumer_count or 0),
+        max_consumers=limit(config.max_consumers),
+        discard_new=config.discard == api.DiscardPolicy.NEW,
+        oldest_age_s=oldest,
     )

@@ -6,10 +6,7 @@ twice changes nothing. A resource that exists with another configuration is repo
 field by field (:class:`~bus.errors.ProvisioningConflictError`) and left alone: silently
 rewriting the retention of someone's audit log is not a provisioning step.
 
-KV buckets and object stores are JetStream streams with reserved names
-(``KV_<bucket>``, ``OBJ_<bucket>``). They are declared here as such streams, with the
-fields nats-py's ``create_key_value``/``create_object_store`` would use, so one
-compare-or-create path covers all three kinds.
+What is provisioned is described in :mod:`bus.storage_design` (re-exported here).
 """
 
 from __future__ import annotations
@@ -17,28 +14,43 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from bus.codec import DEFAULT_MAX_SIZE
 from bus.errors import (
     ConnectionFailedError,
     FleetError,
     FleetTimeoutError,
     ProvisioningConflictError,
 )
+from bus.migrate import FieldChange, migrate_stream
+from bus.storage_design import (
+    StorageSettings,
+    StreamSpec,
+    desired_streams,
+    differences,
+)
 from bus.subjects import Subjects
 
 if TYPE_CHECKING:
     from bus.connection import Bus
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "PROVISION_DEADLINE_S",
+    "ProvisionReport",
+    "StorageSettings",
+    "StreamSpec",
+    "desired_streams",
+    "differences",
+    "ensure_stream",
+    "provision",
+    "provision_fleet",
+]
 
-DAY = 86_400.0
+logger = logging.getLogger(__name__)
 
 PROVISION_DEADLINE_S = 30.0
 """How long provisioning keeps asking an unanswering server (longer than an election)."""
@@ -48,190 +60,16 @@ _ERR_NO_SUITABLE_PEERS = 10005  # replicas cannot be placed (yet)
 _ERR_STREAM_NAME_IN_USE = 10058
 
 
-@dataclass(frozen=True)
-class StorageSettings:
-    """Sizes and lifetimes of the fleet's storage. Defaults suit one node."""
-
-    replicas: int = 1
-    """JetStream replicas for every stream (3 in a cluster)."""
-    events_max_age_s: float = 90 * DAY
-    """How long the event log keeps events."""
-    duplicate_window_s: float = 120.0
-    """How long a retried publish with the same ``Nats-Msg-Id`` is recognised (≥ 2 min)."""
-    max_msg_size: int = DEFAULT_MAX_SIZE
-    """The largest single event or output chunk the streams accept."""
-    output_max_age_s: float = 7 * DAY
-    output_max_bytes: int = 1024**3
-    presence_ttl_s: float = 15.0
-    """An agent whose heartbeat is older than this is gone."""
-    marker_ttl_s: float = 60.0
-    """How long the server's delete markers for expired keys stay visible to watchers."""
-    config_history: int = 10
-    tokens_ttl_s: float = 300.0
-    """Backstop lifetime of a download token whose holder stopped renewing it."""
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """One resource to provision: its kind for messages, and the fields that matter."""
-
-    kind: str  # "stream", "kv" or "object store"
-    fields: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        name: str = self.fields["name"]
-        return name
-
-    def config(self) -> api.StreamConfig:
-        return api.StreamConfig(**self.fields)
-
-
 @dataclass
 class ProvisionReport:
     """What :func:`provision` did: the names it created and the ones already right."""
 
     created: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
-
-
-def _kv(bucket: str, settings: StorageSettings, *, history: int = 1, **extra: Any) -> StreamSpec:
-    ttl = extra.pop("max_age", None)
-    fields: dict[str, Any] = {
-        "name": f"KV_{bucket}",
-        "subjects": [f"$KV.{bucket}.>"],
-        "storage": api.StorageType.FILE,
-        "num_replicas": settings.replicas,
-        "max_msgs_per_subject": history,
-        "max_msg_size": settings.max_msg_size,
-        "discard": api.DiscardPolicy.NEW,
-        "allow_rollup_hdrs": True,
-        "allow_direct": True,
-        "deny_delete": True,
-        "allow_msg_ttl": True,
-        "duplicate_window": min(120.0, ttl) if ttl else 120.0,
-        "max_age": ttl or 0.0,
-        **extra,
-    }
-    return StreamSpec("kv", fields)
-
-
-def desired_streams(subjects: Subjects, settings: StorageSettings) -> list[StreamSpec]:
-    """Every stream, bucket and object store of the design, as they should be."""
-    s = settings
-    return [
-        StreamSpec(
-            "stream",
-            {
-                "name": subjects.events_stream,
-                "description": "fleetbus event log: the source of truth",
-                "subjects": [subjects.all_events],
-                "retention": api.RetentionPolicy.LIMITS,
-                "storage": api.StorageType.FILE,
-                "num_replicas": s.replicas,
-                "max_age": s.events_max_age_s,
-                "max_msg_size": s.max_msg_size,
-                "duplicate_window": s.duplicate_window_s,
-                "discard": api.DiscardPolicy.OLD,
-                # An audit log nobody can rewrite: no deleting or purging events.
-                "deny_delete": True,
-                "deny_purge": True,
-                # Direct gets put the subject in the API subject, so permissions can limit
-                # an agent to reading its own events.
-                "allow_direct": True,
-            },
-        ),
-        StreamSpec(
-            "stream",
-            {
-                "name": subjects.output_stream,
-                "description": "fleetbus job output chunks",
-                "subjects": [subjects.all_output],
-                "retention": api.RetentionPolicy.LIMITS,
-                "storage": api.StorageType.FILE,
-                "num_replicas": s.replicas,
-                "max_age": s.output_max_age_s,
-                "max_bytes": s.output_max_bytes,
-                "max_msg_size": s.max_msg_size,
-                "duplicate_window": s.duplicate_window_s,
-                "discard": api.DiscardPolicy.OLD,
-            },
-        ),
-        _kv(
-            subjects.presence_bucket,
-            s,
-            max_age=s.presence_ttl_s,
-            subject_delete_marker_ttl=s.marker_ttl_s,
-        ),
-        _kv(subjects.config_bucket, s, history=s.config_history),
-        _kv(
-            subjects.tokens_bucket,
-            s,
-            max_age=s.tokens_ttl_s,
-            subject_delete_marker_ttl=s.marker_ttl_s,
-        ),
-        _kv(
-            subjects.locks_bucket,
-            s,
-            max_age=s.tokens_ttl_s,
-            subject_delete_marker_ttl=s.marker_ttl_s,
-        ),
-        StreamSpec(
-            "object store",
-            {
-                "name": f"OBJ_{subjects.bundles_bucket}",
-                "subjects": [
-                    f"$O.{subjects.bundles_bucket}.C.>",
-                    f"$O.{subjects.bundles_bucket}.M.>",
-                ],
-                "storage": api.StorageType.FILE,
-                "num_replicas": s.replicas,
-                "discard": api.DiscardPolicy.NEW,
-                "allow_rollup_hdrs": True,
-                "allow_direct": True,
-            },
-        ),
-        StreamSpec(
-            "object store",
-            {
-                "name": f"OBJ_{subjects.snapshots_bucket}",
-                "subjects": [
-                    f"$O.{subjects.snapshots_bucket}.C.>",
-                    f"$O.{subjects.snapshots_bucket}.M.>",
-                ],
-                "storage": api.StorageType.FILE,
-                "num_replicas": s.replicas,
-                "discard": api.DiscardPolicy.NEW,
-                "allow_rollup_hdrs": True,
-                "allow_direct": True,
-            },
-        ),
-    ]
-
-
-def _comparable(name: str, value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if name in ("max_age", "duplicate_window", "subject_delete_marker_ttl"):
-        return round((value or 0) * 1e9)  # the server keeps nanoseconds
-    if name == "subjects":
-        return sorted(value or [])
-    if name == "description":
-        return value or None
-    return value
-
-
-def differences(spec: StreamSpec, existing: api.StreamConfig) -> list[tuple[str, Any, Any]]:
-    """``(field, existing, wanted)`` for every field of ``spec`` the server has otherwise."""
-    diffs = []
-    for name, wanted in spec.fields.items():
-        have = _comparable(name, getattr(existing, name, None))
-        want = _comparable(name, wanted)
-        if name == "description":
-            continue  # cosmetic: an operator may annotate streams
-        if have != want and not (want is False and have is None):
-            diffs.append((name, have, want))
-    return diffs
+    changed: list[FieldChange] = field(default_factory=list)
+    """Fields migrated (only with ``migrate=True``)."""
+    refused: list[FieldChange] = field(default_factory=list)
+    """Fields that differ and were left as they are, with the reason."""
 
 
 async def _create_or_fetch(js: JetStreamContext, spec: StreamSpec) -> api.StreamInfo | None:
@@ -251,18 +89,28 @@ async def _create_or_fetch(js: JetStreamContext, spec: StreamSpec) -> api.Stream
 
 
 async def ensure_stream(
-    js: JetStreamContext, spec: StreamSpec, *, deadline_s: float = PROVISION_DEADLINE_S
+    js: JetStreamContext,
+    spec: StreamSpec,
+    *,
+    deadline_s: float = PROVISION_DEADLINE_S,
+    migrate: bool = False,
+    report: ProvisionReport | None = None,
 ) -> bool:
-    """Create the stream of ``spec`` if absent; check it if present.
+    """Create the stream of ``spec`` if absent; check it (or migrate it) if present.
 
     Unanswered requests are retried until ``deadline_s``: in a cluster, a stream whose
     leader was just lost answers nothing until a new leader is elected.
 
+    Args:
+        migrate: change a differing existing stream where the server allows it
+            (:func:`bus.migrate.migrate_stream`), recording what changed and what was
+            refused in ``report``, instead of raising.
+
     Returns:
-        True if it was created, False if it existed with the right configuration.
+        True if it was created, False if it existed (right, or migrated).
 
     Raises:
-        ProvisioningConflictError: it exists with another configuration.
+        ProvisioningConflictError: it exists with another configuration (not migrating).
         ConnectionFailedError, FleetTimeoutError: the server did not answer in time.
     """
     loop = asyncio.get_running_loop()
@@ -298,8 +146,15 @@ async def ensure_stream(
         logger.info("created %s %s", spec.kind, spec.name)
         return True
     diffs = differences(spec, info.config)
-    if diffs:
+    if diffs and not migrate:
         raise ProvisioningConflictError(spec.name, diffs)
+    if diffs:
+        migration = await migrate_stream(js, info, spec.fields, diffs, record=spec.record)
+        for change in migration.changed:
+            logger.info("migrated %s: %s %r -> %r", spec.name, change.field, change.old, change.new)
+        if report is not None:
+            report.changed.extend(migration.changed)
+            report.refused.extend(migration.refused)
     return False
 
 
@@ -307,24 +162,33 @@ async def provision(
     js: JetStreamContext,
     subjects: Subjects | None = None,
     settings: StorageSettings | None = None,
+    *,
+    migrate: bool = False,
 ) -> ProvisionReport:
     """Make sure every stream, KV bucket and object store of the design exists.
 
     Idempotent: a second run creates nothing and changes nothing.
 
+    Args:
+        migrate: bring existing resources to ``settings`` where the server allows it;
+            the report lists what changed and what was refused.
+
     Raises:
-        ProvisioningConflictError: a resource exists with another configuration; the
-            ones before it in the list have been provisioned, nothing was modified.
+        ProvisioningConflictError: a resource exists with another configuration and
+            ``migrate`` is False; the ones before it in the list have been provisioned,
+            nothing was modified.
     """
     subjects = subjects or Subjects()
     settings = settings or StorageSettings()
     report = ProvisionReport()
     for spec in desired_streams(subjects, settings):
-        created = await ensure_stream(js, spec)
+        created = await ensure_stream(js, spec, migrate=migrate, report=report)
         (report.created if created else report.unchanged).append(spec.name)
     return report
 
 
-async def provision_fleet(bus: Bus, settings: StorageSettings | None = None) -> ProvisionReport:
+async def provision_fleet(
+    bus: Bus, settings: StorageSettings | None = None, *, migrate: bool = False
+) -> ProvisionReport:
     """:func:`provision` this bus's fleet (its subject prefix), for callers outside ``bus``."""
-    return await provision(bus.js, bus.subjects, settings)
+    return await provision(bus.js, bus.subjects, settings, migrate=migrate)

@@ -129,6 +129,15 @@ class Subjects:
     def locks_bucket(self) -> str:
         return f"{self.prefix}-locks"
 
+    MASTER_LEASE_KEY = "master.lease"
+    """The active master's lease in :attr:`locks_bucket` (no one else may write
+    ``master.>`` there)."""
+
+    @staticmethod
+    def master_presence_key(name: str) -> str:
+        """``master.presence.<name>`` in :attr:`locks_bucket`: one master's heartbeat."""
+        return f"master.presence.{check_token(name, 'master name')}"
+
     @property
     def bundles_bucket(self) -> str:
         return f"{self.prefix}-bundles"

@@ -29,6 +29,7 @@ from fleet.common import (
     publish_signed,
 )
 from fleet.follow import JobFollower, OutputPrinter
+from fleet.table import cut, format_table, print_table, terminal_width
 from ledger.driver import fold
 from ledger.projection import Projection
 from ledger.views import AgentView, JobView, iso
@@ -239,7 +240,8 @@ async def job_logs(args: argparse.Namespace) -> int:
             await _wait_for(bus, view, None, OutputPrinter(prefix=False))
             return EXIT_OK
         subject = bus.subjects.output(view.agent, view.job_id)
-        for record in await read_log(bus, bus.subjects.output_stream, subject):
+        records = await read_log(bus, bus.subjects.output_stream, subject)
+        for record in records:
             stream = record.headers.get(HEADER_OUTPUT_STREAM, "stdout")
             target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
             target.write(record.data)
@@ -247,6 +249,14 @@ async def job_logs(args: argparse.Namespace) -> int:
         if view.finished and view.output_chunks == 0 and view.stdout_bytes + view.stderr_bytes:
             print(
                 "fleet: the output is no longer stored (expired from the output stream)",
+                file=sys.stderr,
+            )
+        elif view.finished and len(records) < view.output_chunks:
+            # Never a silent short read: the agent counted what it stored.
+            print(
+                f"fleet: only {len(records)} of the {view.output_chunks} output chunks the "
+                "agent stored are there (expired from the output stream, or removed); "
+                "the output above is incomplete",
                 file=sys.stderr,
             )
     return EXIT_OK
@@ -322,13 +332,18 @@ async def list_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
-    print(f"{'JOB':<27}{'AGENT':<16}{'STATUS':<11}{'EXIT':<6}{'SUBMITTED':<25}COMMAND")
-    for j in doc["jobs"]:
-        exit_code = "" if j["exit_code"] is None else str(j["exit_code"])
-        when, command = j["submitted_at"] or "", j["command"] or ""
-        print(
-            f"{j['job_id']:<27}{j['agent']:<16}{j['status']:<11}{exit_code:<6}{when:<25}{command}"
-        )
+    rows = [
+        [
+            j["job_id"],
+            j["agent"],
+            j["status"],
+            "" if j["exit_code"] is None else str(j["exit_code"]),
+            j["submitted_at"] or "",
+            j["command"] or "",
+        ]
+        for j in doc["jobs"]
+    ]
+    print_table(["JOB", "AGENT", "STATUS", "EXIT", "SUBMITTED", "COMMAND"], rows)
     return EXIT_OK
 
 
@@ -379,17 +394,25 @@ async def list_agents(args: argparse.Namespace) -> int:
         print(json.dumps({"agents": agents}))
         return EXIT_OK
     now = time.time()
-    print(f"{'AGENT':<18}{'STATE':<12}{'VERSION':<10}{'RUNNING':<9}{'LAST SEEN':<14}LABELS")
+    rows = []
     for a in agents:
         seen = "never"
         if a.get("last_seen"):
             moment = datetime.datetime.fromisoformat(a["last_seen"].replace("Z", "+00:00"))
             seen = f"{now - moment.timestamp():.0f}s ago"
         labels = ",".join(f"{k}={v}" for k, v in sorted((a.get("labels") or {}).items()))
-        state, version = agent_state(a), a.get("version") or "?"
-        print(f"{a['id']:<18}{state:<12}{version:<10}{len(a['running']):<9}{seen:<14}{labels}")
+        rows.append(
+            [a["id"], agent_state(a), a.get("version") or "?", str(len(a["running"])), seen, labels]
+        )
+    width = terminal_width(sys.stdout)
+    headers = ["AGENT", "STATE", "VERSION", "RUNNING", "LAST SEEN", "LABELS"]
+    header, *lines = format_table(headers, rows, width)
+    print(header)
+    indent = " " * len(header.split("STATE")[0])  # the update note sits under STATE
+    for a, line in zip(agents, lines, strict=True):
+        print(line)
         if a.get("update"):
-            print(f"{'':<18}↳ {a['update']}")
+            print(cut(f"{indent}↳ {a['update']}", width))
     return EXIT_OK
 
 

@@ -1,4 +1,4 @@
-"""``fleet ops …``: set up the fleet's storage on a NATS server."""
+"""``fleet ops …``: set up the fleet's storage on a NATS server, and watch its limits."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from bus import StorageSettings, UsageError, connect
+from bus import ProvisioningConflictError, StorageSettings, UsageError, connect
 from bus.codec import DEFAULT_MAX_SIZE
 from bus.command import add_connection_args, connect_settings
+from bus.errors import EXIT_USAGE
 from bus.streams import provision_fleet
+from fleet import backup
+from fleet.ops_status import status_command
 from fleet.permissions import load_registry, render
+from fleet.quantities import parse_duration, parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,15 +27,68 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Create the event log, output stream, KV buckets and object stores of the "
             "design. Running it again changes nothing; a resource that exists with another "
-            "configuration is reported field by field and left untouched (exit 2)."
+            "configuration is reported field by field and left untouched (exit 2), unless "
+            "--migrate: then every field the server allows is changed and the rest is "
+            "reported (exit 2 if anything was refused). The event log never loses an "
+            "event to a migration: a limit below what it holds now is refused. Sizes take "
+            "B/KB/MB/GB/KiB/MiB/GiB suffixes, durations s/m/h/d/w; 0 means no limit."
         ),
     )
+    d = StorageSettings()
     init.add_argument(
         "--replicas", type=int, default=1, choices=(1, 3, 5), help="JetStream replicas"
+    )
+    limits = (
+        ("--events-max-age", parse_duration, d.events_max_age_s, "DURATION",
+         "how long events are kept (default 90d; 0: forever)"),
+        ("--events-max-bytes", parse_size, d.events_max_bytes, "SIZE",
+         "event log size limit (default 0: none); when reached, new events are refused "
+         "with an error, never old ones dropped"),
+        ("--output-max-age", parse_duration, d.output_max_age_s, "DURATION",
+         "how long job output is kept (default 7d)"),
+        ("--output-max-bytes", parse_size, d.output_max_bytes, "SIZE",
+         "output size limit, oldest output removed first (default 1GiB)"),
+    )  # fmt: skip
+    for flag, kind, default, metavar, text in limits:
+        init.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
+    init.add_argument(
+        "--max-consumers",
+        type=int,
+        default=d.max_consumers,
+        metavar="N",
+        help=f"consumers per stream (default {d.max_consumers}: one per agent for 10,000 "
+        "agents, plus readers; nats-server's own default is 1,000)",
+    )
+    init.add_argument(
+        "--migrate",
+        action="store_true",
+        help="change existing streams to these settings where the server allows it",
     )
     init.add_argument("--json", action="store_true", help="print a JSON document")
     add_connection_args(init)
     init.set_defaults(handler=init_storage, is_async=True)
+
+    status = ops_sub.add_parser(
+        "status",
+        help="usage of every stream against its limits, with warnings",
+        description=(
+            "Messages, bytes, the oldest message's age and consumers of every stream, "
+            "against its limits. Warns (stderr, and in --json) at --warn-at of a limit "
+            "that would refuse events or make agents unable to subscribe."
+        ),
+    )
+    status.add_argument(
+        "--warn-at",
+        type=float,
+        default=0.8,
+        metavar="FRACTION",
+        help="warn at this fraction of a limit (default 0.8)",
+    )
+    status.add_argument("--json", action="store_true", help="print a JSON document")
+    add_connection_args(status)
+    status.set_defaults(handler=status_command, is_async=True)
+
+    backup.add_parsers(ops_sub)
 
     config = ops_sub.add_parser(
         "server-config",
@@ -90,17 +147,55 @@ def server_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def settings_from(args: argparse.Namespace) -> StorageSettings:
+    """The storage settings ``fleet ops init`` was given."""
+    if args.max_consumers < 1:
+        raise UsageError("--max-consumers must be at least 1")
+    return StorageSettings(
+        replicas=args.replicas,
+        events_max_age_s=args.events_max_age,
+        events_max_bytes=args.events_max_bytes,
+        output_max_age_s=args.output_max_age,
+        output_max_bytes=args.output_max_bytes,
+        max_consumers=args.max_consumers,
+    )
+
+
 async def init_storage(args: argparse.Namespace) -> int:
+    storage = settings_from(args)
     settings = connect_settings(args, "fleet-ops")
     async with await connect(settings) as bus:
-        report = await provision_fleet(bus, StorageSettings(replicas=args.replicas))
+        try:
+            report = await provision_fleet(bus, storage, migrate=args.migrate)
+        except ProvisioningConflictError as exc:
+            raise UsageError(
+                f"{exc}; nothing was changed. `fleet ops init --migrate` (with the same "
+                "settings) changes it where the server allows"
+            ) from exc
     if args.json:
-        print(json.dumps({"created": report.created, "unchanged": report.unchanged}))
+        print(
+            json.dumps(
+                {
+                    "created": report.created,
+                    "unchanged": report.unchanged,
+                    "changed": [c.as_dict() for c in report.changed],
+                    "refused": [c.as_dict() for c in report.refused],
+                }
+            )
+        )
     else:
         for name in report.created:
             print(f"created   {name}")
+        changed = {c.stream for c in report.changed}
         for name in report.unchanged:
-            print(f"unchanged {name}")
-        if not report.created:
+            print(f"{'migrated ' if name in changed else 'unchanged'} {name}")
+        for c in report.changed:
+            print(f"changed   {c.stream} {c.field}: {c.old!r} -> {c.new!r}")
+        if not report.created and not report.changed and not report.refused:
             print("nothing to do: every stream and bucket is as required", file=sys.stderr)
-    return 0
+    for c in report.refused:
+        print(
+            f"fleet: cannot change {c.stream} {c.field} from {c.old!r} to {c.new!r}: {c.reason}",
+            file=sys.stderr,
+        )
+    return EXIT_USAGE if report.refused else 0

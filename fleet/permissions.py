@@ -201,6 +201,8 @@ def _master(s: Subjects, agents: list[str]) -> Permissions:
                 *_consumer_reader(s),
                 "$JS.ACK.>",
                 f"$KV.{s.config_bucket}.>",
+                # The master lease and each master's presence (see master.leadership).
+                f"$KV.{s.locks_bucket}.master.>",
                 f"$O.{s.snapshots_bucket}.>",
                 # Replacing the snapshot object purges its old chunks.
                 f"$JS.API.STREAM.PURGE.OBJ_{s.snapshots_bucket}",
@@ -264,7 +266,10 @@ def _headless(s: Subjects, name: str) -> Permissions:
                 f"$JS.API.DIRECT.GET.{locks}.>",
                 f"$KV.{s.locks_bucket}.>",
                 *(s.master_control_by(op, name) for op in HEADLESS_MASTER_OPS),
-            ]
+            ],
+            # Locks are the clients' to share, but ``master.>`` is the masters' alone: a
+            # client holding the master lease would leave the fleet without a master.
+            "deny": [f"$KV.{s.locks_bucket}.master.>"],
         },
         "subscribe": {"allow": [f"{inbox_prefix(name)}.>"]},
     }

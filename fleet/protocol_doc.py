@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from agentd.config import AgentConfig, ModuleSpec
 from bus import errors
-from bus.streams import StorageSettings, desired_streams
+from bus.storage_design import StorageSettings, desired_streams
 from bus.subjects import Subjects
 from master.config import MasterConfig, Principal
 from schemas.auth import AuthAccepted, AuthChallenge, AuthStart, AuthSubmit
@@ -40,7 +40,7 @@ from schemas.control import ControlReply, ControlRequest
 from schemas.envelope import Envelope
 from schemas.events import EventData, event_name
 from schemas.jobs import ArgvCommand, JobRequest, ModuleCommand, ScriptCommand
-from schemas.presence import Presence
+from schemas.presence import MasterPresence, Presence
 from schemas.registry import EventRegistry, default_registry
 from schemas.update import (
     SETTING_KEYS,
@@ -61,6 +61,7 @@ SHAPES: tuple[type[BaseModel], ...] = (
     ScriptCommand,
     ModuleCommand,
     Presence,
+    MasterPresence,
     ControlRequest,
     ControlReply,
     AuthStart,
@@ -176,8 +177,12 @@ def _storage() -> str:
         limits = []
         if f.get("max_age"):
             limits.append(f"max age {_human_seconds(f['max_age'])}")
-        if f.get("max_bytes"):
+        if f.get("max_bytes", 0) > 0:
             limits.append(f"max {f['max_bytes'] // 1024**2} MiB")
+        if f.get("discard"):
+            limits.append(f"discard {f['discard'].value}")
+        if f.get("max_consumers", 0) > 0:
+            limits.append(f"max consumers {f['max_consumers']}")
         if f.get("max_msgs_per_subject", 0) > 0:
             limits.append(f"history {f['max_msgs_per_subject']}")
         if f.get("duplicate_window"):

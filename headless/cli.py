@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tls_args(parser)
     parser.add_argument(
+        "--master-wait",
+        type=float,
+        default=30.0,
+        metavar="N",
+        help="while no master answers (one is taking over from another), keep trying for "
+        "up to N s (default 30)",
+    )
+    parser.add_argument(
         "--lock-wait",
         type=float,
         default=0.0,
@@ -157,7 +165,10 @@ async def _run(args: argparse.Namespace) -> int:
         request=_request(args),
         auth=args.auth_type,
         secret=args.secret,
+        master_wait_s=max(0.0, args.master_wait),
     )
+    if args.lock is not None and args.lock.startswith("master."):
+        raise UsageError("lock names beginning with master. are the masters' own")
     wait: float | None = None if args.timeout in (None, -1) else float(args.timeout)
     if args.timeout is not None and args.timeout < -1:
         raise UsageError("-t takes a number of seconds, or -1 to wait for the end")
@@ -184,7 +195,7 @@ async def _run(args: argparse.Namespace) -> int:
             logging.getLogger(PROG).info("job %s submitted to %s", job_id, job.agent)
             if args.timeout is None and lease is None:
                 return EXIT_OK  # fire and forget: the log holds the job
-            finished = await wait_finished(bus, job.user, job_id, wait)
+            finished = await wait_finished(bus, job.user, job_id, wait, job.master_wait_s)
         finally:
             if keeper is not None:
                 keeper.cancel()

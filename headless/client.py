@@ -37,6 +37,8 @@ class Submission:
     request: JobRequest
     auth: AuthType
     secret: Path
+    master_wait_s: float = 30.0
+    """How long to keep logging in again while no master answers (a failover)."""
 
 
 def _show(level: int, what: str, doc: dict[str, Any]) -> None:
@@ -126,7 +128,38 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
 
         salted = await create_hash_file(job.secret, salt_of)
         logger.info("created %s (mode 0400)", job.secret)
-    client_nonce = new_nonce()
+    # One nonce for every try: the master derives the job's id from it (and the job), so
+    # a login repeated after its master died submits the job once (see master.auth).
+    client_nonce = new_id() + new_nonce()
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + job.master_wait_s
+    while True:
+        try:
+            return await login(bus, job, salted, client_nonce)
+        except ConnectionFailedError as exc:
+            if loop.time() >= give_up_at:
+                raise
+            logger.info("%s; logging in again", exc)
+        except FleetError as exc:
+            if _NOT_ACTIVE not in str(exc) or loop.time() >= give_up_at:
+                raise
+            logger.info("%s; logging in again", exc)
+            await asyncio.sleep(1.0)  # a pause between tries, not a wait for an event
+
+
+_NOT_ACTIVE = "is not the active master"
+
+
+async def login(bus: Bus, job: Submission, salted: bytes, client_nonce: str) -> str:
+    """One challenge and its answer, which submits the job; returns the job's id.
+
+    Logging in again with the same ``client_nonce`` (one that begins with a fleetbus id)
+    and job gives the same id, and the master submits the job only once.
+
+    Raises:
+        AuthError: the login failed.
+        ConnectionFailedError: no master answered.
+    """
     challenge = AuthChallenge.model_validate(
         await _master(bus, job.user, "auth-start", {"user": job.user, "client_nonce": client_nonce})
     )
@@ -147,6 +180,9 @@ async def _submit_challenge(bus: Bus, job: Submission) -> str:
                 "agent": job.agent,
                 "request": request,
             },
+            # Not asked again with the same challenge: a master that took over from the
+            # one that sent it does not know it. The whole login is repeated instead.
+            attempts=1,
         )
     )
     if not check_server_signature(salted, message, accepted.server_signature):
@@ -167,22 +203,33 @@ _NOT_YET = "no job "  # the master has not folded the submission yet, or it is n
 _POLL = Backoff(initial=0.2, cap=2.0, jitter=False)
 
 
-async def wait_finished(bus: Bus, user: str, job_id: str, timeout: float | None) -> Outcome | None:
+async def wait_finished(
+    bus: Bus, user: str, job_id: str, timeout: float | None, master_wait_s: float = 30.0
+) -> Outcome | None:
     """The job's end, or None if ``timeout`` ran out first (the job goes on).
 
     Asks the master, which answers only the job's submitter: a headless user reads
     nothing of the log itself.
 
     Raises:
-        ConnectionFailedError: no master answers.
+        ConnectionFailedError: no master answers for ``master_wait_s`` seconds.
         FleetError: the master refused the request.
     """
+    loop = asyncio.get_running_loop()
+    silent_since: float | None = None
     try:
         async with asyncio.timeout(timeout):
             attempt = 0
             while True:
                 try:
                     doc = await _master(bus, user, "job-output", {"job_id": job_id}, attempts=3)
+                    silent_since = None
+                except ConnectionFailedError:
+                    # No master answers: one may be taking over from another.
+                    silent_since = silent_since or loop.time()
+                    if loop.time() - silent_since >= master_wait_s:
+                        raise
+                    doc = {}
                 except FleetError as exc:
                     if not str(exc).startswith(_NOT_YET):
                         raise

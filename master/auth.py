@@ -3,6 +3,11 @@
 Failed logins are throttled per (user, caller): the caller is the headless principal
 the server authenticated (see :mod:`master.callers`), so one principal guessing another
 user's password slows only itself down and never locks that user out.
+
+A login the client has to repeat (its master died before answering; it logs in again
+with the next one, with the same client nonce) submits its job once: the job id is
+derived from the user, the client nonce and the job (:func:`login_job_id`), and the
+submission must be the first on its subject.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bus import Bus, Signer, UsageError, sign_envelope
+from bus import Bus, Signer, SubjectTakenError, UsageError, sign_envelope
+from bus.publish import DEFAULT_DEADLINE_S
 from bus.scram import auth_message, job_digest, new_nonce, server_signature, verify_proof
 from master.users import UserStore
 from schemas import AuthDenied, JobSubmitted, make_envelope, new_id
 from schemas.auth import AuthAccepted, AuthChallenge, AuthStart, AuthSubmit
+from schemas.ids import id_time_ns
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,20 @@ GENERIC_FAILURE = "authentication failed"
 
 class AuthFailed(Exception):
     """A login failed; the message is all the client learns."""
+
+
+def login_job_id(signer: Signer, user: str, client_nonce: str, digest: str) -> str:
+    """The id of the job a login submits: the same for every login of ``user`` with
+    this client nonce and job, when the nonce begins with a fleetbus id (as
+    ``fleet-headless`` makes them: that id's time is the job id's); else a new id.
+    Keyed by the master's key (which every standby shares), so no one else can work it
+    out in advance and take it."""
+    anchor = client_nonce[:26]
+    try:
+        id_time_ns(anchor)
+    except ValueError:
+        return new_id()
+    return signer.stable_id(anchor, "login", user, client_nonce, digest)
 
 
 class TargetUnsupportedError(UsageError):
@@ -91,10 +112,13 @@ class AuthService:
         signer: Signer,
         master_id: str,
         throttle: Throttle | None = None,
+        fence: Callable[[], float] | None = None,
         unsupported: Callable[[str], str | None] = lambda agent: None,
     ) -> None:
         """``unsupported(agent)``: why that agent may get no job, or None if it may."""
         self.bus = bus
+        self.fence = fence
+        """Seconds left to publish in, or raises (the master lease); None: no fence."""
         self.unsupported = unsupported
         self.users = users
         self.signer = signer
@@ -149,14 +173,29 @@ class AuthService:
             raise TargetUnsupportedError(
                 f"agent {request.agent} is unsupported ({unsupported}); the job was not submitted"
             )
-        job_id = new_id()
+        job_id = login_job_id(self.signer, user, request.client_nonce, digest)
         data = JobSubmitted(
             job_id=job_id, agent=request.agent, request=request.request, submitted_by=user
         )
         subject = self.bus.subjects.job_event(request.agent, job_id, "submitted")
-        envelope = make_envelope(data, source=self.master_id, subject=subject)
-        await self.bus.publish_event(sign_envelope(envelope, self.signer))
-        logger.info("job %s submitted for headless user %s", job_id, user)
+        envelope = make_envelope(
+            data,
+            source=self.master_id,
+            subject=subject,
+            event_id=self.signer.stable_id(job_id, "submitted"),
+        )
+        try:
+            await self.bus.publish_event(
+                sign_envelope(envelope, self.signer),
+                expected_last_subject_seq=0,
+                deadline_s=self._left(),
+            )
+        except SubjectTakenError:
+            # This login was submitted once already (the master before us, or us, did
+            # not get to answer): it is the same job.
+            logger.info("job %s of headless user %s was submitted before", job_id, user)
+        else:
+            logger.info("job %s submitted for headless user %s", job_id, user)
         return AuthAccepted(
             job_id=job_id, server_signature=server_signature(record.server_key, message)
         )
@@ -172,4 +211,7 @@ class AuthService:
         envelope = make_envelope(
             data, source=self.master_id, subject=self.bus.subjects.auth_event("denied")
         )
-        await self.bus.publish_event(sign_envelope(envelope, self.signer))
+        await self.bus.publish_event(sign_envelope(envelope, self.signer), deadline_s=self._left())
+
+    def _left(self) -> float:
+        return self.fence() if self.fence is not None else DEFAULT_DEADLINE_S

@@ -7,6 +7,7 @@ import getpass
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +19,52 @@ from bus.keys import read_seed_file
 from bus.paths import missing_files
 from bus.reloadreport import request_reload
 from master.config import MasterConfig, default_config_path, load_master_config
+from master.leadership import read_masters
 from master.startup import PROGRAM, run_master
 from master.users import UserStore, make_record
 from schemas import Presence
 
 COMMANDS = ("run", "start", "stop", "restart", "reload", "status", "hash", "user")
+
+COMMAND_HELP: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "run": (
+        "",
+        "Run the master in the foreground, logging to stderr; SIGTERM stops it "
+        "(a last snapshot first), SIGHUP reloads its configuration.",
+        ("-c", "-l"),
+    ),
+    "start": (
+        "",
+        "Start the master in the background (pid file and log in data_dir); "
+        "says on the terminal, exit 2, if one runs already.",
+        ("-c", "-l"),
+    ),
+    "stop": ("", "Stop the running master and wait for it; exit 3 if none runs.", ("-c",)),
+    "restart": ("", "Stop the running master (if any), then start it.", ("-c", "-l")),
+    "reload": (
+        "",
+        "Make the running master re-read its configuration, keeping its state; "
+        "exit 0 when it took the file, 2 (with the reason) when it refused it, "
+        "3 when none runs.",
+        ("-c",),
+    ),
+    "status": (
+        "",
+        "The masters (active or standby), the configured agents and whether "
+        "each is connected (WRONG KEY: its presence carries another key); "
+        "exit 3 when this host's master is not running.",
+        ("-c", "--json"),
+    ),
+    "hash": ("", "Print the SHA-256 of the whole configuration, defaults included.", ("-c",)),
+    "user": (
+        " add|passwd|del NAME",
+        "Manage the headless users' bcrypt store: add or "
+        "passwd asks for the password twice (or reads one line with --password-stdin).",
+        ("-c", "--password-stdin", "--cost"),
+    ),
+}
+"""Each command's arguments, description and the options it takes: ``fleet-master
+COMMAND --help``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "The fleetbus master: folds the event log into the state of every agent, job and "
             "rollout, tracks the configured agents and who is connected, and answers status "
-            "queries. Commands: run (foreground), start (background), stop, restart, reload "
-            "(re-read the config, keeping state), status (configured agents and whether they "
-            "are connected), hash (the configuration's hash)."
+            "queries. Several may run: the one holding the master lease is active, the others "
+            "stand by and take over when it dies. Commands: run (foreground), start "
+            "(background), stop, restart, reload (re-read the config, keeping state), status "
+            "(the masters, active or standby; configured agents and whether they are "
+            "connected), hash (the configuration's hash), user (headless users). "
+            "`fleet-master COMMAND --help` tells about one command."
         ),
     )
     parser.add_argument(
@@ -87,6 +132,7 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
             entry = await kv.get(key)
             if entry is not None and entry.value:
                 online[key] = decode_model(entry.value, Presence)
+        holder, present = await read_masters(bus)
     pid = running_pid(config.pid_path)
 
     def wrong_key(agent: str) -> bool:
@@ -114,15 +160,43 @@ async def _status(config: MasterConfig, as_json: bool) -> int:
         }
         for a in sorted(set(online) - set(config.agents))
     ]
-    master = {"running": pid is not None, "pid": pid, "config_hash": config.config_hash()}
+    mine = next((m for m in present if m.name == config.name), None)
+    master = {
+        "running": pid is not None,
+        "pid": pid,
+        "config_hash": config.config_hash(),
+        "name": config.name,
+        "role": mine.role if mine is not None else None,
+    }
+    masters = [
+        {"name": m.name, "role": m.role, "seq": m.seq, "ready": m.ready, "host": m.host}
+        for m in present
+    ]
     # Exit 3 when the master is not running, like `systemctl status` and `-Q`: scripts
     # asking "is it up?" get the answer from the code, the table still says the rest.
     code = 0 if pid is not None else EXIT_NOT_RUNNING
     if as_json:
-        print(json.dumps({"master": master, "agents": configured + strangers}))
+        print(
+            json.dumps(
+                {
+                    "master": master,
+                    "active": holder,
+                    "masters": masters,
+                    "agents": configured + strangers,
+                }
+            )
+        )
         return code
     state = f"running (pid {pid})" if pid else "not running"
-    print(f"master: {state}, config hash {config.config_hash()[:16]}")
+    role = f", {mine.role}" if mine is not None else ""
+    print(f"master {config.name}: {state}{role}, config hash {config.config_hash()[:16]}")
+    print(f"{'MASTER':<20}{'ROLE':<10}{'SEQ':<12}HOST")
+    for m in present:
+        print(f"{m.name:<20}{m.role:<10}{m.seq:<12}{m.host}")
+    if holder is None:
+        print("no master holds the lease: none is active")
+    else:
+        print(f"the master lease is held by {holder}")
     print(f"{'AGENT':<20}{'CONFIGURED':<12}{'CONNECTED':<11}VERSION")
     for row in configured + strangers:
         known = "yes" if row["configured"] else "NO"
@@ -175,9 +249,26 @@ def manage_user(config: MasterConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def command_help(parser: argparse.ArgumentParser, command: str) -> str:
+    """``fleet-master COMMAND --help``: that command alone, with the options it takes."""
+    arguments, description, options = COMMAND_HELP[command]
+    lines = [f"usage: {PROG} {command}{arguments} [options]", "", textwrap.fill(description, 79)]
+    lines += ["", "options:"]
+    for action in parser._actions:  # argparse has no public lookup by option string
+        if set(action.option_strings) & set(options):
+            flags = ", ".join(action.option_strings)
+            lines.append(f"  {flags:<22}{action.help or ''}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fleet-master``; returns the exit code."""
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    asked = [w for w in words if w in COMMANDS]
+    if asked and ("-h" in words or "--help" in words):
+        sys.stdout.write(command_help(parser, asked[0]))
+        return 0
     args = parser.parse_args(argv)
     if args.command is None and not args.check:
         parser.error(f"a COMMAND is needed: {', '.join(COMMANDS)} (or --check)")

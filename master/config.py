@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +47,15 @@ def default_data_dir() -> Path:
     return data_dir("master")
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def default_name() -> str:
+    """This machine's short host name, as a master name (other characters become ``-``)."""
+    host = socket.gethostname().split(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", host)[:64] or "master"
+
+
 class Principal(BaseModel):
     """A configured identity: its public key and, for agents, its labels."""
 
@@ -58,6 +69,19 @@ class MasterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(default="master", description="the master's principal id")
+    name: str = Field(
+        default_factory=default_name,
+        description="this master among its standbys (default: the host name); "
+        "letters, digits, _ and -",
+    )
+    lease_ttl_s: int = Field(
+        default=10,
+        ge=3,
+        le=300,
+        description="the active master's lease: a standby takes over at most this long "
+        "(and a few seconds) after the active one died; the active one stops acting "
+        "before its lease could expire unrenewed",
+    )
     server: str = Field(
         default_factory=default_server,
         description="NATS server URL(s), comma-separated (default: $FLEET_SERVER, else local)",
@@ -133,6 +157,13 @@ class MasterConfig(BaseModel):
             problem = ids.agent_id_problem(agent)
             if problem:
                 raise ValueError(problem)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"name {value!r}: use 1 to 64 letters, digits, _ or -")
         return value
 
     @field_validator("metrics_listen", "web_listen")

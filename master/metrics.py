@@ -108,6 +108,16 @@ class MasterMetrics:
             )
         )
         families.append(
+            Family(
+                "fleet_master_active", "gauge", "1 while this master holds the master lease"
+            ).add(1 if master.leadership.active else 0)
+        )
+        families.append(
+            Family(
+                "fleet_master_takeovers_total", "counter", "times this master became the active one"
+            ).add(master.leadership.takeovers)
+        )
+        families.append(
             Family("fleet_master_events_folded_total", "counter", "events folded").add(p.events)
         )
         families.append(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +38,7 @@ from bus import (
 )
 from bus.codec import decode_data
 from bus.log import last_message
+from bus.publish import DEFAULT_DEADLINE_S
 from schemas import (
     Event,
     JobCancelRequested,
@@ -45,7 +47,6 @@ from schemas import (
     JobSubmitted,
     UnknownEvent,
     make_envelope,
-    stable_id,
 )
 
 if TYPE_CHECKING:
@@ -78,8 +79,18 @@ class Outcomes:
             (``offline_grace_s``).
     """
 
-    def __init__(self, bus: Bus, signer: Signer, source: str, grace_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        signer: Signer,
+        source: str,
+        grace_s: float,
+        fence: Callable[[], float] | None = None,
+    ) -> None:
         self.bus = bus
+        self.fence = fence
+        """Seconds left to publish in, or raises :class:`~bus.errors.NotActiveError`
+        (the master lease); None: no fence."""
         self.signer = signer
         self.source = source
         self.grace_s = grace_s
@@ -93,7 +104,13 @@ class Outcomes:
     def for_master(cls, master: Master) -> Outcomes:
         """Outcomes wired into a master: it sees every folded event, and sweeps once a
         second while the master serves (the first sweep learns what a snapshot hid)."""
-        outcomes = cls(master.bus, master.signer, master.config.id, master.config.offline_grace_s)
+        outcomes = cls(
+            master.bus,
+            master.signer,
+            master.config.id,
+            master.config.offline_grace_s,
+            fence=master.leadership.check,
+        )
         master.on_folded(outcomes.folded)
         master.every(
             _SWEEP_S, lambda: outcomes.sweep(master.projection, time.time_ns()), "outcomes"
@@ -214,11 +231,12 @@ class Outcomes:
             data,
             source=self.source,
             subject=subject,
-            event_id=stable_id(job_id, "finished", self.source, status),
+            event_id=self.signer.stable_id(job_id, "finished", self.source, status),
         )
+        left = self.fence() if self.fence is not None else DEFAULT_DEADLINE_S
         try:
             await self.bus.publish_event(
-                sign_envelope(envelope, self.signer), expected_last_subject_seq=0
+                sign_envelope(envelope, self.signer), expected_last_subject_seq=0, deadline_s=left
             )
         except SubjectTakenError as exc:
             logger.info("job %s already has an outcome (seq %d); not %s", job_id, exc.seq, status)

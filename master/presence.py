@@ -27,14 +27,14 @@ T = TypeVar("T")
 
 
 async def until_stopped(master: Master, items: AsyncIterator[T]) -> AsyncIterator[T]:
-    """``items`` until they end or the master stops, whichever comes first.
+    """``items`` until they end or the master stops acting, whichever comes first.
 
     The stop flag ends the loop even if a cancellation is lost inside the client
     library (on Python 3.11 its ``wait_for`` can swallow one).
     """
-    while not master.stopping.is_set():
-        step = await first_of(anext(items), master.stopping.wait())
-        if step is None or master.stopping.is_set():
+    while not master.off_duty.is_set():
+        step = await first_of(anext(items), master.off_duty.wait())
+        if step is None or master.off_duty.is_set():
             return
         try:
             yield step.result()
@@ -54,6 +54,12 @@ class GraceTimers:
             self._timers[agent_id] = self.master.tasks.spawn(
                 self._abandon_after_grace(agent_id), f"grace {agent_id}"
             )
+
+    def cancel_all(self) -> None:
+        """This master no longer acts: the next active one runs its own timers (its
+        sweep sees how long each agent has been away)."""
+        for agent_id in list(self._timers):
+            self.cancel(agent_id)
 
     def cancel(self, agent_id: str) -> None:
         """The agent is back: its jobs are its own again (the owner awaits the timer)."""

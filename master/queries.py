@@ -33,7 +33,8 @@ QUERIES = ("jobs", "job", "agents", "rollouts", "state", "status")
 
 
 async def serve_queries(master: Master) -> None:
-    """Answer control requests until the master stops."""
+    """Answer control requests until the master stops acting (only the active master
+    answers: a login's challenge and its proof must reach the same master)."""
     max_size = master.bus.settings.max_msg_size
 
     async def handle(subject: str, data: bytes) -> bytes:
@@ -47,7 +48,7 @@ async def serve_queries(master: Master) -> None:
         # Headless users' requests name their caller: `<prefix>.ctl.master.<op>.<caller>`.
         by_caller = await serve(master.bus, master.subjects.master_control_by_all, handle)
         try:
-            await master.stopping.wait()
+            await master.off_duty.wait()
         finally:
             await by_caller.stop()
     finally:
@@ -124,6 +125,8 @@ def query(master: Master, op: str, args: dict[str, Any]) -> dict[str, Any]:
             "refused": dict(master.driver.counts),
             "config_hash": master.config.config_hash(),
             "ready": master.ready.is_set(),
+            "name": master.config.name,
+            "role": master.leadership.role,
         }
     raise ValueError(f"unknown query {op!r}; known: {', '.join(QUERIES)}")
 

@@ -24,17 +24,17 @@ _BACKOFF = Backoff(initial=1.0, cap=30.0)
 
 
 async def steer_rollouts(master: Master) -> None:
-    """Promote canary rollouts and halt failing ones until the master stops."""
+    """Promote canary rollouts and halt failing ones until the master stops acting."""
     failures = 0
     # Ends on the stop flag, not only on cancellation (see bus.tasks.wait_any).
-    while await wait_any(master.stopping, master.rollout_changed) and not master.stopping.is_set():
+    while await wait_any(master.off_duty, master.rollout_changed) and not master.off_duty.is_set():
         master.rollout_changed.clear()
         try:
             await steer_once(master)
         except FleetError as exc:
             logger.error("! rollout: %s", exc)
             master.rollout_changed.set()
-            await wait_any(master.stopping, timeout=_BACKOFF.delay(failures))
+            await wait_any(master.off_duty, timeout=_BACKOFF.delay(failures))
             failures += 1
         else:
             failures = 0
@@ -64,6 +64,7 @@ async def steer_once(master: Master) -> None:
         )
     else:
         logger.info("→ canaries of %s are healthy; rolling out to all", target.version)
+    master.leadership.check()  # a master that lost its lease writes nothing
     await write_setting(
         master.bus,
         "release.stage",

@@ -37,7 +37,7 @@ from schemas.events import (
 )
 from schemas.ids import new_id, stable_id
 from schemas.jobs import ArgvCommand, Command, JobRequest, ModuleCommand, ScriptCommand
-from schemas.presence import Presence
+from schemas.presence import MasterPresence, Presence
 from schemas.registry import EventRegistry, InvalidEventError, Upcaster, default_registry
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "JobStarted",
     "JobStatus",
     "JobSubmitted",
+    "MasterPresence",
     "ModuleCommand",
     "Presence",
     "ScriptCommand",

@@ -13,6 +13,7 @@ and ``-``, starting with a letter or digit, at most 64 characters.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import threading
@@ -129,20 +130,26 @@ def new_id() -> str:
     return _generator.new()
 
 
-def stable_id(anchor: str, *parts: str) -> str:
-    """The same id every time for the same ``anchor`` and ``parts``.
+def stable_id(anchor: str, *parts: str, secret: bytes) -> str:
+    """The same id every time for the same ``anchor``, ``parts`` and ``secret``.
 
     An event that a retry can repeat (an agent's ``job.finished`` after a reconnect, the
     master's ``abandoned`` after a restart) must carry one id on every try, or the
     stream's duplicate window cannot recognise the repeat. The time part is the anchor's
-    (a job id's creation time), so the id still sorts near its job; the rest is a hash of
-    the anchor and ``parts``.
+    (a job id's creation time), so the id still sorts near its job; the rest is a keyed
+    hash of the anchor and ``parts``. The key is the publisher's own secret (see
+    ``bus.Signer.stable_id``): the stream drops any message whose id it has seen within
+    its duplicate window, on any subject, so an id others could work out in advance
+    (from a job's id, which its submitter chooses) would let them publish it first and
+    have the real event dropped as a repeat.
 
     Raises:
-        ValueError: ``anchor`` is not an id made by :func:`new_id`.
+        ValueError: ``anchor`` is not an id made by :func:`new_id`, or ``secret`` is empty.
     """
+    if len(secret) < 16:
+        raise ValueError("a stable id needs a secret of at least 16 bytes")
     ms = id_time_ns(anchor) // 1_000_000
-    digest = hashlib.sha256("\x1f".join((anchor, *parts)).encode()).digest()
+    digest = hmac.new(secret, "\x1f".join((anchor, *parts)).encode(), hashlib.sha256).digest()
     return _encode((ms << 80) | int.from_bytes(digest[:10], "big"))
 
 

@@ -31,3 +31,26 @@ class Presence(BaseModel):
     ts: TimestampNs
     update: str | None = Field(default=None, max_length=512)
     """What stands between this agent and the fleet's target version, if anything."""
+
+
+MasterRole = Literal["active", "standby"]
+
+
+class MasterPresence(BaseModel):
+    """One master's heartbeat in KV ``<prefix>-locks`` (``master.presence.<name>``): which
+    master it is, whether it is the active one, and how far it has folded the log."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    v: int = PRESENCE_VERSION
+    name: str = Field(max_length=64)
+    role: MasterRole
+    seq: int = Field(ge=0)
+    """The last log sequence it has folded."""
+    ready: bool
+    """Caught up with the log (a standby that is ready can take over at once)."""
+    version: str = Field(max_length=64)
+    host: str = Field(max_length=255)
+    pid: int = Field(ge=0)
+    config_hash: str = Field(max_length=64)
+    started_at: TimestampNs
+    ts: TimestampNs

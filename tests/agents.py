@@ -257,7 +257,7 @@ def stop_all(agents: list[Any], request: Any) -> None:
             agent.stop(timeout=30)
         except Exception:
             agent.kill()
-    failed = getattr(request.node, "rep_call", None)
+    failed = getattr(getattr(request, "node", None), "rep_call", None)
     if failed is not None and failed.failed:
         for agent in agents:
             print(f"--- log of agent {agent.id} ---\n{agent.log()[-8000:]}")
@@ -273,8 +273,9 @@ MASTER = str(Path(sys.executable).parent / "fleet-master")
 class MasterProcess(_Daemon):
     """One ``fleet-master run`` process with its own config."""
 
-    def __init__(self, base: Path, url: str, **config: Any) -> None:
-        self.dir = base / "master"
+    def __init__(self, base: Path, url: str, *, home: str = "master", **config: Any) -> None:
+        """``home``: the directory under ``base`` (several masters need one each)."""
+        self.dir = base / home
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "master.toml"
         self.log_path = self.dir / "master.log"

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import uvloop
 from agents import AgentProcess, MasterProcess, stop_all
+from deployment import Cast, Deployment
 from natsserver import NatsCluster, NatsServer
+from pamuser import Throwaway, throwaway_user
 
 from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
 
@@ -123,6 +125,36 @@ def master_factory(
         except Exception:
             m.kill()
             raise
+
+
+@pytest.fixture(scope="session")
+def cast(tmp_path_factory: pytest.TempPathFactory) -> Cast:
+    """The principals of every deployment this session, with their keys (made once)."""
+    return Cast(tmp_path_factory.mktemp("cast"))
+
+
+@pytest.fixture(params=["open", "generated"])
+async def deployment(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    server_factory: Callable[..., NatsServer],
+    cast: Cast,
+) -> AsyncIterator[Deployment]:
+    """A whole deployment (tests/deployment.py), once on the open test server and once
+    under the permissions ``fleet ops server-config`` generates. A test that makes sense
+    under one only says so: ``@pytest.mark.parametrize("deployment", ["generated"],
+    indirect=True)``."""
+    async with Deployment(
+        tmp_path, server_factory, cast, generated=request.param == "generated", request=request
+    ) as d:
+        yield d
+
+
+@pytest.fixture
+def pam_user() -> Iterator[Throwaway]:
+    """A throwaway user with a password and its own PAM service, removed after."""
+    with throwaway_user() as u:
+        yield u
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -92,6 +92,8 @@ def test_ops_init_is_idempotent(nats_server: NatsServer) -> None:
     assert json.loads(second.stdout) == {
         "created": [],
         "unchanged": json.loads(first.stdout)["created"],
+        "changed": [],
+        "refused": [],
     }
 
 

@@ -210,3 +210,16 @@ def test_units_are_hardened_and_name_nothing_unshipped(unit: str) -> None:
     assert "man:" not in text
     if unit == "fleet-master.service":
         assert "ProtectSystem=strict" in text
+
+
+def test_each_master_command_has_its_own_help() -> None:
+    for command in ("run", "start", "stop", "restart", "reload", "status", "hash", "user"):
+        shown = run([MASTER, command, "--help"])
+        assert shown.returncode == 0
+        assert shown.stdout.startswith(f"usage: fleet-master {command}")
+    status = run([MASTER, "status", "--help"]).stdout
+    assert "--json" in status
+    assert "exit 3" in status
+    assert "--password-stdin" not in status
+    assert "--password-stdin" in run([MASTER, "user", "--help"]).stdout
+    assert "COMMAND --help" in run([MASTER, "--help"]).stdout

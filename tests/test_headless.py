@@ -299,7 +299,7 @@ async def test_nkey_auth_needs_no_master(fleet: Fleet, bus: Bus) -> None:
     assert (await finished(bus, "web-1", job_id)).output_tail == "signed\n"
     # Waiting for the end asks the master (a headless user reads nothing of the log).
     # The challenge needs the master: with none answering, that is a connection error.
-    no_master = await fleet.run(*base(fleet.secret(), "-c", "true"))
+    no_master = await fleet.run(*base(fleet.secret(), "--master-wait", "2", "-c", "true"))
     assert no_master.returncode == 1
     assert "no master answers" in no_master.stderr.decode()
 

@@ -248,6 +248,13 @@ async def test_one_mib_of_output_arrives_byte_exact_and_in_order(
     assert [int(r.headers["Fleet-Seq"]) for r in records] == list(range(1, len(records) + 1))
     assert {r.headers[HEADER_OUTPUT_STREAM] for r in records} == {"stdout"}
 
+    # A chunk gone from the store (expired, or removed by an admin): said, never a
+    # silently short output.
+    assert await bus.js.delete_msg(bus.subjects.output_stream, records[1].seq)
+    short = await fleet(nats_server.url, operator[0], "job", "logs", job_id)
+    assert len(short.stdout) < len(expected)
+    assert f"only {len(records) - 1} of the {len(records)} output chunks" in short.stderr.decode()
+
 
 async def test_output_beyond_the_cap_is_truncated_with_a_marker(
     bus: Bus, agent_factory: Agents, operator: Operator

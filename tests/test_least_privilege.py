@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,18 +14,17 @@ import bcrypt
 import nats
 import nats.js.errors
 import pytest
-from agents import FLEET, MASTER, AgentProcess, MasterProcess, finished, fleet_env
+from agents import FLEET, MASTER, finished
+from deployment import Cast, Deployment, refused, run_cli
 from natsserver import NatsServer
 from samples import sample_envelope
 
 from bus import (
     Bus,
-    ConnectSettings,
     FleetError,
     PayloadTooLargeError,
-    Signer,
     connect,
-    generate_seed,
+    read_seed_file,
     write_seed_file,
 )
 from bus.request import control
@@ -40,37 +38,6 @@ MAX_PAYLOAD = 256 * 1024
 PASSWORD = "correct horse battery staple"
 EVENTS = "FLEET_EVENTS"
 WHOLE_LOG = "fleet.evt.>"
-
-
-def key(tmp: Path, name: str) -> tuple[Path, str]:
-    path = tmp / f"{name}.nk"
-    seed = generate_seed()
-    write_seed_file(path, seed)
-    return path, Signer(seed).public_key
-
-
-async def run(
-    *argv: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    feed = None if stdin is None else (stdin + "\n").encode()
-    out, err = await asyncio.wait_for(proc.communicate(feed), 90)
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
-
-
-async def refused(bus: Bus, *subjects: str) -> None:
-    """Each subject is refused to this principal by the server itself."""
-    for subject in subjects:
-        await bus.nc.publish(subject, b"{}")
-        denial = await bus.wait_denied(subject, timeout=5)
-        assert "publishing to" in str(denial), subject
 
 
 async def api(bus: Bus, subject: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -87,200 +54,173 @@ def consumer_body(name: str, **config: object) -> dict[str, Any]:
 
 
 async def test_no_principal_reaches_another_s_consumers_or_output(
-    server_factory: Callable[..., NatsServer], tmp_path: Path
+    server_factory: Callable[..., NatsServer],
+    cast: Cast,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    names = ("tester", "web-1", "web-2", "master", "batch", "mallory")
-    keys = {n: key(tmp_path, n) for n in names}
-    admin_key = tmp_path / "admin.nk"  # the admin role has its own kind of key
-    made = await run(FLEET, "keys", "gen", "admin", "admin", "-o", str(admin_key))
-    assert made.returncode == 0, made.stderr
-    keys["admin"] = (admin_key, made.stdout.strip())
-    registry = tmp_path / "registry.toml"
-    registry.write_text(
-        f'[master]\npublic_key = "{keys["master"][1]}"\n'
-        + "".join(f'[agents.{a}]\npublic_key = "{keys[a][1]}"\n' for a in ("web-1", "web-2"))
-        + f'[operators.tester]\npublic_key = "{keys["tester"][1]}"\n'
-        + "".join(f'[headless.{h}]\npublic_key = "{keys[h][1]}"\n' for h in ("batch", "mallory"))
-        + f'[admins.admin]\npublic_key = "{keys["admin"][1]}"\n'
+    d = Deployment(
+        tmp_path,
+        server_factory,
+        cast,
+        generated=True,
+        max_payload=MAX_PAYLOAD,
+        ops_init_cli=True,  # `fleet ops init` itself, as the admin: no other role may
+        request=request,
     )
-    rendered = await run(
-        FLEET, "ops", "server-config", "--registry", str(registry), "--max-payload", "262144"
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    server = server_factory(config=rendered.stdout)
-    url = server.url
-    init = await run(FLEET, "ops", "init", env=fleet_env(url, keys["admin"][0]))
-    assert init.returncode == 0, init.stderr
+    async with d:
+        url, admin = d.url, d.bus
+        operator = d.env("tester")
+        s_jobs, s_filter = ("agent_web-1_jobs", "fleet.evt.job.web-1.*.submitted")
+        their_jobs = ("agent_web-2_jobs", "fleet.evt.job.web-2.*.submitted")
+        trusted = [d[n].public_key for n in ("tester", "master", "batch")]  # mallory is not
+        agents = [d.agent(a, trusted=trusted) for a in ("web-1", "web-2")]
+        master = d.master()
+        for agent in agents:
+            await agent.started(admin)
+        master.start()
+        await master.wait_ready(admin)
 
-    def settings(name: str) -> ConnectSettings:
-        return ConnectSettings(
-            servers=[url], nkey_file=keys[name][0], inbox_prefix=f"_INBOX_{name}"
+        # The headless user runs a job and waits for it, all through its own grants.
+        mine = await run_cli(
+            HEADLESS, "-s", url, "-a", "nkey", "-u", "batch", "-p", str(d["batch"].key_file),
+            "--agent", "web-1", "-t", "-1", "-v", "-c", "echo mine",
+        )  # fmt: skip
+        assert mine.returncode == 0, mine.stderr + master.log()[-2000:]
+        my_job = mine.stderr.split("job ")[1].split()[0]
+        # And with a password, logging in through the master as itself.
+        added = await run_cli(
+            MASTER, "user", "add", "batch", "--password-stdin", "-c", str(master.config_path),
+            stdin=PASSWORD,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        users = json.loads((master.dir / "data" / "users.json").read_text())
+        hashed = tmp_path / "batch.secret"
+        write_seed_file(hashed, bcrypt.hashpw(PASSWORD.encode(), users["batch"]["salt"].encode()))
+        challenged = await run_cli(
+            HEADLESS, "-s", url, "-u", "batch", "-p", str(hashed), "--agent", "web-1",
+            "-t", "-1", "-c", "true", env=d.env("batch"),
+        )  # fmt: skip
+        assert challenged.returncode == 0, challenged.stderr + master.log()[-2000:]
+        theirs = await run_cli(
+            FLEET, "run", "-a", "web-2", "--async", "--json", "--", "echo", "theirs",
+            env=operator,
+        )  # fmt: skip
+        assert theirs.returncode == 0, theirs.stderr
+        their_job = json.loads(theirs.stdout)["jobs"][0]["job_id"]
+        await finished(admin, "web-2", their_job)
+
+        # --- agent web-1 against its own consumer's filter and web-2's events --------
+        async with await connect(d.settings("web-1")) as bus:
+            pinned = consumer_create_subject(EVENTS, s_jobs, s_filter)
+            # The one create subject it may use: the server holds the body to it.
+            widened = await api(bus, pinned, consumer_body(s_jobs, filter_subject=WHOLE_LOG))
+            assert widened["error"]["err_code"] == 10131, widened
+            listed = await api(
+                bus, pinned, consumer_body(s_jobs, filter_subjects=[WHOLE_LOG])
+            )  # a filter list is not checked by permissions: the server refuses it here
+            assert listed["error"]["err_code"] == 10137, listed
+            await refused(
+                bus,
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}",  # the name would come from the body
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}",
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}.{WHOLE_LOG}",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{s_jobs}",
+                consumer_create_subject(EVENTS, *their_jobs),
+                f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{their_jobs[0]}",
+                f"$JS.API.CONSUMER.DELETE.{EVENTS}.{their_jobs[0]}",
+                f"$JS.API.DIRECT.GET.{EVENTS}.fleet.evt.job.web-2.{their_job}.finished",
+            )
+            # An oversized event is refused before it is sent, with a fleetbus error.
+            huge = JobFinished.model_construct(
+                job_id=my_job, agent="web-1", status="succeeded", output_tail="x" * MAX_PAYLOAD
+            )
+            with pytest.raises(PayloadTooLargeError, match="exceeds the limit"):
+                await bus.publish_event(sample_envelope(huge, source="web-1"))
+        # A client that skips that check is cut off by the server; nothing is stored.
+        closed = asyncio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
+        raw = await nats.connect(
+            url,
+            nkeys_seed_str=read_seed_file(d["web-1"].key_file).decode(),
+            inbox_prefix="_INBOX_web-1",
+            allow_reconnect=False,
+            closed_cb=on_closed,
         )
+        raw._max_payload = 4 * MAX_PAYLOAD
+        nowhere = admin.subjects.output("web-1", new_id())
+        await raw.publish(nowhere, b"x" * (MAX_PAYLOAD + 1))
+        await asyncio.wait_for(closed.wait(), 30)
+        assert "maximum payload" in str(raw.last_error)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await admin.js.get_last_msg("FLEET_OUTPUT", nowhere)
 
-    operator = fleet_env(url, keys["tester"][0])
-    s_jobs, s_filter = ("agent_web-1_jobs", "fleet.evt.job.web-1.*.submitted")
-    their_jobs = ("agent_web-2_jobs", "fleet.evt.job.web-2.*.submitted")
-    trusted = [keys[n][1] for n in ("tester", "master", "batch")]  # mallory is not
-    agents = [
-        AgentProcess(tmp_path, url, a, nkey_file=str(keys[a][0]), trusted=trusted)
-        for a in ("web-1", "web-2")
-    ]
-    master = MasterProcess(tmp_path, url, nkey_file=str(keys["master"][0]))
-    async with await connect(settings("admin")) as admin:
-        try:
-            for agent in agents:
-                await agent.started(admin)
-            master.start()
-            await master.wait_ready(admin)
-
-            # The headless user runs a job and waits for it, all through its own grants.
-            mine = await run(
-                HEADLESS, "-s", url, "-a", "nkey", "-u", "batch", "-p", str(keys["batch"][0]),
-                "--agent", "web-1", "-t", "-1", "-v", "-c", "echo mine",
-            )  # fmt: skip
-            assert mine.returncode == 0, mine.stderr + master.log()[-2000:]
-            my_job = mine.stderr.split("job ")[1].split()[0]
-            # And with a password, logging in through the master as itself.
-            added = await run(
-                MASTER, "user", "add", "batch", "--password-stdin", "-c", str(master.config_path),
-                stdin=PASSWORD,
-            )  # fmt: skip
-            assert added.returncode == 0, added.stderr
-            users = json.loads((master.dir / "data" / "users.json").read_text())
-            hashed = tmp_path / "batch.secret"
-            write_seed_file(
-                hashed, bcrypt.hashpw(PASSWORD.encode(), users["batch"]["salt"].encode())
+        # --- the headless user against consumers and others' output -----------------
+        async with await connect(d.settings("batch")) as bus:
+            s = bus.subjects
+            await refused(
+                bus,
+                f"$JS.API.CONSUMER.DELETE.{EVENTS}.{s_jobs}",
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}",
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}.peek.{WHOLE_LOG}",
+                "$JS.API.CONSUMER.CREATE.FLEET_OUTPUT",
+                f"$JS.API.DIRECT.GET.{EVENTS}.fleet.evt.job.web-2.{their_job}.finished",
+                "$JS.API.STREAM.MSG.GET.FLEET_OUTPUT",
+                s.master_control("job"),
+                s.master_control_by("job-output", "mallory"),  # asking as someone else
             )
-            challenged = await run(
-                HEADLESS, "-s", url, "-u", "batch", "-p", str(hashed), "--agent", "web-1",
-                "-t", "-1", "-c", "true", env=fleet_env(url, keys["batch"][0]),
-            )  # fmt: skip
-            assert challenged.returncode == 0, challenged.stderr + master.log()[-2000:]
-            theirs = await run(
-                FLEET, "run", "-a", "web-2", "--async", "--json", "--", "echo", "theirs",
-                env=operator,
-            )  # fmt: skip
-            assert theirs.returncode == 0, theirs.stderr
-            their_job = json.loads(theirs.stdout)["jobs"][0]["job_id"]
-            await finished(admin, "web-2", their_job)
-
-            # --- agent web-1 against its own consumer's filter and web-2's events --------
-            async with await connect(settings("web-1")) as bus:
-                pinned = consumer_create_subject(EVENTS, s_jobs, s_filter)
-                # The one create subject it may use: the server holds the body to it.
-                widened = await api(bus, pinned, consumer_body(s_jobs, filter_subject=WHOLE_LOG))
-                assert widened["error"]["err_code"] == 10131, widened
-                listed = await api(
-                    bus, pinned, consumer_body(s_jobs, filter_subjects=[WHOLE_LOG])
-                )  # a filter list is not checked by permissions: the server refuses it here
-                assert listed["error"]["err_code"] == 10137, listed
-                await refused(
+            own = await control(bus, s.master_control_by("job-output", "batch"), {"job_id": my_job})
+            assert own.data["status"] == "succeeded"
+            assert own.data["output_tail"] == "mine\n"
+            with pytest.raises(FleetError, match=f"no job {their_job} of batch"):
+                await control(
+                    bus, s.master_control_by("job-output", "batch"), {"job_id": their_job}
+                )
+        async with await connect(d.settings("mallory")) as bus:
+            with pytest.raises(FleetError, match=f"no job {my_job} of mallory"):
+                await control(
                     bus,
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}",  # the name would come from the body
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}",
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}.{WHOLE_LOG}",
-                    f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{s_jobs}",
-                    consumer_create_subject(EVENTS, *their_jobs),
-                    f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{their_jobs[0]}",
-                    f"$JS.API.CONSUMER.DELETE.{EVENTS}.{their_jobs[0]}",
-                    f"$JS.API.DIRECT.GET.{EVENTS}.fleet.evt.job.web-2.{their_job}.finished",
+                    bus.subjects.master_control_by("job-output", "mallory"),
+                    {"job_id": my_job},
                 )
-                # An oversized event is refused before it is sent, with a fleetbus error.
-                huge = JobFinished.model_construct(
-                    job_id=my_job, agent="web-1", status="succeeded", output_tail="x" * MAX_PAYLOAD
-                )
-                with pytest.raises(PayloadTooLargeError, match="exceeds the limit"):
-                    await bus.publish_event(sample_envelope(huge, source="web-1"))
-            # A client that skips that check is cut off by the server; nothing is stored.
-            closed = asyncio.Event()
 
-            async def on_closed() -> None:
-                closed.set()
-
-            raw = await nats.connect(
-                url,
-                nkeys_seed=str(keys["web-1"][0]),
-                inbox_prefix="_INBOX_web-1",
-                allow_reconnect=False,
-                closed_cb=on_closed,
+        # --- the operator against the agents' consumers and the headless logins -------
+        async with await connect(d.settings("tester")) as bus:
+            await refused(
+                bus,
+                f"$JS.API.CONSUMER.DELETE.{EVENTS}.{s_jobs}",
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}",
+                f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}.{WHOLE_LOG}",
+                consumer_create_subject(EVENTS, s_jobs, s_filter),
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{s_jobs}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{s_jobs}",
+                f"$JS.ACK.{EVENTS}.{s_jobs}.1.1.1.1.1",
+                bus.subjects.master_control_by("auth-submit", "batch"),
             )
-            raw._max_payload = 4 * MAX_PAYLOAD
-            nowhere = admin.subjects.output("web-1", new_id())
-            await raw.publish(nowhere, b"x" * (MAX_PAYLOAD + 1))
-            await asyncio.wait_for(closed.wait(), 30)
-            assert "maximum payload" in str(raw.last_error)
-            with pytest.raises(nats.js.errors.NotFoundError):
-                await admin.js.get_last_msg("FLEET_OUTPUT", nowhere)
 
-            # --- the headless user against consumers and others' output -----------------
-            async with await connect(settings("batch")) as bus:
-                s = bus.subjects
-                await refused(
-                    bus,
-                    f"$JS.API.CONSUMER.DELETE.{EVENTS}.{s_jobs}",
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}",
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}.peek.{WHOLE_LOG}",
-                    "$JS.API.CONSUMER.CREATE.FLEET_OUTPUT",
-                    f"$JS.API.DIRECT.GET.{EVENTS}.fleet.evt.job.web-2.{their_job}.finished",
-                    "$JS.API.STREAM.MSG.GET.FLEET_OUTPUT",
-                    s.master_control("job"),
-                    s.master_control_by("job-output", "mallory"),  # asking as someone else
-                )
-                own = await control(
-                    bus, s.master_control_by("job-output", "batch"), {"job_id": my_job}
-                )
-                assert own.data["status"] == "succeeded"
-                assert own.data["output_tail"] == "mine\n"
-                with pytest.raises(FleetError, match=f"no job {their_job} of batch"):
-                    await control(
-                        bus, s.master_control_by("job-output", "batch"), {"job_id": their_job}
-                    )
-            async with await connect(settings("mallory")) as bus:
-                with pytest.raises(FleetError, match=f"no job {my_job} of mallory"):
-                    await control(
-                        bus,
-                        bus.subjects.master_control_by("job-output", "mallory"),
-                        {"job_id": my_job},
-                    )
-
-            # --- the operator against the agents' consumers and the headless logins -------
-            async with await connect(settings("tester")) as bus:
-                await refused(
-                    bus,
-                    f"$JS.API.CONSUMER.DELETE.{EVENTS}.{s_jobs}",
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}",
-                    f"$JS.API.CONSUMER.CREATE.{EVENTS}.{s_jobs}.{WHOLE_LOG}",
-                    consumer_create_subject(EVENTS, s_jobs, s_filter),
-                    f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{s_jobs}",
-                    f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{s_jobs}",
-                    f"$JS.ACK.{EVENTS}.{s_jobs}.1.1.1.1.1",
-                    bus.subjects.master_control_by("auth-submit", "batch"),
-                )
-
-            # Every attack left the agent's consumer as it was, and the agent working.
-            info = await admin.js.consumer_info(EVENTS, s_jobs)
-            assert info.config.filter_subject == s_filter
-            again = await run(FLEET, "run", "-a", "web-1", "--", "echo", "still", env=operator)
-            assert again.returncode == 0, again.stderr
-            assert again.stdout == "still\n"
-            # Every operator command works within the operator's grants.
-            for command in (
-                ["agents", "--json"],
-                ["jobs", "--json"],
-                ["job", "show", their_job, "--json"],
-                ["job", "logs", their_job],
-                ["job", "wait", their_job],
-                ["audit", "--json"],
-                ["replay", "--json"],
-                ["update", "status", "--json"],
-            ):
-                done = await run(FLEET, *command, env=operator)
-                assert done.returncode == 0, (command, done.stderr)
-                assert "denied" not in done.stderr, (command, done.stderr)
-            for agent in agents:
-                assert "denied" not in agent.log(), agent.log()[-3000:]
-            assert "denied" not in master.log(), master.log()[-3000:]
-        finally:
-            master.stop()
-            for agent in agents:
-                agent.stop()
+        # Every attack left the agent's consumer as it was, and the agent working.
+        info = await admin.js.consumer_info(EVENTS, s_jobs)
+        assert info.config.filter_subject == s_filter
+        again = await run_cli(FLEET, "run", "-a", "web-1", "--", "echo", "still", env=operator)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == "still\n"
+        # Every operator command works within the operator's grants.
+        for command in (
+            ["agents", "--json"],
+            ["jobs", "--json"],
+            ["job", "show", their_job, "--json"],
+            ["job", "logs", their_job],
+            ["job", "wait", their_job],
+            ["audit", "--json"],
+            ["replay", "--json"],
+            ["update", "status", "--json"],
+        ):
+            done = await run_cli(FLEET, *command, env=operator)
+            assert done.returncode == 0, (command, done.stderr)
+            assert "denied" not in done.stderr, (command, done.stderr)
+        for agent in agents:
+            assert "denied" not in agent.log(), agent.log()[-3000:]
+        assert "denied" not in master.log(), master.log()[-3000:]

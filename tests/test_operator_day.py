@@ -328,3 +328,44 @@ async def test_script_arguments_and_a_refused_user_are_shown(
     assert other.returncode == 4, other.stderr
     assert "rejected" in other.stderr
     assert "nobody" in other.stderr
+
+
+async def test_tables_fit_the_terminal_and_pipes_get_every_byte(
+    nats_server: NatsServer, bus: Bus, agent_factory: Agents, operator: Operator
+) -> None:
+    """On a 50-column terminal no line of ``fleet jobs`` or ``fleet agents`` is wider;
+    into a pipe nothing is cut."""
+    await agent_factory("web-1", labels={"role": "web", "zone": "eu-west-1a"}).started(bus)
+    ran = await fleet(nats_server.url, operator[0], "run", "-a", "web-1", "--", "echo", "x" * 80)
+    assert ran.returncode == 0, ran.stderr
+
+    def on_a_terminal(*args: str) -> str:
+        import pty
+
+        leader, follower = pty.openpty()
+        env = {**fleet_env(nats_server.url, operator[0]), "COLUMNS": "50", "LINES": "40"}
+        proc = subprocess.Popen([FLEET, *args], stdout=follower, stderr=subprocess.DEVNULL, env=env)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert proc.wait(60) == 0
+        return b"".join(chunks).decode()
+
+    for command in ("jobs", "agents"):
+        shown = await asyncio.to_thread(on_a_terminal, command)
+        lines = [line for line in shown.replace("\r", "").splitlines() if line]
+        assert len(lines) >= 2
+        assert max(len(line) for line in lines) <= 50, lines
+        assert any(line.endswith("…") for line in lines), lines
+        piped = await fleet(nats_server.url, operator[0], command)
+        assert "…" not in piped.stdout
+    assert "x" * 80 in (await fleet(nats_server.url, operator[0], "jobs")).stdout
+    assert "zone=eu-west-1a" in (await fleet(nats_server.url, operator[0], "agents")).stdout

@@ -16,7 +16,7 @@ from natsserver import NatsServer
 
 from bus import Bus, Signer, generate_seed, sign_envelope
 from master.outcomes import Outcomes
-from schemas import JobFinished, make_envelope, new_id, stable_id
+from schemas import JobFinished, make_envelope, new_id
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,7 +89,7 @@ async def test_the_first_outcome_wins_and_a_retry_is_the_same_event(
     agent_signer = Signer(generate_seed())
     result = JobFinished(job_id=other, agent=agent, status="succeeded", exit_code=0)
     envelope = make_envelope(
-        result, source=agent, subject=subject, event_id=stable_id(other, "finished")
+        result, source=agent, subject=subject, event_id=agent_signer.stable_id(other, "finished")
     )
     await bus.publish_event(sign_envelope(envelope, agent_signer), expected_last_subject_seq=0)
     assert await first.record(agent, other, "abandoned", "gone") is False

@@ -103,13 +103,13 @@ async def test_first_outcome_wins_and_our_own_retry_is_a_duplicate(bus: Bus) -> 
         JobFinished(job_id=JOB, agent=AGENT, status="succeeded", exit_code=0),
         source=AGENT,
         subject=bus.subjects.job_event(AGENT, JOB, "finished"),
-        event_id=stable_id(JOB, "finished", AGENT),
+        event_id=Signer(generate_seed()).stable_id(JOB, "finished", AGENT),
     )
     abandoned = make_envelope(
         JobFinished(job_id=JOB, agent=AGENT, status="abandoned"),
         source="master",
         subject=agent_result.subject,
-        event_id=stable_id(JOB, "finished", "master"),
+        event_id=Signer(generate_seed()).stable_id(JOB, "finished", "master"),
     )
     first = await bus.publish_event(agent_result, expected_last_subject_seq=0)
     again = await bus.publish_event(agent_result, expected_last_subject_seq=0)
@@ -123,9 +123,15 @@ async def test_first_outcome_wins_and_our_own_retry_is_a_duplicate(bus: Bus) -> 
     assert [e.id for e in stored] == [agent_result.id]
 
 
-def test_stable_ids_repeat_for_the_same_event_and_differ_otherwise() -> None:
-    assert stable_id(JOB, "finished") == stable_id(JOB, "finished")
-    assert stable_id(JOB, "finished") != stable_id(JOB, "started")
-    assert id_time_ns(stable_id(JOB, "finished")) == id_time_ns(JOB)
+def test_stable_ids_repeat_for_the_same_event_and_key_and_differ_otherwise() -> None:
+    seed = generate_seed()
+    signer, again, other = Signer(seed), Signer(seed), Signer(generate_seed())
+    assert signer.stable_id(JOB, "finished") == again.stable_id(JOB, "finished")
+    assert signer.stable_id(JOB, "finished") != signer.stable_id(JOB, "started")
+    # Another key (a submitter who knows the job id) cannot work it out.
+    assert signer.stable_id(JOB, "finished") != other.stable_id(JOB, "finished")
+    assert id_time_ns(signer.stable_id(JOB, "finished")) == id_time_ns(JOB)
     with pytest.raises(ValueError, match="not a fleetbus id"):
-        stable_id("job-1", "finished")
+        signer.stable_id("job-1", "finished")
+    with pytest.raises(ValueError, match="secret"):
+        stable_id(JOB, "finished", secret=b"")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from agents import FLEET, AgentProcess, fleet_env, job_events
 from natsserver import NatsServer
+from pamuser import Throwaway
 
 from bus import Bus, Signer
 from bus.log import read_log
@@ -23,28 +23,6 @@ pytestmark = [
     pytest.mark.slow,
 ]
 Agents = Callable[..., AgentProcess]
-
-
-class Throwaway:
-    def __init__(self) -> None:
-        tag = secrets.token_hex(3)
-        self.name = f"fleett{tag}"
-        self.password = f"pw-{secrets.token_hex(8)}"
-        self.service = f"fleettest-{tag}"
-        self.pam_file = Path("/etc/pam.d") / self.service
-
-
-@pytest.fixture
-def user() -> Iterator[Throwaway]:
-    u = Throwaway()
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", u.name], check=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{u.name}:{u.password}\n", text=True, check=True)
-        u.pam_file.write_text("auth required pam_unix.so\naccount required pam_unix.so\n")
-        yield u
-    finally:
-        u.pam_file.unlink(missing_ok=True)
-        subprocess.run(["userdel", "-r", u.name], capture_output=True, check=False)
 
 
 async def fleet(
@@ -89,10 +67,11 @@ async def test_pam_decides_and_privileges_are_dropped(
     bus: Bus,
     agent_factory: Agents,
     operator: tuple[Path, Signer],
-    user: Throwaway,
+    pam_user: Throwaway,
     tmp_path: Path,
 ) -> None:
-    agent = await agent_factory("web-1", run_as_mode="root", pam_service=user.service).started(bus)
+    agent = agent_factory("web-1", run_as_mode="root", pam_service=pam_user.service)
+    await agent.started(bus)
     url, key = nats_server.url, operator[0]
     probe = ["sh", "-c", "id -un; id -u; id -G; pwd; umask; echo $HOME $USER"]
 
@@ -103,41 +82,43 @@ async def test_pam_decides_and_privileges_are_dropped(
         "-a",
         "web-1",
         "--user",
-        user.name,
+        pam_user.name,
         "--password-stdin",
         "--",
         *probe,
-        stdin=user.password + "\n",
+        stdin=pam_user.password + "\n",
     )
     assert ok.returncode == 0, ok.stderr
     name, uid, groups, cwd, umask, env = ok.stdout.decode().splitlines()
-    assert name == user.name
+    assert name == pam_user.name
     assert uid != "0"
     assert "0" not in groups.split()  # no group of root's left: groups were set first
-    assert cwd == f"/home/{user.name}"
+    assert cwd == f"/home/{pam_user.name}"
     assert umask == "0022"
-    assert env == f"/home/{user.name} {user.name}"
+    assert env == f"/home/{pam_user.name} {pam_user.name}"
 
     marker = tmp_path / "ran"
     # Writable by the run-as user: otherwise "nothing ran" would prove nothing.
     os.chmod(tmp_path, 0o777)  # noqa: S103
     touch = ["touch", str(marker)]
-    for password, why in ((user.password + "x", "wrong"), ("", "empty")):
-        bad = await run_as(url, key, user.name, password, *touch)
+    for password, why in ((pam_user.password + "x", "wrong"), ("", "empty")):
+        bad = await run_as(url, key, pam_user.name, password, *touch)
         assert bad.returncode == 4, why
         assert b'"status": "rejected"' in bad.stdout, why
     assert not marker.exists()
     stranger = await run_as(url, key, "nosuchuser", "pw", "true")
     assert b'"note": "authentication failed"' in stranger.stdout  # same words as a wrong password
 
-    await asyncio.to_thread(subprocess.run, ["usermod", "--expiredate", "1", user.name], check=True)
-    expired = await run_as(url, key, user.name, user.password, "true")
+    await asyncio.to_thread(
+        subprocess.run, ["usermod", "--expiredate", "1", pam_user.name], check=True
+    )
+    expired = await run_as(url, key, pam_user.name, pam_user.password, "true")
     assert b'"status": "rejected"' in expired.stdout  # the account phase said no
 
     # The password is nowhere: not in the log, not in the agent's log.
     records = await read_log(bus, bus.subjects.events_stream, bus.subjects.all_events)
-    assert all(user.password.encode() not in r.data for r in records)
-    assert user.password not in agent.log()
+    assert all(pam_user.password.encode() not in r.data for r in records)
+    assert pam_user.password not in agent.log()
 
 
 async def test_missing_pam_service_is_an_error_not_a_fallback(
@@ -145,25 +126,11 @@ async def test_missing_pam_service_is_an_error_not_a_fallback(
     bus: Bus,
     agent_factory: Agents,
     operator: tuple[Path, Signer],
-    user: Throwaway,
+    pam_user: Throwaway,
 ) -> None:
-    await agent_factory("web-1", run_as_mode="root", pam_service="fleet-no-such-service").started(
-        bus
-    )
-    result = await fleet(
-        nats_server.url,
-        operator[0],
-        "run",
-        "-a",
-        "web-1",
-        "--user",
-        user.name,
-        "--password-stdin",
-        "--json",
-        "--",
-        "true",
-        stdin=user.password + "\n",
-    )
+    agent = agent_factory("web-1", run_as_mode="root", pam_service="fleet-no-such-service")
+    await agent.started(bus)
+    result = await run_as(nats_server.url, operator[0], pam_user.name, pam_user.password, "true")
     assert result.returncode == 4
     assert b"PAM service fleet-no-such-service is not installed" in result.stdout
 
@@ -173,21 +140,31 @@ async def test_an_nkey_grant_runs_as_the_user_without_a_password(
     bus: Bus,
     agent_factory: Agents,
     operator: tuple[Path, Signer],
-    user: Throwaway,
+    pam_user: Throwaway,
     tmp_path: Path,
 ) -> None:
     trust = tmp_path / "trust.toml"
     trust.write_text(
-        f'[[grant]]\nkey = "{operator[1].public_key}"\ncommands = true\nusers = ["{user.name}"]\n'
+        f'[[grant]]\nkey = "{operator[1].public_key}"\ncommands = true\n'
+        f'users = ["{pam_user.name}"]\n'
     )
     await agent_factory(
-        "web-1", run_as_mode="root", pam_service=user.service, trust_file=str(trust)
+        "web-1", run_as_mode="root", pam_service=pam_user.service, trust_file=str(trust)
     ).started(bus)
     result = await fleet(
-        nats_server.url, operator[0], "run", "-a", "web-1", "--user", user.name, "--", "id", "-un"
+        nats_server.url,
+        operator[0],
+        "run",
+        "-a",
+        "web-1",
+        "--user",
+        pam_user.name,
+        "--",
+        "id",
+        "-un",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().strip() == user.name
+    assert result.stdout.decode().strip() == pam_user.name
     refused = await fleet(
         nats_server.url,
         operator[0],
@@ -204,5 +181,5 @@ async def test_an_nkey_grant_runs_as_the_user_without_a_password(
     assert b"may not run jobs as root" in refused.stdout
     started = [e for e in await job_events(bus, "*") if e.type == "job.started"]
     assert started
-    assert started[-1].data["run_as"] == user.name
-    assert started[-1].data["effective_user"] == user.name
+    assert started[-1].data["run_as"] == pam_user.name
+    assert started[-1].data["effective_user"] == pam_user.name

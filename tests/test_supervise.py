@@ -15,7 +15,7 @@ from agents import pid_alive
 from agentd.output import JobOutput
 from agentd.process import base_environment, spawn
 from agentd.supervise import Outcome, StopRequest, supervise
-from bus import Bus
+from bus import Bus, Signer, generate_seed
 from bus.log import read_log
 from schemas import new_id
 
@@ -68,6 +68,7 @@ class Job:
             stream=bus.subjects.output_stream,
             max_bytes=1024 * 1024,
             tail_bytes=4096,
+            signer=Signer(generate_seed()),
         )
 
     async def line(self) -> str:

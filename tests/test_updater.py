@@ -309,3 +309,23 @@ async def test_a_dead_agents_download_token_expires_by_itself(bus: Any) -> None:
     assert await alive.acquire(wait_s=15)
     assert not await dead.renew()
     await alive.release()
+
+
+def test_a_purge_of_everything_keeps_what_the_agent_stands_on(tmp_path: Path) -> None:
+    """A signed bundle saying ``purge = ["*"]`` (a release key's mistake, or its
+    abuse) must not take the identity, the journal or the used seals: without them the
+    agent would run jobs twice and accept sealed passwords again."""
+    from agentd.agent import updater_options
+    from agentd.config import AgentConfig
+
+    data = tmp_path / "data"
+    config = AgentConfig(id="a1", data_dir=data)
+    keep = updater_options(config, "1.0.0", None).keep
+    for path in (config.key_path, config.journal_path, config.seals_path, data / "old.cache"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    removed = purge(data, ["*"], keep=keep)
+    assert removed == ["old.cache"]
+    assert config.key_path.exists()
+    assert config.journal_path.exists()
+    assert config.seals_path.exists()

@@ -69,6 +69,8 @@ class UpdaterOptions:
     root: Path | None
     rate_bytes_s: int = 0
     token_ttl_s: float = _TOKEN_TTL_S
+    keep: Collection[Path] = ()
+    """Files no bundle's ``purge`` may remove: what the agent's promises rest on."""
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ class Updater:
             )
             manifest = self.root.manifest_of(self.root.current_dir()) or {}
             globs = [g for g in manifest.get("purge", []) if isinstance(g, str)]
-            removed = purge(self.options.data_dir, globs)
+            removed = purge(self.options.data_dir, globs, keep=self.options.keep)
             if removed:
                 logger.info("purged what %s no longer wants: %s", pending.version, removed)
             self.root.prune()

@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -274,13 +275,22 @@ def _unpack_wheel(name: str, data: bytes, site: Path) -> None:
         raise BundleError(f"{name} is not a wheel: {exc}", "install") from None
 
 
-def purge(data_dir: Path, globs: list[str]) -> list[str]:
-    """Remove what a new version's manifest says it no longer wants under ``data_dir``."""
+def purge(data_dir: Path, globs: list[str], keep: Collection[Path] = ()) -> list[str]:
+    """Remove what a new version's manifest says it no longer wants under ``data_dir``.
+
+    Never what is in ``keep`` nor a directory holding it: a ``purge = ["*"]`` in a signed
+    bundle must not take the agent's identity, journal or used seals with it (the
+    journal and the seals are what keep a job from running twice).
+    """
     removed: list[str] = []
     if not globs or not data_dir.is_dir():
         return removed
+    kept = {Path(os.path.abspath(k)) for k in keep}
     for path in sorted(data_dir.rglob("*")):
         rel = path.relative_to(data_dir).as_posix()
+        absolute = Path(os.path.abspath(path))
+        if absolute in kept or any(absolute in k.parents for k in kept):
+            continue
         if any(fnmatch.fnmatchcase(rel, g) for g in globs) and path.exists():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
