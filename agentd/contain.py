@@ -86,12 +86,17 @@ class JobScope:
                 logger.debug("no cgroup for job %s: %s", job_id, exc)
 
     def adopt(self, pid: int) -> None:
-        """Take the job's leader in (into the cgroup, if it is not there yet)."""
+        """Take the job's leader in.
+
+        Not moved into the cgroup: a scope that still has one got it by the agent standing
+        in it at the fork (:func:`spawning`), so the leader was born there. Moving it again
+        cost a cgroup write per job on the event loop and, for a leader that had already
+        exited (``true``), failed and dropped the cgroup, leaving the job's end to a scan
+        of every process's environment.
+        """
         self.leader = pid
         _scopes[pid] = self
         _leaders.add(pid)
-        if self.cgroup is not None and not move(pid, self.cgroup):
-            self._remove_cgroup()
 
     async def end(self) -> int:
         """Kill every process of the job that is left, reap them, remove the cgroup.
@@ -264,7 +269,10 @@ def _reap_orphans_now_and_then(now: float) -> None:
     is done now and then, not per job. Job leaders are left to asyncio's watcher.
     """
     global _last_orphan_scan
-    if now - _last_orphan_scan < _ORPHAN_SCAN_S:
+    if now - _last_orphan_scan < _ORPHAN_SCAN_S or _spawn_lock.locked():
+        # Not while a leader is being born: it is not among the leaders until adopted,
+        # and if it has already exited, reaping it here would steal its exit status
+        # from asyncio's watcher (which then reports 255, a "failed" job).
         return
     _last_orphan_scan = now
     me = str(os.getpid())

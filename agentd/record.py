@@ -171,6 +171,9 @@ class Recorder:
             counters.finished[status] = counters.finished.get(status, 0) + 1
             if status == "rejected":
                 logger.warning("! job %s rejected: %s", job_id, fields.get("reason"))
+        # Not awaited durable: lost with the machine, it leaves the job unfinished in
+        # the journal and the restart publishes the same outcome again, which the log
+        # takes as the duplicate it is (or, past the duplicate window, as a late result).
         ctx.journal.record(job_id, "finished", status=status)
         return True
 

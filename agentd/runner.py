@@ -4,10 +4,11 @@ Before it starts, the log is asked whether the job already has an outcome or a c
 (:mod:`agentd.beforestart`); if it cannot be asked, the job is left queued and offered
 again after a backoff.
 
-A job is journaled ``starting`` before it is spawned and ``running`` (with its pid) before
-its message is acknowledged: from then on the journal owns it, so a crash can neither
-lose it nor run it twice. Its ``started`` is published beside the running process,
-retried through outages; a process is never left unwatched because the bus is away.
+A job is journaled ``starting`` (durably: the agent's one fsync per job) before it is
+spawned and ``running`` (with its pid) before its message is acknowledged: from then on
+the journal owns it, so a crash can neither lose it nor run it twice. Its ``started`` is
+published beside the running process, retried through outages; a process is never left
+unwatched because the bus is away.
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ class JobRunner:
         ctx = self._ctx
         request = job.request
         ctx.journal.record(job.job_id, "starting")
+        # The one fsync awaited per job: lost with the machine after the spawn, this entry
+        # would let the unacknowledged job run a second time.
+        await ctx.journal.durable()
         if identity is None:
             env, as_user = base_environment(request.env, job.job_id), None
         else:
@@ -165,6 +169,9 @@ class JobRunner:
             )
             await running.delivery.ack()
             return
+        # Not awaited durable: "starting" already makes the journal own the job, and a
+        # power loss that took this pid took the process with it (leftovers are still
+        # found by their job tag, see agentd.contain).
         ctx.journal.record(job.job_id, "running", pid=proc.pid, start_ticks=start_ticks(proc.pid))
         await running.delivery.ack()  # the journal owns the job from here on
         ctx.counters.started += 1
@@ -209,7 +216,9 @@ class JobRunner:
         if summary.lost_chunks:
             reason = f"{reason or outcome.status}; {summary.lost_chunks} output chunks lost"
         # The local truth first: if the log cannot take the outcome before the agent
-        # stops, the next start records this, not "abandoned".
+        # stops, the next start records this, not "abandoned". Not awaited durable: it
+        # survives the agent's death, and the stop fsyncs it; only a power loss before
+        # the next group commit turns it into "abandoned", an honest report then.
         self._ctx.journal.record(
             job.job_id, "ended", status=outcome.status, exit_code=outcome.exit_code, reason=reason
         )

@@ -84,18 +84,19 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_SIZE, *, check_depth: bool =
 
 def _check_depth(value: Any) -> None:
     # Iterative on purpose: a recursive walk is exactly what deep input would break.
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
+    # Level by level and containers only: an event is mostly scalars, and this runs on
+    # every event a replay folds.
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
         if depth >= MAX_DEPTH:
             raise BadMessageError(f"nested deeper than {MAX_DEPTH} levels")
-        stack.extend((child, depth + 1) for child in children)
+        deeper: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            deeper.extend([child for child in children if isinstance(child, dict | list)])
+        level = deeper
+        depth += 1
 
 
 def _canonical(value: Any) -> Any:

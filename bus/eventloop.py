@@ -3,15 +3,20 @@
 The bus runs well on uvloop; spawning subprocesses does not (libuv forks where CPython
 uses vfork: about 3 ms against under 1 ms per spawn on this machine class), so the agent
 may choose the stock loop. Either way the choice is made here, once, by the entry point.
+
+On the stock loop, children are watched through pidfds (Linux 5.3 and later): Python 3.11's
+default watcher parks a thread on every child. From 3.12 pidfds are the default.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["loop_factory", "run"]
+__all__ = ["loop_factory", "run", "watch_children_by_pidfd"]
 
 T = TypeVar("T")
 
@@ -28,7 +33,25 @@ def loop_factory(use_uvloop: bool = True) -> Callable[[], asyncio.AbstractEventL
     return factory
 
 
+def watch_children_by_pidfd(loop: asyncio.AbstractEventLoop) -> bool:
+    """Have the stock loop ``loop`` watch its children through pidfds, without a thread
+    per child; False where that is not needed (3.12+) or not possible (old kernels)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # a kernel older than 5.3, or a sandbox refusing the call
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    return True
+
+
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run ``main`` to completion in a new event loop and return its result."""
-    with asyncio.Runner(loop_factory=loop_factory(use_uvloop)) as runner:
+    factory = loop_factory(use_uvloop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if factory is None:
+            watch_children_by_pidfd(runner.get_loop())
         return runner.run(main)

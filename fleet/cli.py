@@ -1,8 +1,14 @@
-"""``fleet``: the operator's command line. Parses, then calls a handler; nothing more."""
+"""``fleet``: the operator's command line. Parses, then calls a handler; nothing more.
+
+Only the module of the command asked for is imported (``fleet run`` needs neither the
+audit's verifier nor the operator's provisioning): a command's start-up is most of a short
+command's time.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -10,12 +16,41 @@ from collections.abc import Sequence
 
 from bus.command import add_version_flag, configure_logging, log_level_name, run_command
 from bus.errors import FleetError, exit_code_for
-from fleet import agent, audit, demo, jobs, keys, ops, run, shell, update
 
 PROG = "fleet"
 
+_MODULES = {
+    "run": "fleet.run",
+    "job": "fleet.jobs",
+    "jobs": "fleet.jobs",
+    "agents": "fleet.jobs",
+    "agent": "fleet.agent",
+    "replay": "fleet.audit",
+    "audit": "fleet.audit",
+    "keys": "fleet.keys",
+    "ops": "fleet.ops",
+    "demo": "fleet.demo",
+    "update": "fleet.update",
+    "completion": "fleet.shell",
+}
+"""Each command, and the module whose ``add_parser`` or ``add_parsers`` adds it."""
 
-def build_parser() -> argparse.ArgumentParser:
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names, if it names one before anything else positional."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-l", "--log-level"):
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in _MODULES else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone (imported alone)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -35,15 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="diagnostics on stderr: TRACE, DEBUG, INFO, WARN, ERROR (default WARNING)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run.add_parser(sub)
-    jobs.add_parsers(sub)
-    agent.add_parser(sub)
-    audit.add_parsers(sub)
-    keys.add_parser(sub)
-    ops.add_parser(sub)
-    demo.add_parser(sub)
-    update.add_parser(sub)
-    shell.add_parser(sub)
+    names = [_MODULES[command]] if command in _MODULES else list(dict.fromkeys(_MODULES.values()))
+    for name in names:
+        module = importlib.import_module(name)
+        add = getattr(module, "add_parsers", None) or module.add_parser
+        add(sub)
     return parser
 
 
@@ -66,7 +97,7 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_in(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     if getattr(args, "is_async", False):

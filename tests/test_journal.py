@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -123,4 +124,73 @@ def test_entries_from_a_newer_agent_with_more_fields_still_load(tmp_path: Path) 
     )
     j = Journal(path)
     assert j.jobs["job-a"].pid == 5
+    j.close()
+
+
+def test_memory_and_file_stay_flat_over_thousands_of_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = 100
+    monkeypatch.setattr(journal_module, "KEEP_FINISHED", keep)
+    path = tmp_path / "journal.jsonl"
+    j = Journal(path)
+    j.record("long-runner", "running", pid=1)
+    most_held = most_lines = 0
+    for n in range(3000):
+        job = f"job-{n}"
+        j.record(job, "starting")
+        j.record(job, "running", pid=n + 2, start_ticks=n)
+        j.record(job, "ended", status="succeeded", exit_code=0)
+        j.record(job, "finished", status="succeeded")
+        unfinished, finished = j.held()
+        most_held = max(most_held, unfinished + finished)
+        most_lines = max(most_lines, len(path.read_bytes().splitlines()))
+    # 12,001 entries went in; what is held never passed the window plus what is running.
+    assert most_held <= keep + 2
+    assert most_lines <= journal_module._COMPACT_FACTOR * (keep + 2) + 64 + 1
+    # What exactly-once needs is still there: the unfinished job and the newest finished.
+    assert j.knows("long-runner")
+    assert j.knows("job-2999")
+    assert j.knows(f"job-{2999 - keep + 1}")
+    assert not j.knows(f"job-{2999 - keep}")
+    j.close()
+    again = Journal(path)
+    assert [e.job_id for e in again.unfinished()] == ["long-runner"]
+    assert again.held() == (1, keep)
+    again.close()
+
+
+async def test_durable_returns_once_a_shared_fsync_covered_every_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    j = Journal(path)
+    synced: list[int] = []
+    real_fsync = journal_module.os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_module.os, "fsync", counting_fsync)
+    for n in range(20):
+        j.record(f"job-{n}", "starting")
+    await asyncio.gather(*(j.durable() for _ in range(20)))
+    # One fsync covered all twenty entries; nothing is left to sync.
+    assert len(synced) == 1
+    await j.durable()
+    assert len(synced) == 1
+    j.record("job-late", "starting")
+    await j.durable()
+    assert len(synced) == 2
+    j.close()
+    assert "job-late" in entries(path)
+
+
+def test_an_entry_not_yet_synced_survives_the_agent_being_killed(tmp_path: Path) -> None:
+    # Written straight to the kernel: a reader (the next agent) sees it without a close.
+    path = tmp_path / "journal.jsonl"
+    j = Journal(path)
+    j.record("job-a", "running", pid=9)
+    assert entries(path)["job-a"].pid == 9
     j.close()
