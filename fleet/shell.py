@@ -155,7 +155,10 @@ def _fish_quote(text: str) -> str:
 def _roff(text: str) -> str:
     """Plain text as roff: backslashes and hyphens escaped, no line read as a request."""
     out = []
-    for line in text.replace("\\", "\\e").replace("-", "\\-").splitlines():
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    # groff reads ASCII: anything else by its code point (… is \[u2026]).
+    text = "".join(c if ord(c) < 128 else f"\\[u{ord(c):04X}]" for c in text)
+    for line in text.splitlines():
         out.append("\\&" + line if line.startswith((".", "'")) else line)
     return "\n".join(out)
 
