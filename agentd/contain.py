@@ -27,6 +27,7 @@ import ctypes
 import logging
 import os
 import signal
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -43,7 +44,23 @@ _SETTLE_S = 5.0  # how long killed processes get to disappear before we give up 
 
 _scopes: dict[int, JobScope] = {}
 _subreaper = False
-_spawn_lock = asyncio.Lock()
+_spawn_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+"""One per event loop: an asyncio.Lock belongs to the loop that first waits on it, and a
+process may run more than one loop over its life (tests, a restart in place)."""
+
+
+def _spawn_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _spawn_locks.get(loop)
+    if lock is None:
+        lock = _spawn_locks[loop] = asyncio.Lock()
+    return lock
+
+
+def _spawning_now() -> bool:
+    return any(lock.locked() for lock in list(_spawn_locks.values()))
 _leaders: set[int] = set()  # job leaders whose exit status asyncio has yet to collect
 _ORPHAN_SCAN_S = 30.0
 _last_orphan_scan = -_ORPHAN_SCAN_S
@@ -139,7 +156,7 @@ async def spawning(job_id: str | None) -> AsyncIterator[JobScope | None]:
     if job_id is None:
         yield None
         return
-    async with _spawn_lock:
+    async with _spawn_lock():
         home = own_cgroup_dir()
         scope = JobScope(job_id, home)
         entered = scope.cgroup is not None and move(os.getpid(), scope.cgroup)
@@ -269,7 +286,7 @@ def _reap_orphans_now_and_then(now: float) -> None:
     is done now and then, not per job. Job leaders are left to asyncio's watcher.
     """
     global _last_orphan_scan
-    if now - _last_orphan_scan < _ORPHAN_SCAN_S or _spawn_lock.locked():
+    if now - _last_orphan_scan < _ORPHAN_SCAN_S or _spawning_now():
         # Not while a leader is being born: it is not among the leaders until adopted,
         # and if it has already exited, reaping it here would steal its exit status
         # from asyncio's watcher (which then reports 255, a "failed" job).

@@ -38,7 +38,7 @@ def test_the_orphan_scan_leaves_a_leader_being_spawned_to_asyncio() -> None:
     later = contain._last_orphan_scan + 10 * contain._ORPHAN_SCAN_S
 
     async def scan_while_spawning() -> None:
-        async with contain._spawn_lock:
+        async with contain._spawn_lock():
             contain._reap_orphans_now_and_then(later)
 
     asyncio.run(scan_while_spawning())
