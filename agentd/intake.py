@@ -315,6 +315,13 @@ class JobIntake:
         _, job_id, event = parsed
         if event == "cancel_requested":
             await self._dispatch.cancel(self._offer(record))
-        elif event == "submitted" and not self._ctx.journal.knows(job_id):
-            return self._enqueue(self._offer(record))
+        elif event == "submitted":
+            if not self._ctx.journal.knows(job_id):
+                return self._enqueue(self._offer(record))
+            # A second submission of a job already taken here (a replay, or a resend):
+            # counted and said, as when it arrives live.
+            self._ctx.counters.duplicates_skipped += 1
+            logger.warning(
+                "! job %s was already taken here (a replay?); not running it again", job_id
+            )
         return True
