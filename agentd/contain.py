@@ -61,6 +61,8 @@ def _spawn_lock() -> asyncio.Lock:
 
 def _spawning_now() -> bool:
     return any(lock.locked() for lock in list(_spawn_locks.values()))
+
+
 _leaders: set[int] = set()  # job leaders whose exit status asyncio has yet to collect
 _ORPHAN_SCAN_S = 30.0
 _last_orphan_scan = -_ORPHAN_SCAN_S

@@ -312,16 +312,11 @@ class JobIntake:
         parsed = self._ctx.bus.subjects.parse_job_event(record.subject)
         if parsed is None or parsed[0] != self._ctx.id or self._known(record.seq):
             return True
-        _, job_id, event = parsed
+        _, _, event = parsed
         if event == "cancel_requested":
             await self._dispatch.cancel(self._offer(record))
         elif event == "submitted":
-            if not self._ctx.journal.knows(job_id):
-                return self._enqueue(self._offer(record))
-            # A second submission of a job already taken here (a replay, or a resend):
-            # counted and said, as when it arrives live.
-            self._ctx.counters.duplicates_skipped += 1
-            logger.warning(
-                "! job %s was already taken here (a replay?); not running it again", job_id
-            )
+            # Even one the journal knows: the dispatcher settles a second submission of a
+            # taken job as a duplicate (counted and said once, as when heard live).
+            return self._enqueue(self._offer(record))
         return True

@@ -51,7 +51,15 @@ def watch_children_by_pidfd(loop: asyncio.AbstractEventLoop) -> bool:
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run ``main`` to completion in a new event loop and return its result."""
     factory = loop_factory(use_uvloop)
+    policy = asyncio.get_event_loop_policy()
+    before = getattr(policy, "_watcher", None)  # 3.11's policy keeps it here
     with asyncio.Runner(loop_factory=factory) as runner:
-        if factory is None:
-            watch_children_by_pidfd(runner.get_loop())
-        return runner.run(main)
+        watching = factory is None and watch_children_by_pidfd(runner.get_loop())
+        try:
+            return runner.run(main)
+        finally:
+            if watching:
+                # The watcher belongs to this loop: a later loop in the same process must
+                # not wait for children through a closed one.
+                policy.get_child_watcher().close()
+                policy._watcher = before  # type: ignore[attr-defined]
