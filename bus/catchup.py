@@ -29,6 +29,7 @@ from bus.subjects import (
     consumer_delete_subject,
     consumer_next_subject,
 )
+from bus.tasks import cancel_kept
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class CatchUp:
 
     async def _api(self, subject: str, payload: bytes) -> dict[str, Any]:
         try:
-            msg = await self.bus.nc.request(subject, payload, timeout=_API_TIMEOUT_S)
+            with cancel_kept():
+                msg = await self.bus.nc.request(subject, payload, timeout=_API_TIMEOUT_S)
         except nats.errors.TimeoutError:
             denial = self.bus.denial(subject)
             if denial is not None:

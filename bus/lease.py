@@ -17,6 +17,7 @@ import nats.js.errors
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError
 from bus.subjects import Subjects
+from bus.tasks import cancel_kept
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class Lease:
     async def _write(self, payload: bytes, expected: int, headers: dict[str, str]) -> int | None:
         hdrs = {"Nats-Expected-Last-Subject-Sequence": str(expected), **headers}
         try:
-            ack = await self.bus.js.publish(self.subject, payload, headers=hdrs)
+            with cancel_kept():
+                ack = await self.bus.js.publish(self.subject, payload, headers=hdrs)
         except nats.js.errors.APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 return None  # someone else wrote first
@@ -151,6 +153,7 @@ async def put_expiring(bus: Bus, bucket: str, key: str, value: bytes, ttl_s: flo
     """
     headers = {"Nats-TTL": str(max(1, int(ttl_s)))}
     try:
-        await bus.js.publish(Subjects.kv_key(bucket, key), value, headers=headers)
+        with cancel_kept():
+            await bus.js.publish(Subjects.kv_key(bucket, key), value, headers=headers)
     except (nats.errors.Error, OSError) as exc:
         raise ConnectionFailedError(f"{bucket} {key}: {exc}") from exc

@@ -36,6 +36,7 @@ from bus.errors import (
     SubjectTakenError,
 )
 from bus.retry import Backoff
+from bus.tasks import cancel_kept
 from schemas import Envelope
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,10 @@ async def publish_with_retry(
     while True:
         attempt += 1
         try:
-            ack = await js.publish(subject, payload, timeout=timeout, stream=stream, headers=hdrs)
+            with cancel_kept():
+                ack = await js.publish(
+                    subject, payload, timeout=timeout, stream=stream, headers=hdrs
+                )
         except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
             refusal = denied(subject) if denied is not None else None
             if refusal is not None:

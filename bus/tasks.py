@@ -10,13 +10,30 @@ never swallowed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def cancel_kept() -> Iterator[None]:
+    """Around a call into nats-py: a cancellation that arrived during it is raised.
+
+    On Python 3.11, ``asyncio.wait_for`` returns the result and drops the cancellation
+    when the awaited reply lands in the same loop pass as the cancel; nats-py waits for
+    every request and acknowledgement that way. A task cancelled there would go on as if
+    nothing happened (seen: a job's output publisher that then waited forever).
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    yield
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
 
 
 async def first_of(

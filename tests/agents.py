@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.js import api
 
 from bus import Bus, Signer, decode_envelope, decode_event, decode_model, sign_envelope
@@ -216,15 +217,24 @@ async def first_event(bus: Bus, subject: str, timeout: float = 30.0) -> Event[An
 
 async def nth_event(bus: Bus, subject: str, n: int, timeout: float = 30.0) -> Event[Any]:
     """The log's ``n``-th event on ``subject`` (waiting for it if need be)."""
-    sub = await bus.js.subscribe(
-        subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
-    )
-    try:
-        async with asyncio.timeout(timeout):
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                sub = await bus.js.subscribe(
+                    subject,
+                    stream=bus.subjects.events_stream,
+                    ordered_consumer=True,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                )
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                # Just after a server restart: JetStream answers once it has recovered.
+                await asyncio.sleep(0.2)
+        try:
             for _ in range(n):
                 msg = await sub.next_msg(timeout=timeout)
-    finally:
-        await sub.unsubscribe()
+        finally:
+            await sub.unsubscribe()
     event = decode_event(msg.data)
     assert isinstance(event, Event)
     return event

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from bus.retry import Backoff, retry
-from bus.tasks import TaskOwner, first_of, wait_any
+from bus.tasks import TaskOwner, cancel_kept, first_of, wait_any
 
 
 async def test_first_of_returns_the_winner_and_cancels_and_awaits_the_rest() -> None:
@@ -118,3 +118,31 @@ async def test_retry_retries_only_what_it_is_told_and_gives_up() -> None:
 
     with pytest.raises(ValueError, match="not retried"):
         await retry(wrong, retry_on=(ConnectionError,), backoff=fast)
+
+
+async def test_a_cancel_that_wait_for_drops_is_raised_after_the_call() -> None:
+    # nats-py waits for every reply with asyncio.wait_for; on 3.11 a reply landing in the
+    # same loop pass as a cancel makes wait_for return it and drop the cancel.
+    reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    returned = []
+
+    async def request() -> None:
+        with cancel_kept():
+            returned.append(await asyncio.wait_for(reply, 5))
+        returned.append("went on as if not cancelled")
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)  # until it waits for the reply
+    reply.set_result(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert "went on as if not cancelled" not in returned
+
+
+async def test_cancel_kept_leaves_a_call_that_was_not_cancelled_alone() -> None:
+    async def request() -> int:
+        with cancel_kept():
+            return await asyncio.wait_for(asyncio.sleep(0, 7), 5)
+
+    assert await request() == 7
