@@ -85,9 +85,12 @@ class Principals:
     """Every signer must be registered: no trust on first use."""
     prefix: str = "fleet"
     learned: dict[str, str] = field(default_factory=dict)
+    previous: dict[str, Speaker] = field(default_factory=dict)
+    """Keys principals held before a rotation (``previous_keys`` in the config): the
+    events signed with them still verify as theirs."""
 
     def __post_init__(self) -> None:
-        self._owners: dict[str, Speaker] = {}
+        self._owners: dict[str, Speaker] = dict(self.previous)
         for agent, key in self.learned.items():
             self._owners[key] = Speaker("agent", agent)
         for role, table in (

@@ -29,7 +29,7 @@ from bus.connection import default_server
 from bus.httpd import Listen
 from bus.paths import anchored, config_file, data_dir, read_toml
 from bus.subjects import DEFAULT_PREFIX
-from ledger.policy import Principals
+from ledger.policy import Principals, Role, Speaker
 from schemas import ids
 from schemas.fields import Labels, PublicKey
 from schemas.registry import summarize_validation_error
@@ -62,6 +62,10 @@ class Principal(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     public_key: PublicKey
     labels: Labels = Field(default_factory=dict)
+    previous_keys: tuple[PublicKey, ...] = Field(
+        default=(),
+        description="keys held before a rotation: events signed with them still verify",
+    )
 
 
 class MasterConfig(BaseModel):
@@ -91,6 +95,11 @@ class MasterConfig(BaseModel):
         default_factory=default_data_dir, description="key, pid file, log, witness file"
     )
     nkey_file: Path | None = Field(default=None, description="the master's nkey seed (0400)")
+    previous_keys: tuple[PublicKey, ...] = Field(
+        default=(),
+        description="the master's public keys before a key rotation: the events it signed "
+        "with them still verify (keep each for as long as its events must)",
+    )
     tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server")
     tls_cert: Path | None = Field(default=None, description="client certificate for TLS")
     tls_key: Path | None = Field(default=None, description="client key for TLS")
@@ -233,13 +242,28 @@ class MasterConfig(BaseModel):
         """
         return Principals(
             master_id=self.id,
-            master_keys=frozenset({master_key} if master_key else ()),
+            # After a rotation the master's earlier events carry its earlier keys.
+            master_keys=frozenset({master_key} if master_key else ()) | set(self.previous_keys),
             agents={a: p.public_key for a, p in self.agents.items()},
             operators={n: p.public_key for n, p in self.operators.items()},
             headless={n: p.public_key for n, p in self.headless.items()},
             strict=strict,
             prefix=self.prefix,
+            previous=self._previous_keys(),
         )
+
+    def _previous_keys(self) -> dict[str, Speaker]:
+        tables: tuple[tuple[Role, dict[str, Principal]], ...] = (
+            ("agent", self.agents),
+            ("operator", self.operators),
+            ("headless", self.headless),
+        )
+        return {
+            key: Speaker(role, name)
+            for role, table in tables
+            for name, principal in table.items()
+            for key in principal.previous_keys
+        }
 
     def config_hash(self) -> str:
         """sha256 of the configuration's canonical JSON (defaults included)."""
