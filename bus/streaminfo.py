@@ -31,6 +31,15 @@ class StreamUsage:
     """Full means new messages are refused (rather than the oldest removed)."""
     oldest_age_s: float | None = None
     """Age of the oldest message (None if empty, or not asked for)."""
+    replicas: int = 1
+    current_replicas: int | None = None
+    """The leader and the replicas it sees current and online (None: not clustered).
+    Fewer than a majority of ``replicas`` and the stream cannot store: its quorum is
+    lost, even while its leader still answers (it steps down only some seconds later)."""
+
+    @property
+    def quorum_lost(self) -> bool:
+        return self.current_replicas is not None and self.current_replicas <= self.replicas // 2
 
 
 async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> StreamUsage:
@@ -74,4 +83,13 @@ async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> Stre
         max_consumers=limit(config.max_consumers),
         discard_new=config.discard == api.DiscardPolicy.NEW,
         oldest_age_s=oldest,
+        replicas=int(config.num_replicas or 1),
+        current_replicas=_current_replicas(info.cluster),
     )
+
+
+def _current_replicas(cluster: api.ClusterInfo | None) -> int | None:
+    if cluster is None or cluster.leader is None:
+        return None if cluster is None else 0
+    peers = cluster.replicas or []
+    return 1 + sum(1 for p in peers if p.current and not p.offline)

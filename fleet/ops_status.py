@@ -64,6 +64,9 @@ class StreamStatus:
                 g.what: {"used": g.used, "limit": g.limit or None, "fraction": g.fraction}
                 for g in self.gauges
             },
+            "replicas": u.replicas,
+            "current_replicas": u.current_replicas,
+            "quorum": not u.quorum_lost,
             "warnings": self.warnings,
         }
 
@@ -110,6 +113,11 @@ def assess(usage: StreamUsage, *, record: bool, warn_at: float) -> StreamStatus:
                 "create their consumer"
             )
         status.warnings.append(f"{usage.name}: {text}")
+    if usage.quorum_lost:
+        status.warnings.append(
+            f"{usage.name}: quorum lost ({usage.current_replicas} of {usage.replicas} "
+            "replicas current): nothing can be stored until enough nodes return"
+        )
     if not usage.max_consumers:
         status.warnings.append(
             f"{usage.name}: no explicit consumer limit, so nats-server applies its default "

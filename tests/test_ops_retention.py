@@ -213,3 +213,31 @@ async def test_a_full_event_log_refuses_new_events_and_drops_none(bus: Bus) -> N
     state = (await bus.js.stream_info("FLEET_EVENTS")).state
     assert state.messages == stored
     assert state.first_seq == 1  # nothing old was removed to make room
+
+
+@pytest.mark.parametrize(
+    ("replicas", "current", "lost"),
+    [(3, 3, False), (3, 2, False), (3, 1, True), (3, 0, True), (1, 1, False), (1, None, False)],
+)
+def test_status_says_when_a_stream_has_lost_its_quorum(
+    replicas: int, current: int | None, lost: bool
+) -> None:
+    from bus.streaminfo import StreamUsage
+    from fleet.ops_status import assess
+
+    usage = StreamUsage(
+        "FLEET_EVENTS",
+        10,
+        1000,
+        1,
+        10,
+        0,
+        0,
+        0.0,
+        max_consumers=20_000,
+        replicas=replicas,
+        current_replicas=current,
+    )
+    status = assess(usage, record=True, warn_at=0.8)
+    assert status.as_dict()["quorum"] is not lost
+    assert any("quorum lost" in w for w in status.warnings) is lost
