@@ -97,8 +97,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Render the nats-server `authorization` block for a registry (TOML) of "
             "principals: [master], [agents.ID], [operators.NAME], [headless.NAME], "
-            "[admins.NAME], each with public_key. Only these keys may connect; each may "
-            "publish and subscribe only what its role needs."
+            "[admins.NAME], each with public_key, and [sites.NAME] (public_key and agents: "
+            "remote sites behind leaf nodes). Only these keys may connect; each may "
+            "publish and subscribe only what its role needs. With --leaf SITE: the "
+            "site's leaf node config instead."
         ),
     )
     config.add_argument("--registry", type=Path, required=True, metavar="FILE")
