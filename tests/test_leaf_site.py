@@ -36,6 +36,7 @@ from bus import (
     write_seed_file,
 )
 from bus.errors import AuthError
+from bus.lease import Lease
 from bus.streams import provision_fleet
 from bus.subjects import consumer_create_subject, consumer_delete_subject
 
@@ -332,3 +333,32 @@ async def test_a_site_can_do_no_more_than_its_agents(site: Site) -> None:
             await nc.close()
     finally:
         rogue.stop()
+
+
+async def test_an_agent_at_the_site_reads_updates_and_takes_download_slots(site: Site) -> None:
+    s = site.admin.subjects
+    bundle = bytes(range(256)) * 1200  # several chunks
+    stored = await (await site.admin.objects(s.bundles_bucket)).put("fleet-9.9.9.tar", bundle)
+    await (await site.admin.kv(s.config_bucket)).put("release.target", b"9.9.9")
+    async with await connect(site.agent_settings("web-1")) as bus:
+        # The update settings: read by key through the hub's domain.
+        target = await (await bus.kv(s.config_bucket)).get("release.target")
+        assert target is not None
+        assert target.value == b"9.9.9"
+        # A download slot: a KV write, which crosses the link only in the hub's domain.
+        slot = Lease(bus, s.tokens_bucket, "slot-0", "web-1", 30)
+        assert await slot.try_acquire()
+        assert await Lease(bus, s.tokens_bucket, "slot-0", "web-2", 30).try_acquire() is False
+        holder = await (await site.admin.kv(s.tokens_bucket)).get("slot-0")
+        assert holder is not None
+        assert holder.value == b"web-1"
+        # The bundle, chunk by chunk, through an ordered consumer made in the domain.
+        objects = await bus.objects(s.bundles_bucket)
+        info = await objects.info("fleet-9.9.9.tar")
+        assert info is not None
+        assert info.size == stored.size
+        got = b"".join([c async for c in objects.chunks(info, chunk_timeout_s=10)])
+        assert got == bundle
+        await slot.release()
+    freed = await (await site.admin.kv(s.tokens_bucket)).get("slot-0")
+    assert freed is None
