@@ -8,6 +8,7 @@ introduced to an existing file without touching what the user wrote.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import tomllib
@@ -73,6 +74,13 @@ class AgentConfig(BaseModel):
         default_factory=default_server,
         description="NATS server URL; several, comma-separated, for a cluster "
         "(default: $FLEET_SERVER, else the local server)",
+    )
+    jetstream_domain: str | None = Field(
+        default_factory=lambda: os.environ.get("FLEET_JS_DOMAIN") or None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description='the hub\'s JetStream domain (e.g. "hub"), for an agent at a site '
+        "whose server is a leaf node of the hub (ops/nats/leaf-site.conf); not set: the "
+        "server it connects to has the JetStream (default: $FLEET_JS_DOMAIN)",
     )
     data_dir: Path = Field(
         default_factory=default_data_dir,
@@ -251,6 +259,7 @@ class AgentConfig(BaseModel):
             tls_ca=self.tls_ca,
             tls_cert=self.tls_cert,
             tls_key=self.tls_key,
+            js_domain=self.jetstream_domain,
         )
 
 

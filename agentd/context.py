@@ -89,6 +89,9 @@ class AgentContext:
     jobs: dict[str, RunningJob] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     slot_free: asyncio.Event = field(default_factory=asyncio.Event)
+    hub_returned: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the hub answers again after the agent's requests to it failed: jobs sent
+    meanwhile were not heard live (a leaf link down is invisible to our own connection)."""
 
     @property
     def id(self) -> str:

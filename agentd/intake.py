@@ -6,13 +6,15 @@ The log is the queue. Live, the agent subscribes (core NATS) to its own ``submit
 too. Each live message is only a hint: the stored message is read back by subject
 (a direct get), so what runs is what the log holds, with its sequence and time.
 
-At start, after every reconnect, when the local queue overflowed, and every few minutes
-as a safety net, the agent catches up (:class:`bus.catchup.CatchUp`): a short-lived
-consumer, pinned by the server's permissions to the agent's own job subjects, reads
-from the cursor (:mod:`agentd.cursor`, the lowest sequence not settled here) to the
-end, and is deleted. The live subscription is made before the first catch-up, so
-nothing falls in between; what both bring is told apart by its stream sequence (held
-here, settled, or below what a catch-up covered), and a job by its id.
+At start, after every reconnect, when the hub answers again after our heartbeat to it
+failed (a site's leaf link was down: our own connection saw nothing), when the local
+queue overflowed, and every few minutes as a safety net, the agent catches up
+(:class:`bus.catchup.CatchUp`): a short-lived consumer, pinned by the server's
+permissions to the agent's own job subjects, reads from the cursor
+(:mod:`agentd.cursor`, the lowest sequence not settled here) to the end, and is deleted.
+The live subscription is made before the first catch-up, so nothing falls in between;
+what both bring is told apart by its stream sequence (held here, settled, or below what
+a catch-up covered), and a job by its id.
 
 Jobs wait in a bounded local queue, lowest sequence first, until a slot is free
 (``max_jobs``); when it is full, what does not fit is dropped from memory and the next
@@ -155,7 +157,13 @@ class JobIntake:
                 logger.info("reconnected: catching up on jobs sent meanwhile")
                 self._catch_up_due = True
                 self._check_log = True
-            if self._live_since and time.monotonic() - self._last_catch_up > REFRESH_S:
+            if ctx.hub_returned.is_set():
+                ctx.hub_returned.clear()
+                self._catch_up_due = True
+            # At a site (behind a leaf node) live messages are lost while the link to the
+            # hub is down, which no heartbeat may see if it is short: refresh regardless.
+            refresh = self._live_since or ctx.config.jetstream_domain is not None
+            if refresh and time.monotonic() - self._last_catch_up > REFRESH_S:
                 self._catch_up_due = True
             if self._catch_up_due and len(self._queue) <= self._queue_max // 2:
                 try:

@@ -45,6 +45,8 @@ class PresenceReporter:
         self.host = socket.gethostname()
         self.started_at = time.time_ns()
         self.idle = asyncio.Event()
+        self.hub_lost = False
+        """Whether the last heartbeat failed (the hub, or the link to it, is down)."""
 
     def presence(self) -> Presence:
         ctx = self._ctx
@@ -69,10 +71,29 @@ class PresenceReporter:
             try:
                 await kv.put(self._ctx.id, encode_model(self.presence()))
             except FleetError as exc:
-                logger.warning("heartbeat: %s", exc)
+                self._lost(exc)
+            else:
+                self._reached()
             # Next beat after heartbeat_s, or at once when the update state changed.
             self._update.changed.clear()
             await wait_any(self.idle, self._update.changed, timeout=self._ctx.config.heartbeat_s)
+
+    def _lost(self, exc: FleetError) -> None:
+        if self.hub_lost:
+            logger.debug("heartbeat: %s", exc)
+            return
+        self.hub_lost = True
+        # Our connection may be up (to a leaf server) while its link to the hub is down:
+        # jobs sent meanwhile are stored but not heard, so say so and catch up later.
+        logger.warning("heartbeat: %s; the hub is unreachable", exc)
+
+    def _reached(self) -> None:
+        if not self.hub_lost:
+            return
+        self.hub_lost = False
+        logger.warning("the hub was unreachable: catching up")
+        self._ctx.hub_returned.set()
+        self._ctx.slot_free.set()  # wakes the intake
 
     async def withdraw(self) -> None:
         """Delete the presence key (the master then sees the agent gone at once).

@@ -45,7 +45,7 @@ async def _info(bus: Bus, stream: str) -> api.StreamInfo:
     try:
         return await bus.js.stream_info(stream)
     except (nats.errors.Error, OSError) as exc:
-        refusal = bus.denial(f"$JS.API.STREAM.INFO.{stream}")
+        refusal = bus.denial(bus.api_subject(f"STREAM.INFO.{stream}"))
         if refusal is not None:
             raise refusal from exc
         raise _stream_error(stream, exc) from exc

@@ -57,7 +57,9 @@ class CatchUp:
 
     @property
     def create_subject(self) -> str:
-        return consumer_create_subject(self.stream, self.name, self.filter_subject)
+        return consumer_create_subject(
+            self.stream, self.name, self.filter_subject, domain=self.bus.settings.js_domain
+        )
 
     def _config(self, start_seq: int) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -133,7 +135,8 @@ class CatchUp:
     async def _delete(self) -> None:
         """Best effort: what is not deleted goes after ``INACTIVE_S`` by itself."""
         try:
-            await self._api(consumer_delete_subject(self.stream, self.name), b"")
+            domain = self.bus.settings.js_domain
+            await self._api(consumer_delete_subject(self.stream, self.name, domain=domain), b"")
         except FleetError as exc:
             logger.debug("deleting catch-up consumer %s: %s", self.name, exc)
 
@@ -144,7 +147,7 @@ class CatchUp:
         request = {"batch": batch, "no_wait": True}
         try:
             await self.bus.nc.publish(
-                consumer_next_subject(self.stream, self.name),
+                consumer_next_subject(self.stream, self.name, domain=self.bus.settings.js_domain),
                 json.dumps(request).encode(),
                 reply=reply,
             )

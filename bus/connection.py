@@ -36,11 +36,11 @@ from bus.errors import (
     PermissionDeniedError,
 )
 from bus.keys import read_seed_file
-from bus.kv import KeyValueStore
+from bus.kv import DomainJetStream, KeyValueStore
 from bus.objects import ObjectStoreHandle
 from bus.publish import DEFAULT_DEADLINE_S, PublishResult, publish_event, publish_with_retry
 from bus.retry import Backoff
-from bus.subjects import DEFAULT_PREFIX, Subjects
+from bus.subjects import DEFAULT_PREFIX, Subjects, js_api
 from schemas import Envelope
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class ConnectSettings(BaseModel):
     backoff_initial_s: float = Field(default=0.25, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
     max_msg_size: int = Field(default=DEFAULT_MAX_SIZE, gt=0)
+    js_domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """The hub's JetStream domain, for a client at a site behind a leaf node (its API is
+    then ``$JS.<domain>.API``); None reaches the JetStream of the server connected to."""
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -131,7 +134,11 @@ class Bus:
         self.nc = nc
         self.settings = settings
         self.subjects = Subjects(settings.prefix)
-        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout_s)
+        self.js: JetStreamContext = (
+            nc.jetstream(timeout=settings.request_timeout_s)
+            if settings.js_domain is None
+            else DomainJetStream(nc, domain=settings.js_domain, timeout=settings.request_timeout_s)
+        )
         self.permission_errors: list[PermissionDeniedError] = []
         self.reconnects = 0
         self._reconnected = asyncio.Condition()
@@ -239,6 +246,10 @@ class Bus:
             stream=stream,
             denied=self.denial,
         )
+
+    def api_subject(self, rest: str) -> str:
+        """``$JS.API.<rest>`` in this connection's JetStream domain."""
+        return f"{js_api(self.settings.js_domain)}.{rest}"
 
     def denial(self, subject: str) -> PermissionDeniedError | None:
         """The server's refusal of ``subject`` to this connection, if it refused it."""

@@ -22,8 +22,8 @@ import nkeys
 from bus.errors import SecretFileError, UsageError
 from bus.paths import config_file
 
-KeyKind = Literal["agent", "operator", "admin", "master", "release", "user"]
-KEY_KINDS: tuple[KeyKind, ...] = ("agent", "operator", "admin", "master", "release", "user")
+KeyKind = Literal["agent", "operator", "admin", "master", "release", "user", "site"]
+KEY_KINDS: tuple[KeyKind, ...] = ("agent", "operator", "admin", "master", "release", "user", "site")
 
 SEED_FILE_SUFFIX = ".nk"
 _MAX_SEED_FILE = 4096

@@ -16,6 +16,8 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from bus.errors import (
@@ -25,6 +27,35 @@ from bus.errors import (
     KeyExistsError,
     RevisionMismatchError,
 )
+
+_KV_PREFIX = "$KV."
+
+
+class DomainJetStream(JetStreamContext):
+    """JetStream in another domain (a site's client of the hub's JetStream, across a
+    leaf node), KV writes included.
+
+    nats-server lets no ``$KV.>`` cross a leaf link between JetStream domains; the hub
+    takes them as ``$JS.<domain>.API.$KV.>`` and maps them back (as nats-go does for a
+    non-default API prefix). nats-py writes keys to ``$KV.`` only: so here.
+    """
+
+    def __init__(self, conn: Client, *, domain: str, timeout: float) -> None:
+        super().__init__(conn, domain=domain, timeout=timeout)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> api.PubAck:
+        if subject.startswith(_KV_PREFIX):
+            subject = f"{self._prefix}.{subject}"
+        return await super().publish(subject, payload, timeout, stream, headers, msg_ttl)
+
 
 _FREE_OPERATIONS = frozenset({"DEL", "PURGE"})
 _NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError)

@@ -130,7 +130,11 @@ class Tail:
                     f"stream {stream} does not exist; run `fleet ops init`"
                 ) from None
             if isinstance(exc, nats.errors.TimeoutError):
-                refusal = bus.denial(consumer_create_subject(stream, tail.name, subject))
+                refusal = bus.denial(
+                    consumer_create_subject(
+                        stream, tail.name, subject, domain=bus.settings.js_domain
+                    )
+                )
                 if refusal is not None:
                     raise refusal from exc
                 raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc

@@ -8,7 +8,9 @@ permission is not retried, and says so instead of timing out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -18,6 +20,7 @@ from bus.connection import Bus
 from bus.errors import AuthError, ConnectionFailedError, FleetError, FleetTimeoutError
 from bus.retry import CONTROL_BACKOFF_CAP_S, Backoff
 from bus.signing import Signer, sign_control
+from bus.subjects import CONTROL_REPLIES
 from schemas import ControlReply, ControlRequest
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ OP_TIMEOUTS_S: dict[str, float] = {
     "restart": 30.0,
 }
 """How long each agent operation may take, retries included (the contract's table)."""
+
+_STATUS, _NO_RESPONDERS = "Status", "503"
 
 DEFAULT_TIMEOUT_S = 10.0
 """The budget of an operation not in :data:`OP_TIMEOUTS_S` (the master's)."""
@@ -124,9 +129,32 @@ async def control(
         raise FleetError(error)
 
 
+def _reply_subject(bus: Bus, subject: str) -> str:
+    # ``<inbox>.ctl.<target>.<unique>``: naming whom it asked lets a server hold who may
+    # answer (a site's leaf link answers for its own agents only; see fleet.leafsite).
+    parts = subject.split(".")
+    target = parts[2] if len(parts) > 3 and parts[1] == "ctl" else "any"
+    inbox = bus.settings.inbox_prefix or "_INBOX"
+    return f"{inbox}.{CONTROL_REPLIES}.{target}.{secrets.token_hex(8)}"
+
+
+async def _ask(bus: Bus, subject: str, payload: bytes, wait: float) -> Msg:
+    reply = _reply_subject(bus, subject)
+    sub = await bus.nc.subscribe(reply, max_msgs=1)
+    try:
+        await bus.nc.publish(subject, payload, reply=reply)
+        msg = await sub.next_msg(timeout=wait)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+        raise nats.errors.NoRespondersError
+    return msg
+
+
 async def _attempt(bus: Bus, subject: str, payload: bytes, wait: float) -> Msg:
     """One request; a server refusal of the subject is raised instead of waiting it out."""
-    request = asyncio.create_task(bus.nc.request(subject, payload, timeout=wait))
+    request = asyncio.create_task(_ask(bus, subject, payload, wait))
     # A refusal arrives only through the error callback; race it against the reply.
     denied = asyncio.create_task(bus.wait_denied(subject, wait + 1.0))
     try:

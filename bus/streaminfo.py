@@ -57,8 +57,8 @@ async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> Stre
         raise ConnectionFailedError(f"stream {stream} does not exist") from None
     except nats.errors.TimeoutError as exc:
         # A refused request is unanswered too: the server says so only on the side.
-        refusal = bus.denial(f"$JS.API.STREAM.INFO.{stream}") or bus.denial(
-            f"$JS.API.STREAM.MSG.GET.{stream}"
+        refusal = bus.denial(bus.api_subject(f"STREAM.INFO.{stream}")) or bus.denial(
+            bus.api_subject(f"STREAM.MSG.GET.{stream}")
         )
         if refusal is not None:
             raise refusal from exc

@@ -25,7 +25,29 @@ JS_API = "$JS.API"
 """The JetStream API's subject prefix (no domain)."""
 
 
-def consumer_create_subject(stream: str, consumer: str, filter_subject: str) -> str:
+def js_api(domain: str | None = None) -> str:
+    """The JetStream API's subject prefix: ``$JS.API``, or ``$JS.<domain>.API`` for a
+    client that reaches the hub's JetStream through a leaf node (the leaf server runs
+    none itself; the hub maps its domain's prefix onto its own API).
+
+    Raises:
+        InvalidTokenError: ``domain`` is not a safe subject token.
+    """
+    if domain is None:
+        return JS_API
+    return f"$JS.{check_token(domain, 'JetStream domain')}.API"
+
+
+def in_domain(subject: str, domain: str | None) -> str:
+    """``subject`` with its ``$JS.API`` prefix moved into ``domain`` (others unchanged)."""
+    if domain is None or not (subject == JS_API or subject.startswith(JS_API + ".")):
+        return subject
+    return js_api(domain) + subject[len(JS_API) :]
+
+
+def consumer_create_subject(
+    stream: str, consumer: str, filter_subject: str, *, domain: str | None = None
+) -> str:
     """``$JS.API.CONSUMER.CREATE.<stream>.<consumer>.<filter>``: the filtered create.
 
     The server refuses a request on this subject whose config has another filter, so a
@@ -34,27 +56,38 @@ def consumer_create_subject(stream: str, consumer: str, filter_subject: str) -> 
     """
     check_token(stream, "stream")
     check_token(consumer, "consumer")
-    return f"{JS_API}.CONSUMER.CREATE.{stream}.{consumer}.{filter_subject}"
+    return f"{js_api(domain)}.CONSUMER.CREATE.{stream}.{consumer}.{filter_subject}"
 
 
-def _consumer_api(operation: str, stream: str, consumer: str) -> str:
+def _consumer_api(operation: str, stream: str, consumer: str, domain: str | None) -> str:
     stream, consumer = check_token(stream, "stream"), check_token(consumer, "consumer")
-    return f"{JS_API}.CONSUMER.{operation}.{stream}.{consumer}"
+    return f"{js_api(domain)}.CONSUMER.{operation}.{stream}.{consumer}"
 
 
-def consumer_next_subject(stream: str, consumer: str) -> str:
+def consumer_next_subject(stream: str, consumer: str, *, domain: str | None = None) -> str:
     """``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``: a pull request."""
-    return _consumer_api("MSG.NEXT", stream, consumer)
+    return _consumer_api("MSG.NEXT", stream, consumer, domain)
 
 
-def consumer_info_subject(stream: str, consumer: str) -> str:
+def consumer_info_subject(stream: str, consumer: str, *, domain: str | None = None) -> str:
     """``$JS.API.CONSUMER.INFO.<stream>.<consumer>``."""
-    return _consumer_api("INFO", stream, consumer)
+    return _consumer_api("INFO", stream, consumer, domain)
 
 
-def consumer_delete_subject(stream: str, consumer: str) -> str:
+def consumer_delete_subject(stream: str, consumer: str, *, domain: str | None = None) -> str:
     """``$JS.API.CONSUMER.DELETE.<stream>.<consumer>`` (what no agent or user may send)."""
-    return _consumer_api("DELETE", stream, consumer)
+    return _consumer_api("DELETE", stream, consumer, domain)
+
+
+CONTROL_REPLIES = "ctl"
+"""The token under a principal's inbox where answers to its control requests come."""
+
+
+def control_reply_filter(inbox: str, target: str) -> str:
+    """``<inbox>.ctl.<target>.*``: the answers from ``target`` to the control requests of
+    the principal whose replies come to ``inbox`` (what a site's leaf link may send back
+    for its agents, and nothing else of others' inboxes)."""
+    return f"{inbox}.{CONTROL_REPLIES}.{check_token(target, 'control target')}.*"
 
 
 def check_token(value: object, what: str = "token") -> str:

@@ -13,6 +13,7 @@ from bus.command import add_connection_args, connect_settings
 from bus.errors import EXIT_USAGE
 from bus.streams import provision_fleet
 from fleet import backup
+from fleet.leafsite import check_domain, hub_leafnodes_block, hub_site_users, render_leaf
 from fleet.ops_status import status_command
 from fleet.permissions import load_registry, render
 from fleet.quantities import parse_duration, parse_size
@@ -96,8 +97,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Render the nats-server `authorization` block for a registry (TOML) of "
             "principals: [master], [agents.ID], [operators.NAME], [headless.NAME], "
-            "[admins.NAME], each with public_key. Only these keys may connect; each may "
-            "publish and subscribe only what its role needs."
+            "[admins.NAME], each with public_key, and [sites.NAME] (public_key and agents: "
+            "remote sites behind leaf nodes). Only these keys may connect; each may "
+            "publish and subscribe only what its role needs. With --leaf SITE: the "
+            "site's leaf node config instead."
         ),
     )
     config.add_argument("--registry", type=Path, required=True, metavar="FILE")
@@ -117,28 +120,81 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the server's max_payload, for every principal (nats-server has no per-user "
         f"limit); default {DEFAULT_MAX_SIZE}",
     )
+    config.add_argument(
+        "--domain",
+        metavar="NAME",
+        help="the hub's JetStream domain, needed once there are [sites.NAME] (remote "
+        "sites behind leaf nodes); rendered into the jetstream block with --store-dir",
+    )
+    config.add_argument(
+        "--leaf-listen",
+        metavar="HOST:PORT",
+        help="also render the hub's leafnodes block: sites' leaf nodes connect here",
+    )
+    config.add_argument(
+        "--leaf",
+        metavar="SITE",
+        help="render the leaf node config of this site instead of the hub's "
+        "(needs --domain and --hub-url)",
+    )
+    config.add_argument(
+        "--hub-url", metavar="URL", help="with --leaf: the hub's leafnodes URL, nats-leaf://…"
+    )
+    config.add_argument(
+        "--seed-include",
+        default="site-seed.conf",
+        metavar="FILE",
+        help='with --leaf: the root-only file holding the site\'s `nkey: "SU…"`, relative '
+        "to the leaf config's directory (default site-seed.conf)",
+    )
     config.set_defaults(handler=server_config)
 
 
-def jetstream_block(store_dir: Path | None) -> str:
+def jetstream_block(store_dir: Path | None, domain: str | None = None) -> str:
     """The durable ``jetstream`` block, or a reminder of its one required setting.
 
     nats-server keeps the last ``jetstream`` block of a file whole, so the block is only
     rendered when asked for (it would otherwise replace the one it is included after).
     """
     if store_dir is None:
+        also = f'# It must also say `domain: "{domain}"` (sites reach it as that domain).\n'
         return (
             "# The server's jetstream block must say `sync_interval: always` (fsync before\n"
             "# acknowledging), as ops/nats/*.conf do; --store-dir DIR renders one.\n"
-        )
-    return f'jetstream {{\n  store_dir: "{store_dir}"\n  sync_interval: always\n}}\n'
+        ) + (also if domain is not None else "")
+    more = f'  domain: "{domain}"\n' if domain is not None else ""
+    return f'jetstream {{\n  store_dir: "{store_dir}"\n  sync_interval: always\n{more}}}\n'
 
 
 def server_config(args: argparse.Namespace) -> int:
     if not 1024 <= args.max_payload <= 64 * 1024 * 1024:
         raise UsageError("--max-payload must be between 1024 and 67108864 bytes")
     registry = load_registry(args.registry)
-    text = jetstream_block(args.store_dir) + render(registry, max_payload=args.max_payload)
+    domain = check_domain(args.domain) if args.domain is not None else None
+    if args.leaf is not None:
+        if domain is None or args.hub_url is None:
+            raise UsageError("--leaf needs --domain and --hub-url")
+        if any(c in args.hub_url + args.seed_include for c in '"\n'):
+            raise UsageError("--hub-url and --seed-include may not hold quotes or newlines")
+        if Path(args.seed_include).is_absolute():
+            # nats-server joins an include to the config's directory, absolute or not.
+            raise UsageError("--seed-include is relative to the leaf config's directory")
+        text = render_leaf(
+            registry,
+            args.leaf,
+            hub_url=args.hub_url,
+            domain=domain,
+            seed_include=args.seed_include,
+            max_payload=args.max_payload,
+        )
+    else:
+        text = jetstream_block(args.store_dir, domain) + render(
+            registry,
+            max_payload=args.max_payload,
+            extra_users=hub_site_users(registry, domain),
+        )
+        if args.leaf_listen is not None:
+            text += hub_leafnodes_block(args.leaf_listen)
     if args.output is None:
         sys.stdout.write(text)
     else:

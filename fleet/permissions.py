@@ -34,6 +34,14 @@ class Principal(BaseModel):
     public_key: PublicKey
 
 
+class Site(BaseModel):
+    """A remote site: its leaf server's key at the hub, and the agents behind it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    public_key: PublicKey
+    agents: list[str] = Field(default_factory=list)
+
+
 class Registry(BaseModel):
     """Who may connect, by role. Names are principal ids (agent ids, user names)."""
 
@@ -44,6 +52,8 @@ class Registry(BaseModel):
     operators: dict[str, Principal] = Field(default_factory=dict)
     admins: dict[str, Principal] = Field(default_factory=dict)
     headless: dict[str, Principal] = Field(default_factory=dict)
+    sites: dict[str, Site] = Field(default_factory=dict)
+    """Sites whose agents reach the hub through a leaf node (see :mod:`fleet.leafsite`)."""
 
 
 def load_registry(path: Path) -> Registry:
@@ -290,17 +300,26 @@ def permissions(registry: Registry) -> list[tuple[str, str, Permissions]]:
     return out
 
 
-def _conf(value: object) -> str:
+def conf_value(value: object) -> str:
+    """``value`` in nats-server's config syntax (strings quoted, lists, maps)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return "[" + ", ".join(_conf(v) for v in value) + "]"
+        return "[" + ", ".join(conf_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k}: {_conf(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{k}: {conf_value(v)}" for k, v in value.items()) + " }"
     return f'"{value}"'
 
 
-def render(registry: Registry, *, max_payload: int = DEFAULT_MAX_SIZE) -> str:
+def user_line(public_key: str, perms: Permissions, **extra: object) -> str:
+    """One ``users`` entry of an ``authorization`` block."""
+    more = "".join(f", {k}: {conf_value(v)}" for k, v in extra.items())
+    return f'    {{ nkey: "{public_key}", permissions: {conf_value(perms)}{more} }}'
+
+
+def render(
+    registry: Registry, *, max_payload: int = DEFAULT_MAX_SIZE, extra_users: list[str] | None = None
+) -> str:
     """The ``authorization`` block for nats-server (include it from the server config),
     with the server's ``max_payload``: nats-server limits payloads per server or per
     account, not per user, and every principal shares the one account that holds the
@@ -326,6 +345,6 @@ def render(registry: Registry, *, max_payload: int = DEFAULT_MAX_SIZE) -> str:
         role, _, name = label.partition(" ")
         perms = by_role[(role, name or "master")]
         lines.append(f"    # {label}")
-        lines.append(f'    {{ nkey: "{principal.public_key}", permissions: {_conf(perms)} }}')
-    lines += ["  ]", "}"]
+        lines.append(user_line(principal.public_key, perms))
+    lines += [*(extra_users or []), "  ]", "}"]
     return "\n".join(lines) + "\n"
