@@ -13,23 +13,46 @@ import pytest
 from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env, job_request, submit
 from natsserver import NatsServer
 
-from bus import Bus, Signer, generate_seed, public_key_of, read_seed_file
+from bus import Bus, Signer, decode_envelope, generate_seed, public_key_of, read_seed_file
 from bus.keys import write_seed_file
+from schemas import Envelope
 
 pytestmark = pytest.mark.timeout(180)
 
 
-async def checkpoint_by(bus: Bus, key: str, timeout: float = 60.0) -> None:
-    """Until the log holds an ``audit.checkpoint`` signed with ``key``."""
-    from bus import decode_envelope
-
-    sub = await bus.js.subscribe(bus.subjects.audit_event("checkpoint"), ordered_consumer=True)
+async def until_event(
+    bus: Bus, subject: str, wanted: Callable[[Envelope], bool], timeout: float = 60.0
+) -> None:
+    """Until the log holds an event on ``subject`` that is ``wanted``."""
+    sub = await bus.js.subscribe(subject, ordered_consumer=True)
     try:
         async with asyncio.timeout(timeout):
-            while decode_envelope((await sub.next_msg(timeout=timeout)).data).signer != key:
+            while not wanted(decode_envelope((await sub.next_msg(timeout=timeout)).data)):
                 pass
     finally:
         await sub.unsubscribe()
+
+
+async def checkpoint_by(bus: Bus, key: str) -> None:
+    """Until the log holds an ``audit.checkpoint`` signed with ``key``."""
+    await until_event(bus, bus.subjects.audit_event("checkpoint"), lambda e: e.signer == key)
+
+
+async def agent_and_master(
+    bus: Bus,
+    agent_factory: Callable[..., AgentProcess],
+    master_factory: Callable[..., MasterProcess],
+    signer: Signer,
+) -> tuple[AgentProcess, MasterProcess]:
+    """Agent web-1 and a master that knows it and the operator, checkpointing often."""
+    web1 = await agent_factory("web-1").started(bus)
+    master = master_factory(
+        checkpoint_every=2,
+        agents={"web-1": {"public_key": public_key_of(read_seed_file(web1.data_dir / "agent.nk"))}},
+        operators={"tester": {"public_key": signer.public_key}},
+    ).start()
+    await master.wait_ready(bus)
+    return web1, master
 
 
 async def audit(url: str, key: Path, master: MasterProcess) -> subprocess.CompletedProcess[str]:
@@ -51,14 +74,7 @@ async def test_a_rotated_master_key_verifies_old_and_new_events_only_when_declar
     operator: tuple[Path, Signer],
 ) -> None:
     key, signer = operator
-    web1 = await agent_factory("web-1").started(bus)
-    agent_key = public_key_of(read_seed_file(web1.data_dir / "agent.nk"))
-    master = master_factory(
-        checkpoint_every=2,
-        agents={"web-1": {"public_key": agent_key}},
-        operators={"tester": {"public_key": signer.public_key}},
-    ).start()
-    await master.wait_ready(bus)
+    _, master = await agent_and_master(bus, agent_factory, master_factory, signer)
     key_file = master.dir / "data" / "master.nk"
     old = public_key_of(read_seed_file(key_file))
     for _ in range(2):
@@ -86,22 +102,10 @@ async def test_a_rotated_master_key_verifies_old_and_new_events_only_when_declar
     assert declared.returncode == 0, declared.stdout + declared.stderr
 
 
-async def registered_with(bus: Bus, agent: str, key: str, timeout: float = 30.0) -> None:
+async def registered_with(bus: Bus, agent: str, key: str) -> None:
     """Until the log records ``agent`` registered with ``key``."""
-    from bus import decode_envelope
-
-    sub = await bus.js.subscribe(
-        bus.subjects.agent_event(agent, "registered"), ordered_consumer=True
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            while (
-                decode_envelope((await sub.next_msg(timeout=timeout)).data).data.get("public_key")
-                != key
-            ):
-                pass
-    finally:
-        await sub.unsubscribe()
+    subject = bus.subjects.agent_event(agent, "registered")
+    await until_event(bus, subject, lambda e: e.data.get("public_key") == key)
 
 
 async def test_a_rotated_agent_key_is_registered_and_both_keys_events_verify(
@@ -112,15 +116,9 @@ async def test_a_rotated_agent_key_is_registered_and_both_keys_events_verify(
     operator: tuple[Path, Signer],
 ) -> None:
     key, signer = operator
-    web1 = await agent_factory("web-1").started(bus)
+    web1, master = await agent_and_master(bus, agent_factory, master_factory, signer)
     agent_key = web1.data_dir / "agent.nk"
     old = public_key_of(read_seed_file(agent_key))
-    master = master_factory(
-        checkpoint_every=2,
-        agents={"web-1": {"public_key": old}},
-        operators={"tester": {"public_key": signer.public_key}},
-    ).start()
-    await master.wait_ready(bus)
     await finished(bus, "web-1", await submit(bus, signer, "web-1", job_request(["true"])))
 
     # The runbook's steps: the new key registered first (master reload), then the agent
