@@ -1,0 +1,318 @@
+"""Scale: N simulated agents online at once, one job fanned out to all of them, followed.
+
+fleetbus: ``--procs`` ``fleet-agentd --simulate`` processes (the daemon's own code path,
+each identity with its own key, journal and connection) against a freshly provisioned
+embedded server with no limit changed by hand; the time until every agent said it is
+online, then the whole ``fleet run -g 'sim*' --json -- true`` process (reads presence,
+submits N signed jobs, follows them all to their end with one reader: ``fleetbus_s``),
+and within it the fan-out as the server saw it, from the first ``job.submitted`` to the
+last ``job.finished`` (``fleetbus_fanout_s``). Baseline, same
+run, same server, before the agents start (so the server holds one fleet's connections
+at a time): N raw nats-py connections in as many processes, each subscribed to its own
+subject and spawning ``true`` per request, and N concurrent requests. Reported too: the
+nats-server's RSS (now and at its peak) and the RSS of the processes hosting the agents.
+
+The agents beat their presence every 60 s (the longest ``heartbeat_s`` allows), not every
+5 s: 10,000 agents at the default would be 2,000 synced KV writes a second on a 2-core
+machine before any job runs.
+
+    python -m bench.scale [--agents N] [--procs P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import measure_and_print
+from bus import ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
+from schemas import event_name
+
+FLEET = str(Path(sys.executable).parent / "fleet")
+
+RESPONDERS = """
+import asyncio, sys, nats
+async def main():
+    if hasattr(asyncio, "PidfdChildWatcher") and sys.version_info < (3, 12):
+        watcher = asyncio.PidfdChildWatcher()  # as the agent watches its children
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    url, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    tasks = set()
+    async def run(msg):
+        proc = await asyncio.create_subprocess_exec("true")
+        await proc.wait()
+        await msg.respond(str(proc.returncode).encode())
+    async def handle(msg):
+        task = asyncio.create_task(run(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    async def one(n):
+        nc = await nats.connect(url, max_reconnect_attempts=0)
+        await nc.subscribe(f"bench.scale.{n}", cb=handle)
+        await nc.flush()
+        return nc
+    conns = await asyncio.gather(*(one(n) for n in range(first, first + count)))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def raise_nofile() -> int:
+    """The soft limit of open files raised to the hard one (inherited by the server and
+    the agent processes started after); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """RSS now and at its peak (``VmHWM``) of ``pid``, in MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields["rss_mib" if name == "VmRSS" else "peak_rss_mib"] = round(
+                int(rest.split()[0]) / 1024, 1
+            )
+    return fields
+
+
+def _split(agents: int, procs: int) -> list[int]:
+    return [agents // procs + (1 if n < agents % procs else 0) for n in range(procs)]
+
+
+async def _stop(procs: list[asyncio.subprocess.Process], grace: float) -> None:
+    """SIGTERM (agents drain and withdraw), SIGKILL what is still there after ``grace``."""
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.gather(*(p.wait() for p in procs))
+    except TimeoutError:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+        await asyncio.gather(*(p.wait() for p in procs))
+
+
+async def baseline(url: str, agents: int, procs: int, timeout: float) -> dict[str, Any]:
+    """N raw connections, each subscribed to its own subject; one request to each."""
+    async with await connect(ConnectSettings(servers=[url])) as bus:
+        t0 = time.perf_counter()
+        responders = []
+        first = 0
+        for count in _split(agents, procs):
+            responders.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    RESPONDERS,
+                    url,
+                    str(first),
+                    str(count),
+                    stdout=subprocess.PIPE,
+                )
+            )
+            first += count
+        try:
+            async with asyncio.timeout(timeout):
+                for proc in responders:
+                    assert proc.stdout is not None
+                    if await proc.stdout.readline() != b"ready\n":
+                        raise RuntimeError("a baseline responder process failed")
+            online_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            replies = await asyncio.gather(
+                *(bus.nc.request(f"bench.scale.{n}", b"", timeout=timeout) for n in range(agents))
+            )
+            fanout_s = time.perf_counter() - t0
+            rss = sum(rss_mib(p.pid)["rss_mib"] for p in responders)
+        finally:
+            await _stop(responders, 10)
+    return {
+        "online_s": round(online_s, 3),
+        "fanout_s": round(fanout_s, 3),
+        "replies_ok": sum(1 for r in replies if r.data == b"0"),
+        "host_rss_mib": round(rss, 1),
+    }
+
+
+class Window:
+    """When the first ``job.submitted`` was heard and the last ``job.finished``, and
+    how many of each (core subscriptions, no consumer): the fan-out as the server saw
+    it, without ``fleet run``'s start-up and presence read."""
+
+    def __init__(self) -> None:
+        self.submitted = self.finished = 0
+        self.first_submitted = self.last_finished = 0.0
+
+    async def subscribe(self, bus: Any) -> None:
+        jobs = f"{bus.subjects.prefix}.evt.job.*.*"
+        await bus.nc.subscribe(f"{jobs}.{event_name('job.submitted')}", cb=self._on_submitted)
+        await bus.nc.subscribe(f"{jobs}.{event_name('job.finished')}", cb=self._on_finished)
+
+    async def _on_submitted(self, msg: Any) -> None:
+        if not self.submitted:
+            self.first_submitted = time.perf_counter()
+        self.submitted += 1
+
+    async def _on_finished(self, msg: Any) -> None:
+        self.last_finished = time.perf_counter()
+        self.finished += 1
+
+
+class Online:
+    """Agents heard saying ``agent.online`` (one core subscription, no consumer)."""
+
+    def __init__(self) -> None:
+        self.agents: set[str] = set()
+        self.changed = asyncio.Event()
+
+    async def subscribe(self, bus: Any) -> None:
+        name = event_name("agent.online")
+        await bus.nc.subscribe(f"{bus.subjects.prefix}.evt.agent.*.{name}", cb=self._on)
+
+    async def _on(self, msg: Any) -> None:
+        self.agents.add(msg.subject.split(".")[-2])
+        self.changed.set()
+
+    async def wait(self, count: int, alive: list[asyncio.subprocess.Process]) -> None:
+        while len(self.agents) < count:
+            if any(p.returncode is not None for p in alive):
+                raise RuntimeError("an agent process exited before every agent was online")
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 30)
+
+
+def _agent_config(work: Path, url: str, n: int, trust: Path) -> Path:
+    config = work / f"sim{n}.toml"
+    config.write_text(
+        f'id = "sim{n}"\nserver = "{url}"\ndata_dir = "{work / f"sim{n}"}"\n'
+        f'log_level = "WARNING"\ntrust_file = "{trust}"\nheartbeat_s = 60\n'
+    )
+    return config
+
+
+async def measure(
+    url: str, server_pid: int, work: Path, agents: int, procs: int
+) -> dict[str, object]:
+    nofile = raise_nofile()
+    timeout = 120 + agents / 20
+    base = await baseline(url, agents, procs, timeout)
+    key = work / "operator.nk"
+    write_seed_file(key, generate_seed())
+    trust = work / "trust.toml"
+    trust.write_text(f'[[grant]]\nkey = "{Signer.from_file(key).public_key}"\ncommands = true\n')
+    env = {**os.environ, "FLEET_SERVER": url, "FLEET_NKEY": str(key), "FLEET_USER": "bench"}
+    async with await connect(ConnectSettings(servers=[url])) as bus:
+        await provision(bus.js)
+        online, window = Online(), Window()
+        await online.subscribe(bus)
+        await window.subscribe(bus)
+        hosts: list[asyncio.subprocess.Process] = []
+        logs = work / "agents.log"
+        with logs.open("wb") as log:
+            try:
+                t0 = time.perf_counter()
+                for n, count in enumerate(_split(agents, procs)):
+                    config = _agent_config(work, url, n, trust)
+                    hosts.append(
+                        await asyncio.create_subprocess_exec(
+                            sys.executable,
+                            "-m",
+                            "agentd",
+                            "-c",
+                            str(config),
+                            "--simulate",
+                            str(count),
+                            stdout=log,
+                            stderr=log,
+                        )
+                    )
+                async with asyncio.timeout(timeout):
+                    await online.wait(agents, hosts)
+                online_s = time.perf_counter() - t0
+                server_online = rss_mib(server_pid)
+
+                t0 = time.perf_counter()
+                run = await asyncio.create_subprocess_exec(
+                    FLEET,
+                    "run",
+                    "-g",
+                    "sim*",
+                    "--json",
+                    "--wait",
+                    str(int(timeout)),
+                    "--",
+                    "true",
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+                out, err = await run.communicate()
+                fleet_s = time.perf_counter() - t0
+                if run.returncode not in (0, 4):
+                    raise RuntimeError(f"fleet run exited {run.returncode}: {err[-2000:]!r}")
+                outcomes = json.loads(out)["jobs"]
+                await asyncio.sleep(0)
+                server_after = rss_mib(server_pid)
+                host_rss = [rss_mib(p.pid) for p in hosts]
+            except BaseException:
+                sys.stderr.write(logs.read_text(errors="replace")[-4000:])
+                raise
+            finally:
+                await _stop(hosts, 60 + agents / 100)
+    return {
+        "benchmark": "scale",
+        "agents": agents,
+        "procs": procs,
+        "online_s": round(online_s, 3),
+        "targeted": len(outcomes),
+        "finished": window.finished,
+        "followed": sum(1 for o in outcomes if o["status"] not in ("queued", "running")),
+        "succeeded": sum(1 for o in outcomes if o["status"] == "succeeded"),
+        "fleetbus_s": round(fleet_s, 3),
+        "fleetbus_fanout_s": round(window.last_finished - window.first_submitted, 3),
+        "baseline_s": base["fanout_s"],
+        "ratio": round(fleet_s / base["fanout_s"], 3),
+        "baseline_online_s": base["online_s"],
+        "ratio_fanout": round(
+            (window.last_finished - window.first_submitted) / base["fanout_s"], 3
+        ),
+        "ratio_online": round(online_s / base["online_s"], 3),
+        "nats_server_rss_mib": server_after["rss_mib"],
+        "nats_server_peak_rss_mib": server_after["peak_rss_mib"],
+        "nats_server_rss_mib_all_online": server_online["rss_mib"],
+        "host_rss_mib": round(sum(h["rss_mib"] for h in host_rss), 1),
+        "host_rss_mib_per_agent": round(sum(h["rss_mib"] for h in host_rss) / agents, 3),
+        "baseline_host_rss_mib": base["host_rss_mib"],
+        "rlimit_nofile": nofile,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
+    parser.add_argument("--agents", type=int, default=1000, help="simulated agents")
+    parser.add_argument("--procs", type=int, default=4, help="processes hosting them")
+    args = parser.parse_args(argv)
+    raise_nofile()  # before the server starts: it inherits the limit
+    return measure_and_print(
+        lambda url, pid, work: measure(url, pid, work, args.agents, args.procs)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
