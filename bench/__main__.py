@@ -93,6 +93,22 @@ def run_one(name: str, args: list[str]) -> dict[str, Any]:
     return result
 
 
+def stamp_older_results(results: Path) -> None:
+    """Give each kept result without its own time the time of the run that made it (the
+    previous ``machine.json``), so a table from ``--only`` runs says which figure is new."""
+    machine_path = results / "machine.json"
+    if not machine_path.exists():
+        return
+    when = json.loads(machine_path.read_text()).get("date_utc")
+    for path in results.glob("*.json"):
+        if path == machine_path:
+            continue
+        result = json.loads(path.read_text())
+        if "measured_utc" not in result and when:
+            result["measured_utc"] = when
+            path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("what", choices=["all"], help="run every benchmark")
@@ -103,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     args.results.mkdir(parents=True, exist_ok=True)
+    stamp_older_results(args.results)
     results: dict[str, dict[str, Any]] = {}
     for name in args.only or list(sizes):
         print(f"bench {name} {' '.join(sizes[name])}", file=sys.stderr, flush=True)
         results[name] = run_one(name, sizes[name])
+        results[name]["measured_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         (args.results / f"{name}.json").write_text(json.dumps(results[name], indent=2) + "\n")
     host = machine()
     (args.results / "machine.json").write_text(json.dumps(host, indent=2) + "\n")

@@ -107,7 +107,7 @@ def rows(results: Path) -> list[list[str]]:
                 f"nats-server alone {server0['rss_kib'] / 1024:.1f} MiB",
                 "",
                 "",
-                "measured at scale: see the rows below",
+                "",
             ]
         )
         if "master_with_jobs" in r:
@@ -153,6 +153,18 @@ def rows(results: Path) -> list[list[str]]:
     return out
 
 
+def _when(results: Path, default: str) -> str:
+    """When each figure was measured: one time, or which benchmarks ran when."""
+    runs: dict[str, list[str]] = {}
+    for path in sorted(results.glob("*.json")):
+        if path.name != "machine.json":
+            when = json.loads(path.read_text()).get("measured_utc", default)
+            runs.setdefault(when, []).append(path.stem)
+    if len(runs) <= 1:
+        return f"{next(iter(runs), default)} UTC"
+    return "; ".join(f"{', '.join(names)} at {when} UTC" for when, names in sorted(runs.items()))
+
+
 def render_table(readme: Path, results: Path) -> None:
     """Replace the table between the markers in ``readme`` with the latest results."""
     head = ["bench", "fleetbus", "baseline (same run)", "ratio", "target", ""]
@@ -163,9 +175,9 @@ def render_table(readme: Path, results: Path) -> None:
         m = json.loads(machine_path.read_text())
         lines += [
             "",
-            f"Measured {m['date_utc']} UTC on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores "
-            f"available, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, "
-            f"{m['nats_server']}.",
+            f"Measured {_when(results, m['date_utc'])} on {m['cpu'] or 'an unnamed CPU'}, "
+            f"{m['cores']} cores available, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+            f"Python {m['python']}, {m['nats_server']}.",
         ]
     text = readme.read_text()
     if START not in text:
