@@ -2,21 +2,23 @@
 
 fleetbus: ``--procs`` ``fleet-agentd --simulate`` processes (the daemon's own code path,
 each identity with its own key, journal and connection) against a freshly provisioned
-embedded server with no limit changed by hand; the time until every agent said it is
-online, then the whole ``fleet run -g 'sim*' --json -- true`` process (reads presence,
-submits N signed jobs, follows them all to their end with one reader: ``fleetbus_s``),
-and within it the fan-out as the server saw it, from the first ``job.submitted`` to the
-last ``job.finished`` (``fleetbus_fanout_s``). Baseline, same
-run, same server, before the agents start (so the server holds one fleet's connections
-at a time): N raw nats-py connections in as many processes, each subscribed to its own
-subject and spawning ``true`` per request, and N concurrent requests. Reported too: the
-nats-server's RSS (now and at its peak) and the RSS of the processes hosting the agents.
+embedded server with no limit changed by hand. Measured: the time until every agent is
+present (its presence key, what ``fleet run -g`` lists); then the whole
+``fleet run -g 'sim*' --json -- true`` process, which reads presence, submits N signed
+jobs and follows them all to their end with one reader (``fleetbus_s``); and within it
+the fan-out as the server saw it, from the first ``job.submitted`` to the last
+``job.finished`` (``fleetbus_fanout_s``). Baseline, same run, same server, before the
+agents start (so the server holds one fleet's connections at a time): N raw nats-py
+connections in as many processes, each subscribed to its own subject and spawning
+``true`` per request, and N concurrent requests. Reported too: the nats-server's RSS
+(now and at its peak) and the RSS of the processes hosting the agents.
 
-The agents beat their presence every 60 s (the longest ``heartbeat_s`` allows), not every
-5 s: 10,000 agents at the default would be 2,000 synced KV writes a second on a 2-core
-machine before any job runs.
+The agents beat their presence every ``--heartbeat-s`` (the agent's default, 5 s: at
+10,000 agents, 2,000 synced KV writes a second before any job runs). It must stay under
+the presence bucket's TTL (15 s), or agents drop out of ``fleet run -g``'s view between
+beats.
 
-    python -m bench.scale [--agents N] [--procs P]
+    python -m bench.scale [--agents N] [--procs P] [--heartbeat-s S]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import measure_and_print
-from bus import ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
+from bus import Bus, ConnectSettings, Signer, connect, generate_seed, provision, write_seed_file
 from schemas import event_name
 
 FLEET = str(Path(sys.executable).parent / "fleet")
@@ -174,40 +176,52 @@ class Window:
         self.finished += 1
 
 
-class Online:
-    """Agents heard saying ``agent.online`` (one core subscription, no consumer)."""
-
-    def __init__(self) -> None:
-        self.agents: set[str] = set()
-        self.changed = asyncio.Event()
-
-    async def subscribe(self, bus: Any) -> None:
-        name = event_name("agent.online")
-        await bus.nc.subscribe(f"{bus.subjects.prefix}.evt.agent.*.{name}", cb=self._on)
-
-    async def _on(self, msg: Any) -> None:
-        self.agents.add(msg.subject.split(".")[-2])
-        self.changed.set()
-
-    async def wait(self, count: int, alive: list[asyncio.subprocess.Process]) -> None:
-        while len(self.agents) < count:
-            if any(p.returncode is not None for p in alive):
-                raise RuntimeError("an agent process exited before every agent was online")
-            self.changed.clear()
-            await asyncio.wait_for(self.changed.wait(), 30)
+async def _present(bus: Bus, count: int) -> None:
+    """Return once ``count`` agents have a live presence key (what ``fleet run -g``
+    lists), watching the bucket: one short-lived watcher, no polling."""
+    kv = await bus.kv(bus.subjects.presence_bucket)
+    present: set[str] = set()
+    async with kv.watch() as updates:
+        async for entry in updates:
+            if entry is None:
+                continue  # caught up with what was there: keep watching
+            if entry.deleted:
+                present.discard(entry.key)
+            else:
+                present.add(entry.key)
+            if len(present) >= count:
+                return
 
 
-def _agent_config(work: Path, url: str, n: int, trust: Path) -> Path:
+async def wait_online(
+    bus: Bus, count: int, hosts: list[asyncio.subprocess.Process], timeout: float
+) -> None:
+    """Until ``count`` agents are present; an agent process exiting first is an error."""
+    present = asyncio.create_task(_present(bus, count))
+    exits = [asyncio.create_task(p.wait()) for p in hosts]
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.wait([present, *exits], return_when=asyncio.FIRST_COMPLETED)
+        if not present.done():
+            raise RuntimeError("an agent process exited before every agent was online")
+        present.result()
+    finally:
+        for task in (present, *exits):
+            task.cancel()
+        await asyncio.gather(present, *exits, return_exceptions=True)
+
+
+def _agent_config(work: Path, url: str, n: int, trust: Path, heartbeat_s: float) -> Path:
     config = work / f"sim{n}.toml"
     config.write_text(
         f'id = "sim{n}"\nserver = "{url}"\ndata_dir = "{work / f"sim{n}"}"\n'
-        f'log_level = "WARNING"\ntrust_file = "{trust}"\nheartbeat_s = 60\n'
+        f'log_level = "WARNING"\ntrust_file = "{trust}"\nheartbeat_s = {heartbeat_s}\n'
     )
     return config
 
 
 async def measure(
-    url: str, server_pid: int, work: Path, agents: int, procs: int
+    url: str, server_pid: int, work: Path, agents: int, procs: int, heartbeat_s: float
 ) -> dict[str, object]:
     nofile = raise_nofile()
     timeout = 120 + agents / 20
@@ -219,8 +233,7 @@ async def measure(
     env = {**os.environ, "FLEET_SERVER": url, "FLEET_NKEY": str(key), "FLEET_USER": "bench"}
     async with await connect(ConnectSettings(servers=[url])) as bus:
         await provision(bus.js)
-        online, window = Online(), Window()
-        await online.subscribe(bus)
+        window = Window()
         await window.subscribe(bus)
         hosts: list[asyncio.subprocess.Process] = []
         logs = work / "agents.log"
@@ -228,7 +241,7 @@ async def measure(
             try:
                 t0 = time.perf_counter()
                 for n, count in enumerate(_split(agents, procs)):
-                    config = _agent_config(work, url, n, trust)
+                    config = _agent_config(work, url, n, trust, heartbeat_s)
                     hosts.append(
                         await asyncio.create_subprocess_exec(
                             sys.executable,
@@ -242,8 +255,7 @@ async def measure(
                             stderr=log,
                         )
                     )
-                async with asyncio.timeout(timeout):
-                    await online.wait(agents, hosts)
+                await wait_online(bus, agents, hosts, timeout)
                 online_s = time.perf_counter() - t0
                 server_online = rss_mib(server_pid)
 
@@ -279,6 +291,7 @@ async def measure(
         "benchmark": "scale",
         "agents": agents,
         "procs": procs,
+        "heartbeat_s": heartbeat_s,
         "online_s": round(online_s, 3),
         "targeted": len(outcomes),
         "finished": window.finished,
@@ -307,10 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
     parser.add_argument("--agents", type=int, default=1000, help="simulated agents")
     parser.add_argument("--procs", type=int, default=4, help="processes hosting them")
+    parser.add_argument(
+        "--heartbeat-s", type=float, default=5.0, help="the agents' heartbeat_s (under 15)"
+    )
     args = parser.parse_args(argv)
     raise_nofile()  # before the server starts: it inherits the limit
     return measure_and_print(
-        lambda url, pid, work: measure(url, pid, work, args.agents, args.procs)
+        lambda url, pid, work: measure(url, pid, work, args.agents, args.procs, args.heartbeat_s)
     )
 
 
