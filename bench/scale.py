@@ -153,12 +153,14 @@ async def baseline(url: str, agents: int, procs: int, timeout: float) -> dict[st
 
 
 class Window:
-    """When the first ``job.submitted`` was heard and the last ``job.finished``, and
-    how many of each (core subscriptions, no consumer): the fan-out as the server saw
-    it, without ``fleet run``'s start-up and presence read."""
+    """When the first ``job.submitted`` was heard and the last ``job.finished``, and of
+    how many jobs (core subscriptions, no consumer): the fan-out as the server saw it,
+    without ``fleet run``'s start-up and presence read. Jobs are counted by subject: a
+    publish retried after a lost acknowledgement is stored once but heard twice."""
 
     def __init__(self) -> None:
-        self.submitted = self.finished = 0
+        self.submitted: set[str] = set()
+        self.finished: set[str] = set()
         self.first_submitted = self.last_finished = 0.0
 
     async def subscribe(self, bus: Any) -> None:
@@ -169,11 +171,12 @@ class Window:
     async def _on_submitted(self, msg: Any) -> None:
         if not self.submitted:
             self.first_submitted = time.perf_counter()
-        self.submitted += 1
+        self.submitted.add(msg.subject)
 
     async def _on_finished(self, msg: Any) -> None:
-        self.last_finished = time.perf_counter()
-        self.finished += 1
+        if msg.subject not in self.finished:
+            self.last_finished = time.perf_counter()
+            self.finished.add(msg.subject)
 
 
 async def _present(bus: Bus, count: int) -> None:
@@ -294,7 +297,7 @@ async def measure(
         "heartbeat_s": heartbeat_s,
         "online_s": round(online_s, 3),
         "targeted": len(outcomes),
-        "finished": window.finished,
+        "finished": len(window.finished),
         "followed": sum(1 for o in outcomes if o["status"] not in ("queued", "running")),
         "succeeded": sum(1 for o in outcomes if o["status"] == "succeeded"),
         "fleetbus_s": round(fleet_s, 3),
