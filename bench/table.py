@@ -131,7 +131,8 @@ def rows(results: Path) -> list[list[str]]:
             [
                 f"{n:,} simulated agents ({r['procs']} processes): `fleet run -g` to all, followed",
                 f"{r['fleetbus_s']} s whole run, {r['fleetbus_fanout_s']} s first submit → last "
-                f"finished; {r['finished']:,} finished, {r['followed']:,} followed",
+                f"finished (submitting: {r.get('fleetbus_submit_s', '?')} s); "
+                f"{r['finished']:,} finished, {r['followed']:,} followed",
                 f"{r['baseline_s']} s ({n:,} raw connections: request + spawn)",
                 f"{r['ratio']}× ({r['ratio_fanout']}× the fan-out)",
                 "every job finished and followed",
