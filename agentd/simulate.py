@@ -13,6 +13,7 @@ themselves and serve no ``/metrics``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -21,10 +22,16 @@ from agentd.config import AgentConfig
 from agentd.identity import ensure_identity
 from bus import Bus, FleetError, UsageError
 from bus.daemon_shell import connect_unless_stopped, wait_for_storage
+from bus.tasks import first_of
 
 logger = logging.getLogger(__name__)
 
 MAX_SIMULATED = 100_000
+STARTING_AT_ONCE = 64
+"""Identities starting together (connect, storage check, first catch-up); the rest wait.
+Thousands connecting at once in one event loop miss the 2 s connect timeout by the
+thousand, retry, and keep the server and this loop busy with handshakes that fail."""
+STARTING_WITHIN_S = 30.0
 
 
 def simulated_id(base: str, n: int) -> str:
@@ -70,40 +77,55 @@ async def serve_simulated(config: AgentConfig, count: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         logger.info("→ simulating %d agents (%s … %s)", count, configs[0].id, configs[-1].id)
+        starting = asyncio.Semaphore(STARTING_AT_ONCE)
         async with asyncio.TaskGroup() as tg:
             for one in configs:
-                tg.create_task(_serve_one(one, stop), name=f"agent {one.id}")
+                tg.create_task(_serve_one(one, stop, starting), name=f"agent {one.id}")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     logger.info("← %d simulated agents stopped", count)
 
 
-async def _serve_one(config: AgentConfig, stop: asyncio.Event) -> None:
-    """One identity's life: connect with its own key, wait for storage, run the agent."""
+async def _serve_one(config: AgentConfig, stop: asyncio.Event, starting: asyncio.Semaphore) -> None:
+    """One identity's life: connect with its own key, wait for storage, run the agent.
+
+    ``starting`` is held from connecting until the agent has caught up once (or stopped).
+    """
     signer = ensure_identity(config)
-    bus = await connect_unless_stopped(config.connect_settings(), stop)
-    if bus is None:
-        return
-
-    async def presence(b: Bus) -> object:
-        return await b.kv(b.subjects.presence_bucket)
-
-    async with bus:
-        if not await wait_for_storage(bus, stop, presence):
+    async with contextlib.AsyncExitStack() as started:
+        await started.enter_async_context(starting)
+        bus = await connect_unless_stopped(config.connect_settings(), stop)
+        if bus is None:
             return
-        agent = Agent(bus, config, signer)
-        running = asyncio.create_task(agent.run(), name=f"agent {config.id}")
-        stopper = asyncio.create_task(stop.wait(), name=f"stop {config.id}")
-        try:
-            await asyncio.wait((running, stopper), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            agent.stop()
-            stopper.cancel()
-            await asyncio.gather(stopper, return_exceptions=True)
+
+        async def presence(b: Bus) -> object:
+            return await b.kv(b.subjects.presence_bucket)
+
+        async with bus:
+            if not await wait_for_storage(bus, stop, presence):
+                return
+            agent = Agent(bus, config, signer)
+            running = asyncio.create_task(agent.run(), name=f"agent {config.id}")
+            stopper = asyncio.create_task(stop.wait(), name=f"stop {config.id}")
             try:
-                await running
-            except FleetError as exc:
-                # One identity refused (a key the server does not know, say) is said
-                # loudly; it does not take the other simulated agents down with it.
-                logger.error("! simulated agent %s stopped: %s", config.id, exc)
+                # An identity that cannot catch up (retrying) lets the next one start
+                # after a while rather than hold its place for ever.
+                await first_of(
+                    agent.intake.caught_up.wait(),
+                    asyncio.shield(running),
+                    stop.wait(),
+                    timeout=STARTING_WITHIN_S,
+                )
+                await started.aclose()  # the next identity may start
+                await asyncio.wait((running, stopper), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                agent.stop()
+                stopper.cancel()
+                await asyncio.gather(stopper, return_exceptions=True)
+                try:
+                    await running
+                except FleetError as exc:
+                    # One identity refused (a key the server does not know, say) is said
+                    # loudly; it does not take the other simulated agents down with it.
+                    logger.error("! simulated agent %s stopped: %s", config.id, exc)

@@ -124,6 +124,11 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
         "baseline_nats_py_request_reply_plus_subprocess": base,
         "fleetbus_job_roundtrip": fleet,
         **ratios(fleet, base),
+        # Every latency, for the histogram `python -m bench all` draws.
+        "samples_ms": {
+            "fleetbus": [round(s * 1000, 3) for s in ours],
+            "baseline": [round(s * 1000, 3) for s in raw],
+        },
     }
 
 

@@ -106,11 +106,64 @@ def rows(results: Path) -> list[list[str]]:
                 f"{server1['rss_kib'] / 1024:.1f} MiB",
                 f"nats-server alone {server0['rss_kib'] / 1024:.1f} MiB",
                 "",
-                "nats-server ≤ 1 GiB with 10,000 agents",
-                "not measured at 10,000",
+                "",
+                "",
+            ]
+        )
+        if "master_with_jobs" in r:
+            master, empty = r["master_with_jobs"], r["master_empty_log"]
+            out.append(
+                [
+                    f"master with {r['master_jobs']:,} jobs folded at start "
+                    f"({r['master_events_folded']:,} events)",
+                    f"{master['rss_kib'] / 1024:.1f} MiB RSS ({r['master_bytes_per_job']} B/job; "
+                    f"ready in {r['master_ready_s']} s)",
+                    f"the same master, empty log: {empty['rss_kib'] / 1024:.1f} MiB",
+                    f"{master['rss_kib'] / empty['rss_kib']:.2f}×",
+                    "≤ 300 MiB",
+                    _verdict(master["rss_kib"] <= 300 * 1024),
+                ]
+            )
+    if r := _load(results, "scale"):
+        n = r["agents"]
+        everything = r["finished"] == r["followed"] == r["succeeded"] == n
+        out.append(
+            [
+                f"{n:,} simulated agents ({r['procs']} processes): `fleet run -g` to all, followed",
+                f"{r['fleetbus_s']} s whole run, {r['fleetbus_fanout_s']} s first submit → last "
+                f"finished (submitting: {r.get('fleetbus_submit_s', '?')} s); "
+                f"{r['finished']:,} finished, {r['followed']:,} followed",
+                f"{r['baseline_s']} s ({n:,} raw connections: request + spawn)",
+                f"{r['ratio']}× ({r['ratio_fanout']}× the fan-out)",
+                "every job finished and followed",
+                _verdict(everything),
+            ]
+        )
+        out.append(
+            [
+                f"{n:,} simulated agents online at once",
+                f"online in {r['online_s']} s; nats-server {r['nats_server_rss_mib']:.0f} MiB "
+                f"(peak {r['nats_server_peak_rss_mib']:.0f}); hosts {r['host_rss_mib']:.0f} MiB",
+                f"{r['baseline_online_s']} s for {n:,} raw connections; hosts "
+                f"{r['baseline_host_rss_mib']:.0f} MiB",
+                f"{r['ratio_online']}× the time",
+                "nats-server ≤ 1 GiB",
+                _verdict(r["nats_server_peak_rss_mib"] <= 1024),
             ]
         )
     return out
+
+
+def _when(results: Path, default: str) -> str:
+    """When each figure was measured: one time, or which benchmarks ran when."""
+    runs: dict[str, list[str]] = {}
+    for path in sorted(results.glob("*.json")):
+        if path.name != "machine.json":
+            when = json.loads(path.read_text()).get("measured_utc", default)
+            runs.setdefault(when, []).append(path.stem)
+    if len(runs) <= 1:
+        return f"{next(iter(runs), default)} UTC"
+    return "; ".join(f"{', '.join(names)} at {when} UTC" for when, names in sorted(runs.items()))
 
 
 def render_table(readme: Path, results: Path) -> None:
@@ -123,9 +176,9 @@ def render_table(readme: Path, results: Path) -> None:
         m = json.loads(machine_path.read_text())
         lines += [
             "",
-            f"Measured {m['date_utc']} UTC on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores "
-            f"available, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, "
-            f"{m['nats_server']}.",
+            f"Measured {_when(results, m['date_utc'])} on {m['cpu'] or 'an unnamed CPU'}, "
+            f"{m['cores']} cores available, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+            f"Python {m['python']}, {m['nats_server']}.",
         ]
     text = readme.read_text()
     if START not in text:

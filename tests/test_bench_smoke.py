@@ -6,6 +6,7 @@ figures come from a full run (``python -m bench all``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -46,10 +47,21 @@ def test_every_bench_runs_and_the_table_is_rendered(tmp_path: Path) -> None:
     memory = load("memory")
     assert memory["jobs_finished"] == 5
     assert {"rss_kib", "pss_kib"} == set(memory["agent_idle"])  # type: ignore[arg-type]
+    assert memory["master_events_folded"] == 3 * 50  # every job's three events
+    assert "rss_kib" in memory["master_with_jobs"]  # type: ignore[operator]
     assert "ratio" in load("coldstart")
+    scale = load("scale")
+    assert scale["finished"] == scale["followed"] == scale["succeeded"] == scale["agents"] == 4
+    assert {"fleetbus_s", "baseline_s", "ratio", "nats_server_rss_mib"} <= scale.keys()
     text = readme.read_text()
     assert "hand-written text stays" in text
     # One row per figure, between the markers, and the machine it ran on.
     table = text.split("<!-- bench-table:start -->")[1].split("<!-- bench-table:end -->")[0]
-    assert table.count("\n| ") == 1 + 7
+    assert table.count("\n| ") == 1 + 10
     assert "cores available" in table
+    # The histogram is drawn when the optional extra is installed, and only then.
+    png = results / "roundtrip-histogram.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not png.exists()
+    else:
+        assert png.read_bytes().startswith(b"\x89PNG")
