@@ -32,7 +32,7 @@ from agentd.presence import PresenceReporter, UpdateView
 from agentd.record import Emitter, Recorder
 from agentd.runner import JobRunner
 from agentd.seals import UsedSeals
-from bus import Bus, FleetError, Signer, UsageError
+from bus import Bus, FleetError, Signer, StorageSettings, UsageError
 from bus.command import fleetbus_version
 from bus.errors import ConnectionFailedError, FleetTimeoutError
 from bus.retry import Backoff
@@ -184,6 +184,17 @@ class Agent:
         logger.info(
             "→ agent %s ready (version %s, max_jobs %d)", self.id, p.version, ctx.config.max_jobs
         )
+        ttl = StorageSettings().presence_ttl_s
+        if ctx.config.heartbeat_s > ttl / 2:
+            # Its presence entry would expire between beats: `fleet run -g` and the master
+            # would see it come and go.
+            logger.warning(
+                "heartbeat_s = %g is more than half the presence entries' lifetime (%g s): "
+                "this agent will look offline between heartbeats; use at most %g",
+                ctx.config.heartbeat_s,
+                ttl,
+                ttl / 2,
+            )
         try:
             async with asyncio.TaskGroup() as tg:
                 heartbeat = tg.create_task(p.heartbeat(), name="heartbeat")

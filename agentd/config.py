@@ -124,7 +124,11 @@ class AgentConfig(BaseModel):
         description="a request stored this long after it was signed is refused as a replay",
     )
     heartbeat_s: float = Field(
-        default=5.0, gt=0, le=60, description="seconds between presence heartbeats"
+        default=5.0,
+        gt=0,
+        le=60,
+        description="seconds between presence heartbeats (at most 7.5: half the "
+        "presence entries' 15 s lifetime, or the agent looks offline between beats)",
     )
     job_kill_grace_s: float = Field(
         default=5.0,

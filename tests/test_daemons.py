@@ -223,3 +223,12 @@ def test_each_master_command_has_its_own_help() -> None:
     assert "--password-stdin" not in status
     assert "--password-stdin" in run([MASTER, "user", "--help"]).stdout
     assert "COMMAND --help" in run([MASTER, "--help"]).stdout
+
+
+async def test_a_heartbeat_slower_than_presence_lasts_is_warned_about(
+    bus: Bus, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    # 10 s between beats, entries that live 15 s: offline for 5 s of every 10.
+    agent = await agent_factory("web-1", heartbeat_s=10.0).started(bus)
+    line = wait_log(agent.log_path, "look offline between heartbeats")
+    assert "use at most 7.5" in line
