@@ -27,8 +27,7 @@ from bus.errors import (
     KeyExistsError,
     RevisionMismatchError,
 )
-
-_KV_PREFIX = "$KV."
+from bus.subjects import published_in_domain
 
 
 class DomainJetStream(JetStreamContext):
@@ -37,11 +36,13 @@ class DomainJetStream(JetStreamContext):
 
     nats-server lets no ``$KV.>`` cross a leaf link between JetStream domains; the hub
     takes them as ``$JS.<domain>.API.$KV.>`` and maps them back (as nats-go does for a
-    non-default API prefix). nats-py writes keys to ``$KV.`` only: so here.
+    non-default API prefix). nats-py writes keys to ``$KV.`` only: so here
+    (:func:`bus.subjects.published_in_domain`, also what the site's permissions allow).
     """
 
     def __init__(self, conn: Client, *, domain: str, timeout: float) -> None:
         super().__init__(conn, domain=domain, timeout=timeout)
+        self._domain = domain
 
     async def publish(
         self,
@@ -52,8 +53,7 @@ class DomainJetStream(JetStreamContext):
         headers: dict[str, Any] | None = None,
         msg_ttl: float | None = None,
     ) -> api.PubAck:
-        if subject.startswith(_KV_PREFIX):
-            subject = f"{self._prefix}.{subject}"
+        subject = published_in_domain(subject, self._domain)
         return await super().publish(subject, payload, timeout, stream, headers, msg_ttl)
 
 

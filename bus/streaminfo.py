@@ -89,7 +89,8 @@ async def stream_usage(bus: Bus, stream: str, *, with_age: bool = False) -> Stre
 
 
 def _current_replicas(cluster: api.ClusterInfo | None) -> int | None:
-    if cluster is None or cluster.leader is None:
-        return None if cluster is None else 0
-    peers = cluster.replicas or []
-    return 1 + sum(1 for p in peers if p.current and not p.offline)
+    if cluster is None:
+        return None
+    if cluster.leader is None:
+        return 0
+    return 1 + sum(1 for p in cluster.replicas or [] if p.current and not p.offline)

@@ -45,6 +45,15 @@ def in_domain(subject: str, domain: str | None) -> str:
     return js_api(domain) + subject[len(JS_API) :]
 
 
+def published_in_domain(subject: str, domain: str | None) -> str:
+    """Where a client in ``domain`` publishes ``subject``: its API requests, and its KV
+    writes too (they cross a leaf link only as ``$JS.<domain>.API.$KV.…``, which the hub
+    maps back); everything else unchanged."""
+    if domain is not None and subject.startswith("$KV."):
+        return f"{js_api(domain)}.{subject}"
+    return in_domain(subject, domain)
+
+
 def consumer_create_subject(
     stream: str, consumer: str, filter_subject: str, *, domain: str | None = None
 ) -> str:

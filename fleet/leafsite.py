@@ -13,7 +13,7 @@ more than its agents could.
 from __future__ import annotations
 
 from bus import UsageError
-from bus.subjects import check_token, control_reply_filter, in_domain, js_api
+from bus.subjects import check_token, control_reply_filter, in_domain, published_in_domain
 from fleet.permissions import (
     Permissions,
     Registry,
@@ -43,19 +43,11 @@ def check_domain(domain: str) -> str:
         raise UsageError(str(exc)) from None
 
 
-def _published_in(subject: str, domain: str) -> str:
-    # KV writes cross a leaf link only as ``$JS.<domain>.API.$KV.…`` (the hub maps them
-    # back; see bus.kv.DomainJetStream).
-    if subject.startswith("$KV."):
-        return f"{js_api(domain)}.{subject}"
-    return in_domain(subject, domain)
-
-
 def _in_domain(perms: Permissions, domain: str) -> Permissions:
     out: Permissions = {}
     for key, value in perms.items():
         if isinstance(value, dict):
-            move = _published_in if key == "publish" else in_domain
+            move = published_in_domain if key == "publish" else in_domain
             out[key] = {k: [move(s, domain) for s in v] for k, v in value.items()}
         else:
             out[key] = value
