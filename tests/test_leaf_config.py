@@ -101,3 +101,19 @@ def test_bad_site_configs_are_refused(
     assert done.returncode == 2, done.stdout + done.stderr
     assert error in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("domain", ["hub.>", "*", "hub API", "", "h" * 65])
+def test_an_agent_refuses_a_domain_that_is_not_one_subject_token(
+    tmp_path: Path, domain: str
+) -> None:
+    # A domain with a wildcard or a dot would aim the agent's API requests elsewhere.
+    from pydantic import ValidationError
+
+    from agentd.config import AgentConfig
+    from bus import ConnectSettings
+
+    with pytest.raises(ValidationError):
+        AgentConfig(id="web-1", data_dir=tmp_path, jetstream_domain=domain)
+    with pytest.raises(ValidationError):
+        ConnectSettings(servers=["nats://127.0.0.1:4222"], js_domain=domain)
