@@ -62,6 +62,47 @@ class LogRecord:
     """When the log stored it, where the reader was told."""
 
 
+async def create_reader(
+    bus: Bus, stream: str, subject: str, name: str, inbox: str, *, start_seq: int = 0
+) -> None:
+    """Create a reader's consumer: pushed to ``inbox`` (already listened on), acknowledging
+    nothing, in memory, gone once nobody listens for :data:`_INACTIVE_S`.
+
+    Raises:
+        ConnectionFailedError: the stream does not exist or the bus is down.
+        PermissionDeniedError: the server refused the create subject.
+        FleetTimeoutError: the server did not answer.
+    """
+    config = api.ConsumerConfig(
+        name=name,
+        filter_subject=subject,
+        deliver_subject=inbox,
+        ack_policy=api.AckPolicy.NONE,
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL,
+        opt_start_seq=start_seq or None,
+        flow_control=True,
+        idle_heartbeat=_HEARTBEAT_S,
+        inactive_threshold=_INACTIVE_S,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    try:
+        await bus.js.add_consumer(stream, config=config)
+    except nats.js.errors.NotFoundError:
+        raise ConnectionFailedError(
+            f"stream {stream} does not exist; run `fleet ops init`"
+        ) from None
+    except nats.errors.TimeoutError as exc:
+        refusal = bus.denial(
+            consumer_create_subject(stream, name, subject, domain=bus.settings.js_domain)
+        )
+        if refusal is not None:
+            raise refusal from exc
+        raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
+
+
 class Tail:
     """Follows the messages of ``subject`` in ``stream`` from the first (or ``start_seq``).
 
@@ -107,37 +148,9 @@ class Tail:
             tail._sub = await bus.nc.subscribe(
                 inbox, cb=tail._on_msg, pending_bytes_limit=_BUFFER_BYTES
             )
-            config = api.ConsumerConfig(
-                name=tail.name,
-                filter_subject=subject,
-                deliver_subject=inbox,
-                ack_policy=api.AckPolicy.NONE,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
-                if start_seq
-                else api.DeliverPolicy.ALL,
-                opt_start_seq=start_seq or None,
-                flow_control=True,
-                idle_heartbeat=_HEARTBEAT_S,
-                inactive_threshold=_INACTIVE_S,
-                mem_storage=True,
-                num_replicas=1,
-            )
-            await bus.js.add_consumer(stream, config=config)
+            await create_reader(bus, stream, subject, tail.name, inbox, start_seq=start_seq)
         except BaseException as exc:
             await tail.close()
-            if isinstance(exc, nats.js.errors.NotFoundError):
-                raise ConnectionFailedError(
-                    f"stream {stream} does not exist; run `fleet ops init`"
-                ) from None
-            if isinstance(exc, nats.errors.TimeoutError):
-                refusal = bus.denial(
-                    consumer_create_subject(
-                        stream, tail.name, subject, domain=bus.settings.js_domain
-                    )
-                )
-                if refusal is not None:
-                    raise refusal from exc
-                raise FleetTimeoutError(f"no answer creating a reader on {stream}") from exc
             if isinstance(exc, (nats.errors.Error, OSError)):
                 raise ConnectionFailedError(f"cannot read {stream}: {exc}") from exc
             raise

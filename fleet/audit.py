@@ -28,6 +28,8 @@ from bus import (
     VerificationError,
     connect,
 )
+from bus.bulkread import read_all as read_stream
+from bus.bulkread import read_bulk
 from bus.codec import unpack
 from bus.command import add_connection_args, connect_settings
 from bus.keys import public_key_of, read_seed_file
@@ -128,8 +130,7 @@ def parse_time(text: str) -> int:
 
 
 async def read_all(bus: Bus) -> list[LogRecord]:
-    async with await Tail.open(bus, bus.subjects.events_stream, bus.subjects.all_events) as tail:
-        return await tail.read_available()
+    return await read_stream(bus, bus.subjects.events_stream, bus.subjects.all_events)
 
 
 # --- replay --------------------------------------------------------------------------------
@@ -390,15 +391,21 @@ async def audit_command(args: argparse.Namespace) -> int:
             _print(args, entry)
 
     async with await connect(connect_settings(args, "fleet audit")) as bus:
-        tail = await Tail.open(bus, bus.subjects.events_stream, bus.subjects.all_events)
-        async with tail:
-            for record in await tail.read_available():
+        last = 0
+        async for batch in read_bulk(bus, bus.subjects.events_stream, bus.subjects.all_events):
+            for record in batch:
                 audit_one(record)
-            if auditor is not None:
-                auditor.check_end(await _recorded_checkpoint(bus))
-            while args.follow:
-                for record in await tail.fetch(timeout=1.0):
-                    audit_one(record)
+            last = batch[-1].seq
+        if auditor is not None:
+            auditor.check_end(await _recorded_checkpoint(bus))
+        if args.follow:
+            events = bus.subjects.all_events
+            async with await Tail.open(
+                bus, bus.subjects.events_stream, events, start_seq=last + 1
+            ) as tail:
+                while True:
+                    for record in await tail.fetch(timeout=1.0):
+                        audit_one(record)
     if auditor is None:
         return 0
     for problem in auditor.problems:

@@ -1,0 +1,125 @@
+"""Reading a whole slice of the log at once, as fast as the socket brings it: replays.
+
+The consumer is the one a :class:`~bus.log.Tail` makes (named, filter pinned by the
+create subject, acknowledging nothing, in memory), created through the bus; only its
+deliveries come over a :class:`~bus.wire.WireConnection` of their own, so a replay is
+not held to nats-py's per-message cost. Order is checked as a Tail checks it: the
+consumer's delivery sequence must go up by one, or the read fails rather than skip.
+"Done" is known from the messages themselves: each says how many followed it when it
+was sent, and the read ends at the first that says none did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from bus.connection import Bus
+from bus.errors import ConnectionFailedError, FleetTimeoutError
+from bus.log import _HEARTBEAT_S, LogRecord, create_reader
+from bus.wire import WireConnection, header_map, header_value, status_of
+from schemas.ids import new_id
+
+logger = logging.getLogger(__name__)
+
+_QUIET_S = 3 * _HEARTBEAT_S
+"""Silence (no message, no heartbeat) after which the reader counts as lost."""
+_STALLED = "Nats-Consumer-Stalled"
+
+
+def _position(reply: bytes) -> tuple[int, int, int, int]:
+    """Stream sequence, delivery sequence, stored time (ns) and pending count, from a
+    JetStream delivery's reply subject (both its 9-token and its 12-token forms)."""
+    tokens = reply.split(b".")
+    at = 5 if len(tokens) == 9 else 7
+    return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 3])
+
+
+async def read_bulk(
+    bus: Bus, stream: str, subject: str, *, start_seq: int = 0
+) -> AsyncIterator[list[LogRecord]]:
+    """Every message of ``subject`` in ``stream`` from ``start_seq`` (0: the first) up to
+    the newest when the read reaches it, in order, in batches as they arrive.
+
+    Raises:
+        ConnectionFailedError: the stream does not exist, the bus is down, or delivery
+            broke (a gap, the server ended the reader).
+        FleetTimeoutError: nothing heard for a while (the reader is lost).
+        PermissionDeniedError: the caller may not read ``subject``.
+    """
+    conn = await WireConnection.open(bus, f"{bus.settings.name} reader")
+    try:
+        inbox = bus.nc.new_inbox()
+        conn.subscribe(inbox)
+        await conn.flushed()  # listening before the consumer's first push
+        name = f"bulk_{new_id()}"
+        await create_reader(bus, stream, subject, name, inbox, start_seq=start_seq)
+        if await _nothing_to_read(bus, stream, name):
+            return
+        delivered = 0
+        while True:
+            try:
+                async with asyncio.timeout(_QUIET_S):
+                    deliveries = await conn.read()
+            except TimeoutError:
+                raise FleetTimeoutError(
+                    f"reading {stream}: nothing heard for {_QUIET_S:.0f}s (the reader is lost)"
+                ) from None
+            records: list[LogRecord] = []
+            done = False
+            for subject_b, reply, headers, data in deliveries:
+                if not data and status_of(headers) is not None:
+                    _answer_status(conn, reply, headers, stream)
+                    continue
+                seq, dseq, stored_ns, pending = _position(reply)
+                if dseq != delivered + 1:
+                    raise ConnectionFailedError(
+                        f"reading {stream}: delivery skipped from {delivered} to {dseq}"
+                    )
+                delivered = dseq
+                records.append(
+                    LogRecord(seq, subject_b.decode(), data, header_map(headers), stored_ns)
+                )
+                if pending == 0:
+                    done = True
+                    break
+            await conn.drain()
+            if records:
+                yield records
+            if done:
+                return
+    finally:
+        conn.close()
+
+
+def _answer_status(conn: WireConnection, reply: bytes, headers: bytes, stream: str) -> None:
+    """A heartbeat or a flow-control request is answered; any other status ends the read."""
+    status = status_of(headers)
+    if status != "100":
+        raise ConnectionFailedError(
+            f"reading {stream}: the server ended the reader (status {status})"
+        )
+    # A flow-control request is answered on its reply; a heartbeat that says the server
+    # stalled waiting for such an answer, on the subject it names.
+    answer = reply.decode() or header_value(headers, _STALLED)
+    if answer:
+        conn.publish(answer)
+
+
+async def _nothing_to_read(bus: Bus, stream: str, name: str) -> bool:
+    try:
+        info = await bus.js.consumer_info(stream, name)
+    except Exception as exc:  # nats-py's errors: the reader is unusable either way
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise ConnectionFailedError(f"reading {stream}: {exc}") from exc
+    return not info.num_pending and not (info.delivered and info.delivered.consumer_seq)
+
+
+async def read_all(bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> list[LogRecord]:
+    """Every message :func:`read_bulk` reads, as one list."""
+    out: list[LogRecord] = []
+    async for batch in read_bulk(bus, stream, subject, start_seq=start_seq):
+        out.extend(batch)
+    return out
