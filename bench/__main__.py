@@ -31,7 +31,7 @@ FULL: dict[str, list[str]] = {
     "roundtrip": ["--count", "300"],
     "throughput": ["--jobs", "2000", "--max-jobs", "16"],
     "fanout": ["--agents", "1000"],
-    "replay": ["--events", "50000"],
+    "replay": ["--events", "200000"],
     "memory": ["--jobs", "2000", "--agents", "100", "--master-jobs", "100000"],
     "coldstart": ["--runs", "20"],
     "scale": ["--agents", "10000", "--procs", "4"],

@@ -70,6 +70,19 @@ def rows(results: Path) -> list[list[str]]:
                 _verdict(r["fleetbus_replay_events_per_s"] >= 100_000),
             ]
         )
+        if "fleetbus_read_events_per_s" in r:
+            out.append(
+                [
+                    f"replay's read alone, {r['events']} events",
+                    f"{r['fleetbus_read_events_per_s']:,} events/s",
+                    f"{r['baseline_nats_py_read_events_per_s']:,} events/s (pull); "
+                    f"{r['baseline_nats_py_ordered_push_events_per_s']:,} (ordered push)",
+                    f"{r['ratio_read_time']}× the time (to ordered push: "
+                    f"{r['ratio_read_time_to_ordered_push']}×)",
+                    "faster than nats-py's pull fetch",
+                    _verdict(r["ratio_read_time"] < 1),
+                ]
+            )
     if r := _load(results, "coldstart"):
         median = r["median_wall_s"]
         out.append(

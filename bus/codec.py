@@ -77,9 +77,17 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_SIZE, *, check_depth: bool =
         value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises a zoo: ValueError, StackError, TypeError...
         raise BadMessageError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if check_depth:
+    if check_depth and len(bytes(data).translate(None, _NOT_CONTAINER_HEADERS)) > MAX_DEPTH:
         _check_depth(value)
     return value
+
+
+# Every map or array is encoded with one header byte from these ranges (fixmap, fixarray,
+# array16/32, map16/32), so fewer such bytes than MAX_DEPTH anywhere in the input (in
+# strings too: it only overcounts) means fewer levels: counted in one C pass, where the
+# walk below costs more than decoding a typical event.
+_CONTAINER_HEADERS = bytes([*range(0x80, 0xA0), *range(0xDC, 0xE0)])
+_NOT_CONTAINER_HEADERS = bytes(b for b in range(256) if b not in _CONTAINER_HEADERS)
 
 
 def _check_depth(value: Any) -> None:

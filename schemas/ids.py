@@ -56,6 +56,12 @@ def token_problem(value: object, what: str = "token") -> str | None:
     return None
 
 
+def is_plain_token(value: str) -> bool:
+    """True when the string ``value`` is a safe subject token (the fast check models run
+    on every field; :func:`token_problem` says why not)."""
+    return _TOKEN_RE.fullmatch(value) is not None
+
+
 def is_token(value: object) -> bool:
     """True when ``value`` is a safe subject token."""
     return token_problem(value) is None

@@ -94,14 +94,16 @@ class EventRegistry:
         current = entry.model.VERSION
         if envelope.v > current:
             return UnknownEvent(envelope, "newer_version", known_version=current)
-        data: dict[str, Any] = dict(envelope.data)
-        try:
-            for version in range(envelope.v, current):
-                data = entry.upcasters[version](data)
-        except Exception as exc:  # an upcaster meeting data it cannot read
-            raise InvalidEventError(
-                envelope.type, envelope.v, f"cannot upcast to v{current}: {exc}"
-            ) from exc
+        data: dict[str, Any] = envelope.data
+        if envelope.v < current:
+            data = dict(data)  # upcasters may change it; the envelope keeps what was signed
+            try:
+                for version in range(envelope.v, current):
+                    data = entry.upcasters[version](data)
+            except Exception as exc:  # an upcaster meeting data it cannot read
+                raise InvalidEventError(
+                    envelope.type, envelope.v, f"cannot upcast to v{current}: {exc}"
+                ) from exc
         try:
             typed = entry.model.model_validate(data)
         except ValidationError as exc:

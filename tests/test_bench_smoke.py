@@ -44,6 +44,8 @@ def test_every_bench_runs_and_the_table_is_rendered(tmp_path: Path) -> None:
     assert "baseline_nats_py_request_reply_plus_subprocess" in roundtrip
     replay = load("replay")
     assert {"fleetbus_replay_events_per_s", "baseline_nats_py_read_events_per_s"} <= replay.keys()
+    read_keys = {"fleetbus_read_events_per_s", "baseline_nats_py_ordered_push_events_per_s"}
+    assert read_keys <= replay.keys()
     memory = load("memory")
     assert memory["jobs_finished"] == 5
     assert {"rss_kib", "pss_kib"} == set(memory["agent_idle"])  # type: ignore[arg-type]
@@ -57,7 +59,7 @@ def test_every_bench_runs_and_the_table_is_rendered(tmp_path: Path) -> None:
     assert "hand-written text stays" in text
     # One row per figure, between the markers, and the machine it ran on.
     table = text.split("<!-- bench-table:start -->")[1].split("<!-- bench-table:end -->")[0]
-    assert table.count("\n| ") == 1 + 10
+    assert table.count("\n| ") == 1 + 11
     assert "cores available" in table
     # The histogram is drawn when the optional extra is installed, and only then.
     png = results / "roundtrip-histogram.png"

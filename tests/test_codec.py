@@ -84,6 +84,31 @@ def test_deep_nesting_is_refused_without_recursion() -> None:
         unpack(very_deep)
 
 
+@pytest.mark.parametrize("levels", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 2])
+def test_the_depth_bound_is_exact_whatever_the_strings_hold(levels: int) -> None:
+    # Bytes that look like map and array headers inside strings and binaries make the
+    # quick count of containers overcount: the walk then decides, and decides the same.
+    noise = bytes(range(0x80, 0xA0)) * 4
+    value: Any = {"blob": noise, "text": noise.decode("latin-1")}
+    for _ in range(levels - 1):
+        value = [value]
+    wire = msgpack.packb(value, use_bin_type=True)
+    if levels <= MAX_DEPTH:
+        assert unpack(wire) == value
+    else:
+        with pytest.raises(BadMessageError, match="nested deeper"):
+            unpack(wire)
+    # Without the noise, the count alone answers: the same verdict.
+    plain: Any = {}
+    for _ in range(levels - 1):
+        plain = [plain]
+    if levels <= MAX_DEPTH:
+        assert unpack(msgpack.packb(plain)) == plain
+    else:
+        with pytest.raises(BadMessageError, match="nested deeper"):
+            unpack(msgpack.packb(plain))
+
+
 def test_wrong_field_types_are_bad_messages() -> None:
     env = sample_envelope(sample_data()[0]).model_dump()
     for field, wrong in [("v", "1"), ("ts", -1), ("sig", "x" * 64), ("subject", "a.*")]:
