@@ -7,6 +7,7 @@ and is offered again later. Unknown is not failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from agentd.context import AgentContext
@@ -91,3 +92,23 @@ async def cancel_before_start(ctx: AgentContext, job: JobSubmitted) -> JobCancel
         if isinstance(event, Event) and isinstance(event.data, JobCancelRequested)
         else None
     )
+
+
+async def before_start(
+    ctx: AgentContext, job: JobSubmitted
+) -> tuple[JobFinished | None, JobCancelRequested | None]:
+    """The job's recorded outcome and a trusted cancel of it, both asked at once: two reads
+    of the log on every job's path to its start, each a round trip to the server.
+
+    Raises:
+        NotNow: the log could not be read.
+    """
+    outcome, cancel = await asyncio.gather(
+        recorded_outcome(ctx, job), cancel_before_start(ctx, job), return_exceptions=True
+    )
+    # Both have ended by now (nothing left running); the first failure is the answer.
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if isinstance(cancel, BaseException):
+        raise cancel
+    return outcome, cancel

@@ -19,7 +19,7 @@ import time
 
 from agentd.admit import Admit
 from agentd.authorize import RunAsPolicy, authorize_run_as
-from agentd.beforestart import NotNow, cancel_before_start, recorded_outcome
+from agentd.beforestart import NotNow, before_start
 from agentd.command import CommandRejected, ResolvedCommand, resolve_command
 from agentd.contain import kill_job_leftovers, remove_stale_cgroups
 from agentd.context import AgentContext, RunningJob
@@ -75,7 +75,7 @@ class JobRunner:
     ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         job = admitted.job
-        outcome = await recorded_outcome(self._ctx, job)
+        outcome, cancel = await before_start(self._ctx, job)
         if outcome is not None:
             logger.warning(
                 "! job %s already ended %s in the log (%s); not running it",
@@ -86,7 +86,6 @@ class JobRunner:
             self._ctx.journal.record(job.job_id, "finished", status=outcome.status)
             await running.delivery.ack()
             return None
-        cancel = await cancel_before_start(self._ctx, job)
         if cancel is not None:
             reason = f"cancelled by {cancel.requested_by} before it started"
             await self._end_unstarted(running, job, "cancelled", reason)
