@@ -9,8 +9,11 @@ run-as passwords already used, so each is good once even across restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from agentd.config import AgentConfig
@@ -20,6 +23,7 @@ from agentd.seals import UsedSeals
 from agentd.supervise import StopRequest
 from agentd.trust import TrustFile, load_trust
 from bus import Bus, Signer
+from bus.metrics import Histogram
 
 
 @dataclass
@@ -37,6 +41,10 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
 
 
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
+"""Seconds: the steps around a job's process take milliseconds when all is well."""
+
+
 @dataclass
 class Counters:
     """What this agent has done since it started, for ``status``."""
@@ -46,6 +54,25 @@ class Counters:
     malformed: int = 0
     duplicates_skipped: int = 0
     late_results: int = 0
+    steps: Histogram = field(
+        default_factory=lambda: Histogram(
+            "fleet_agent_job_step_seconds",
+            "wall time of each step on a job's path: before_start (the log asked for an "
+            "outcome or cancel), journal (the fsync before the spawn), spawn, run (until "
+            "the process and its output ended), started and finished (recording them)",
+            STEP_BUCKETS,
+        )
+    )
+    """Where a job's time goes, for metrics and ``bench.roundtrip``."""
+
+    @contextlib.contextmanager
+    def timed(self, step: str, agent: str) -> Iterator[None]:
+        """Count the wall time of the block as ``step`` (also when it raises)."""
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps.observe(time.perf_counter() - begun, step=step, agent=agent)
 
     def as_dict(self) -> dict[str, object]:
         return {

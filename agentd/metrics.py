@@ -58,6 +58,7 @@ def agent_registry(current: Callable[[], Agent | None]) -> Registry:
             Family("fleet_agent_ready", "gauge", "1 while taking jobs").add(
                 1 if agent.ready.is_set() else 0, **labels
             ),
+            ctx.counters.steps.family(),
         ]
 
     registry.add("agent", collect)

@@ -75,7 +75,8 @@ class JobRunner:
     ) -> tuple[ResolvedCommand, Identity | None] | None:
         """Everything that can end a job before it starts. None if it ended."""
         job = admitted.job
-        outcome, cancel = await before_start(self._ctx, job)
+        with self._ctx.counters.timed("before_start", self._ctx.id):
+            outcome, cancel = await before_start(self._ctx, job)
         if outcome is not None:
             logger.warning(
                 "! job %s already ended %s in the log (%s); not running it",
@@ -145,7 +146,8 @@ class JobRunner:
         ctx.journal.record(job.job_id, "starting")
         # The one fsync awaited per job: lost with the machine after the spawn, this entry
         # would let the unacknowledged job run a second time.
-        await ctx.journal.durable()
+        with ctx.counters.timed("journal", ctx.id):
+            await ctx.journal.durable()
         if identity is None:
             env, as_user = base_environment(request.env, job.job_id), None
         else:
@@ -155,7 +157,8 @@ class JobRunner:
         cwd = request.cwd or home_or_root(env["HOME"])
         begun = time.monotonic()
         try:
-            proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
+            with ctx.counters.timed("spawn", ctx.id):
+                proc = await spawn(command.argv, env=env, cwd=cwd, as_user=as_user)
         except OSError as exc:
             # CPython names the directory when the child's chdir failed: say so, and do
             # not blame the command.
@@ -194,18 +197,23 @@ class JobRunner:
         async with asyncio.TaskGroup() as tg:
             # Recorded beside the running process: an outage delays the record, it
             # never leaves the process unwatched.
-            announce = tg.create_task(self._recorder.publish_job_event(started, "started"))
+            announce = tg.create_task(self._announce(started))
             async with output:
-                outcome = await supervise(
-                    proc,
-                    output,
-                    timeout_s=request.timeout_s,
-                    stop=running.stop,
-                    grace_s=ctx.config.job_kill_grace_s,
-                )
+                with ctx.counters.timed("run", ctx.id):
+                    outcome = await supervise(
+                        proc,
+                        output,
+                        timeout_s=request.timeout_s,
+                        stop=running.stop,
+                        grace_s=ctx.config.job_kill_grace_s,
+                    )
         if not announce.result():
             logger.error("! job %s: its start could not be recorded", job.job_id)
         await self._finish_outcome(job, outcome, output, time.monotonic() - begun)
+
+    async def _announce(self, started: JobStarted) -> bool:
+        with self._ctx.counters.timed("started", self._ctx.id):
+            return await self._recorder.publish_job_event(started, "started")
 
     async def _finish_outcome(
         self, job: JobSubmitted, outcome: Outcome, output: JobOutput, duration: float
@@ -221,20 +229,21 @@ class JobRunner:
         self._ctx.journal.record(
             job.job_id, "ended", status=outcome.status, exit_code=outcome.exit_code, reason=reason
         )
-        await self._recorder.finish(
-            job.job_id,
-            outcome.status,
-            ran=True,
-            reason=reason if outcome.status != "succeeded" or summary.lost_chunks else None,
-            exit_code=outcome.exit_code,
-            signal=outcome.signal,
-            duration_s=round(duration, 6),
-            stdout_bytes=summary.stdout_bytes,
-            stderr_bytes=summary.stderr_bytes,
-            output_tail=summary.tail,
-            output_chunks=summary.chunks,
-            truncated=summary.truncated,
-        )
+        with self._ctx.counters.timed("finished", self._ctx.id):
+            await self._recorder.finish(
+                job.job_id,
+                outcome.status,
+                ran=True,
+                reason=reason if outcome.status != "succeeded" or summary.lost_chunks else None,
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                duration_s=round(duration, 6),
+                stdout_bytes=summary.stdout_bytes,
+                stderr_bytes=summary.stderr_bytes,
+                output_tail=summary.tail,
+                output_chunks=summary.chunks,
+                truncated=summary.truncated,
+            )
         logger.info("← job %s %s in %.3fs", job.job_id, outcome.status, duration)
 
     async def recover(self) -> None:

@@ -4,7 +4,9 @@ fleetbus: a real ``fleet-agentd`` process; the client publishes a signed
 ``job.submitted`` to the event log and waits for ``job.finished`` (journal, signed
 events, JetStream acks and output stream included). Baseline, same run, same server:
 a raw nats-py responder process that spawns ``true`` per request and replies. Prints
-one JSON document with p50/p99 and the ratio.
+one JSON document with p50/p99 and the ratio, and where the agent's time went: the mean
+of each step of the measured jobs, from the agent's own metrics
+(``fleet_agent_job_step_seconds``).
 
     python -m bench.roundtrip [--count N]
 """
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -32,7 +35,8 @@ from bus import (
     provision,
     sign_envelope,
 )
-from bus.embedded import running_server
+from bus.embedded import free_port, running_server
+from bus.metrics import parse
 from schemas import ArgvCommand, JobRequest, JobSubmitted, make_envelope, new_id
 
 RESPONDER = """
@@ -57,9 +61,10 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
     trust = work / "trust.toml"  # an agent runs nothing without one
     trust.write_text(f'[[grant]]\nkey = "{signer.public_key}"\ncommands = true\n')
     config = work / "agentd.toml"
+    metrics = f"127.0.0.1:{free_port()}"
     config.write_text(
         f'id = "bench"\nserver = "{url}"\ndata_dir = "{work / "agent"}"\nlog_level = "WARNING"\n'
-        f'trust_file = "{trust}"\n'
+        f'trust_file = "{trust}"\nmetrics_listen = "{metrics}"\n'
     )
     async with await connect(settings) as bus:
         await provision(bus.js)
@@ -104,6 +109,7 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
                 await fleet_job()
                 await raw_job()
             raw, ours = [], []
+            before = await asyncio.to_thread(_steps, metrics)
             for _ in range(count):
                 t0 = time.perf_counter()
                 await raw_job()
@@ -112,6 +118,7 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
                 t2 = time.perf_counter()
                 raw.append(t1 - t0)
                 ours.append(t2 - t1)
+            after = await asyncio.to_thread(_steps, metrics)
         finally:
             for proc in (agent, responder):
                 proc.terminate()
@@ -124,11 +131,27 @@ async def measure(url: str, work: Path, count: int) -> dict[str, object]:
         "baseline_nats_py_request_reply_plus_subprocess": base,
         "fleetbus_job_roundtrip": fleet,
         **ratios(fleet, base),
+        "agent_steps_mean_ms": {
+            step: round((total - before.get(step, (0.0, 0))[0]) / n * 1000, 3)
+            for step, (total, count_after) in sorted(after.items())
+            if (n := count_after - before.get(step, (0.0, 0))[1]) > 0
+        },
         # Every latency, for the histogram `python -m bench all` draws.
         "samples_ms": {
             "fleetbus": [round(s * 1000, 3) for s in ours],
             "baseline": [round(s * 1000, 3) for s in raw],
         },
+    }
+
+
+def _steps(listen: str) -> dict[str, tuple[float, int]]:
+    """Seconds spent and jobs counted per step, from the agent's metrics."""
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as reply:
+        parsed = parse(reply.read().decode())
+    name = "fleet_agent_job_step_seconds"
+    return {
+        dict(key)["step"]: (total, int(parsed[f"{name}_count"][key]))
+        for key, total in parsed.get(f"{name}_sum", {}).items()
     }
 
 

@@ -113,6 +113,12 @@ async def test_metrics_and_health_after_a_few_jobs(
     assert sample(a, "fleet_agent_jobs_started_total", agent="web-1") == 3
     assert sample(a, "fleet_agent_jobs_finished_total", agent="web-1", status="failed") == 1
     assert sample(a, "fleet_agent_journal_bytes", agent="web-1") > 0
+    # Where each job's time went, step by step: every started job passed every step once.
+    steps = "fleet_agent_job_step_seconds"
+    for step in ("journal", "spawn", "run", "started", "finished"):
+        assert sample(a, f"{steps}_count", agent="web-1", step=step) == 3, step
+        assert sample(a, f"{steps}_sum", agent="web-1", step=step) > 0, step
+    assert sample(a, f"{steps}_count", agent="web-1", step="before_start") >= 3
     assert sample(a, "fleet_agent_publish_retries_total", agent="web-1") == 0
     assert sample(a, "fleet_bus_reconnects_total", agent="web-1") == 0
     assert (await aget(f"http://127.0.0.1:{agent_port}/readyz"))[0] == 200
