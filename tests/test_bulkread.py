@@ -19,7 +19,7 @@ import pytest
 from agents import FLEET, job_request, submit
 from deployment import Deployment, run_cli
 from linkproxy import LinkProxy
-from natsserver import NatsServer, free_port, nkey_user_config, tls_config
+from natsserver import NatsCluster, NatsServer, free_port, nkey_user_config, tls_config
 from tlsutil import make_ca_and_server_cert
 
 from bus import (
@@ -135,6 +135,21 @@ async def test_a_slow_caller_gets_every_message_once_in_order(
     assert batches > 1
     assert held_back[0] < len(sizes)
     assert not [line for line in nats_server.log if "Slow Consumer" in line]
+
+
+@pytest.mark.slow
+async def test_from_every_node_of_a_cluster(nats_cluster: NatsCluster) -> None:
+    """The consumer lives with the stream's leader; a reader on any node is pushed to
+    across the routes, and reads the same."""
+    sizes = [5, 70_000, 300, ONE_MIB - 4096, 1]
+    for i, url in enumerate(nats_cluster.urls):
+        async with await connect(ConnectSettings(servers=[url], request_timeout_s=10)) as bus:
+            if i == 0:
+                await bus.js.add_stream(name=STREAM, subjects=[SUBJECTS], num_replicas=3)
+                await fill(bus, sizes)
+            got = await asyncio.wait_for(read_all(bus, STREAM, SUBJECTS), 60)
+            assert [len(r.data) for r in got] == sizes, url
+            same(got, await tail_read(bus, SUBJECTS))
 
 
 async def test_bulk_read_over_tls_with_an_nkey(
