@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
-from bus.log import _HEARTBEAT_S, LogRecord, create_reader
+from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, LogRecord, create_reader
 from bus.wire import WireConnection, header_map, header_value, status_of
 from schemas.ids import new_id
 
@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 _QUIET_S = 3 * _HEARTBEAT_S
 """Silence (no message, no heartbeat) after which the reader counts as lost."""
 _STALLED = "Nats-Consumer-Stalled"
-_FLOW_CONTROL = "$JS.FC."
-"""Where the server asks flow-control answers to go (and nowhere else)."""
 
 
 def _position(reply: bytes) -> tuple[int, int, int, int] | None:
@@ -77,8 +75,9 @@ async def read_bulk(
             records: list[LogRecord] = []
             done = False
             for subject_b, reply, headers, data in deliveries:
-                # A delivery is known by its reply subject, not by its headers: a stored
-                # message is data whatever its headers say.
+                # A delivery is known by its reply subject (the server refuses a client's
+                # message with a $JS.ACK reply), not by its headers: a stored message is
+                # data whatever its headers say.
                 position = _position(reply)
                 if position is None:
                     if not data and status_of(headers) is not None:

@@ -29,6 +29,7 @@ from bus import (
     ConnectSettings,
     FleetTimeoutError,
     PermissionDeniedError,
+    StorageSettings,
     connect,
     generate_seed,
     provision,
@@ -145,6 +146,8 @@ async def test_from_every_node_of_a_cluster(nats_cluster: NatsCluster) -> None:
     for i, url in enumerate(nats_cluster.urls):
         async with await connect(ConnectSettings(servers=[url], request_timeout_s=10)) as bus:
             if i == 0:
+                # Provisioning waits until the starting cluster can place 3 replicas.
+                await provision(bus.js, settings=StorageSettings(replicas=3))
                 await bus.js.add_stream(name=STREAM, subjects=[SUBJECTS], num_replicas=3)
                 await fill(bus, sizes)
             got = await asyncio.wait_for(read_all(bus, STREAM, SUBJECTS), 60)
@@ -298,10 +301,21 @@ async def raw_publish(
         writer.close()
 
 
-async def inbox_of_reader(bus: Bus) -> str:
-    (reader,) = [c for c in await bus.js.consumers_info(STREAM) if c.name.startswith("bulk_")]
-    assert reader.config.deliver_subject is not None
-    return reader.config.deliver_subject
+PWNED = "bulk.pwned"
+"""Where a forged message asks the reader to answer (inside the stream: it would stay)."""
+
+
+async def slip_in(bus: Bus, port: int, forged: str, kind: str) -> None:
+    """Publish into the inbox of the reader whose consumer's name starts with ``kind``
+    (someone else: here anyone, on the open server) a message that is no delivery."""
+    (reader,) = [c for c in await bus.js.consumers_info(STREAM) if c.name.startswith(kind)]
+    inbox = reader.config.deliver_subject
+    assert inbox is not None
+    if forged == "data":
+        await bus.nc.publish(inbox, b"forged", reply=PWNED)
+    else:
+        status = b"NATS/1.0 100 FlowControl Request\r\n\r\n"
+        await raw_publish(port, inbox, status, b"", reply=PWNED)
 
 
 @pytest.mark.parametrize("forged", ["data", "flow control"])
@@ -312,18 +326,48 @@ async def test_a_message_slipped_into_the_reader_s_inbox_ends_the_read(
     await fill(bus, [256 * 1024] * 48)  # more than flow control lets through at once
     reader = read_bulk(bus, STREAM, SUBJECTS)
     await asyncio.wait_for(anext(reader), 30)
-    # Someone else (here: anyone, on the open server) publishes into the reader's inbox:
-    # neither a record nor a request the reader answers wherever it is told.
-    inbox, target = await inbox_of_reader(bus), "bulk.pwned"
-    if forged == "data":
-        await bus.nc.publish(inbox, b"forged", reply=target)
-    else:
-        status = b"NATS/1.0 100 FlowControl Request\r\n\r\n"
-        await raw_publish(nats_server.port, inbox, status, b"", reply=target)
+    # Neither a record nor a request the reader answers wherever it is told.
+    await slip_in(bus, nats_server.port, forged, "bulk_")
     with pytest.raises(ConnectionFailedError, match=r"not a delivery|not the server's"):
         await to_the_end(reader, 30)
     with pytest.raises(nats.js.errors.NotFoundError):
-        await bus.js.get_last_msg(STREAM, target)
+        await bus.js.get_last_msg(STREAM, PWNED)
+
+
+@pytest.mark.parametrize("forged", ["data", "flow control"])
+async def test_a_message_slipped_into_a_tail_s_inbox_breaks_it(
+    nats_server: NatsServer, bus: Bus, forged: str
+) -> None:
+    """The same attack on a Tail (``fleet audit --follow`` goes on with one)."""
+    await make_stream(bus)
+    await fill(bus, [256 * 1024] * 48)
+    async with await Tail.open(bus, STREAM, SUBJECTS) as tail:
+        assert await tail.fetch(timeout=10)
+        await slip_in(bus, nats_server.port, forged, "tail_")
+        with pytest.raises(ConnectionFailedError, match=r"not a delivery|not the server's"):
+            await fetch_until_broken(tail, 30)
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await bus.js.get_last_msg(STREAM, PWNED)
+
+
+async def fetch_until_broken(tail: Tail, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            await tail.fetch(timeout=1.0)
+
+
+async def test_the_server_refuses_a_forged_delivery(bus: Bus) -> None:
+    """What the readers rely on to tell a delivery: no client may send a message whose
+    reply says where in the log it is."""
+    await make_stream(bus)
+    await fill(bus, [1])
+    forged = f"$JS.ACK.{STREAM}.bulk_x.1.2.1.1700000000000000000.0"
+    heard = await bus.nc.subscribe("bulk.inbox")
+    await bus.nc.publish("bulk.inbox", b"forged", reply=forged)
+    denial = await bus.wait_denied(forged, timeout=5)
+    assert "publishing to" in str(denial)
+    await bus.nc.publish("bulk.inbox", b"plain", reply="bulk.reply")
+    assert (await heard.next_msg(timeout=5)).data == b"plain"  # the forged one never came
 
 
 async def test_a_stored_message_that_looks_like_a_status_is_a_record(
