@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
-from bus.log import _HEARTBEAT_S, LogRecord, create_reader
+from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, LogRecord, create_reader
 from bus.wire import WireConnection, header_map, header_value, status_of
 from schemas.ids import new_id
 
@@ -28,12 +28,18 @@ _QUIET_S = 3 * _HEARTBEAT_S
 _STALLED = "Nats-Consumer-Stalled"
 
 
-def _position(reply: bytes) -> tuple[int, int, int, int]:
+def _position(reply: bytes) -> tuple[int, int, int, int] | None:
     """Stream sequence, delivery sequence, stored time (ns) and pending count, from a
-    JetStream delivery's reply subject (both its 9-token and its 12-token forms)."""
+    JetStream delivery's reply subject (its 9-token form, and the 11- or 12-token one
+    with a domain and account), or None if it is not one."""
     tokens = reply.split(b".")
+    if tokens[:2] != [b"$JS", b"ACK"] or len(tokens) not in (9, 11, 12):
+        return None
     at = 5 if len(tokens) == 9 else 7
-    return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 3])
+    try:
+        return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 3])
+    except ValueError:
+        return None
 
 
 async def read_bulk(
@@ -44,7 +50,7 @@ async def read_bulk(
 
     Raises:
         ConnectionFailedError: the stream does not exist, the bus is down, or delivery
-            broke (a gap, the server ended the reader).
+            broke (a gap, a message that is no delivery, the server ended the reader).
         FleetTimeoutError: nothing heard for a while (the reader is lost).
         PermissionDeniedError: the caller may not read ``subject``.
     """
@@ -69,10 +75,21 @@ async def read_bulk(
             records: list[LogRecord] = []
             done = False
             for subject_b, reply, headers, data in deliveries:
-                if not data and status_of(headers) is not None:
-                    _answer_status(conn, reply, headers, stream)
-                    continue
-                seq, dseq, stored_ns, pending = _position(reply)
+                # A delivery is known by its reply subject (the server refuses a client's
+                # message with a $JS.ACK reply), not by its headers: a stored message is
+                # data whatever its headers say.
+                position = _position(reply)
+                if position is None:
+                    if not data and status_of(headers) is not None:
+                        _answer_status(conn, reply, headers, stream)
+                        continue
+                    # Anyone allowed to publish to the inbox could slip in a message:
+                    # reading on would count it as part of the log.
+                    raise ConnectionFailedError(
+                        f"reading {stream}: a message on {subject_b.decode()!r} that is not "
+                        "a delivery of the reader"
+                    )
+                seq, dseq, stored_ns, pending = position
                 if dseq != delivered + 1:
                     raise ConnectionFailedError(
                         f"reading {stream}: delivery skipped from {delivered} to {dseq}"
@@ -103,8 +120,15 @@ def _answer_status(conn: WireConnection, reply: bytes, headers: bytes, stream: s
     # A flow-control request is answered on its reply; a heartbeat that says the server
     # stalled waiting for such an answer, on the subject it names.
     answer = reply.decode() or header_value(headers, _STALLED)
-    if answer:
-        conn.publish(answer)
+    if not answer:
+        return
+    if not answer.startswith(_FLOW_CONTROL):
+        # Not the server's: a message slipped into the inbox would have the reader publish
+        # wherever its user may (an event subject, a control subject).
+        raise ConnectionFailedError(
+            f"reading {stream}: a flow-control request to answer on {answer!r}, not the server's"
+        )
+    conn.publish(answer)
 
 
 async def _nothing_to_read(bus: Bus, stream: str, name: str) -> bool:

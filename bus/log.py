@@ -48,6 +48,11 @@ _INACTIVE_S = 10.0
 _QUIET_S = 3 * _HEARTBEAT_S
 """Silence (no message, no heartbeat) after which a reader counts as lost."""
 _STATUS, _STALLED = "Status", "Nats-Consumer-Stalled"
+_DELIVERY = "$JS.ACK."
+"""How a delivery's reply subject starts (it says where in the log the message is). Only
+the server sends one: it refuses a client's message with such a reply."""
+_FLOW_CONTROL = "$JS.FC."
+"""Where the server asks flow-control answers to go (and nowhere else)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,25 +165,36 @@ class Tail:
         if self._sub is None:
             return
         self._heard = asyncio.get_running_loop().time()
-        headers = msg.headers or {}
-        if headers.get(_STATUS) == "100":
-            # A heartbeat (answered if it says we stalled the server) or a flow-control
-            # request. Answered in order, after the messages before it were taken: a
-            # reader slower than the server holds it back this way.
-            answer = msg.reply or headers.get(_STALLED)
-            if answer:
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await self._bus.nc.publish(answer, b"")
-            return
-        if headers.get(_STATUS):
-            self._broken = f"the server ended the reader (status {headers.get(_STATUS)})"
-            self._more.set()
+        if not (msg.reply or "").startswith(_DELIVERY):
+            await self._on_other(msg)
             return
         while self._buffered > _READ_AHEAD_BYTES and self._sub is not None:
             self._room.clear()
             await self._room.wait()
         self._arrived.append(msg)
         self._buffered += len(msg.data)
+        self._more.set()
+
+    async def _on_other(self, msg: Msg) -> None:
+        """What is not a delivery: the server's status messages, or a message someone
+        else slipped into the inbox (counted as the log, or answered wherever it says,
+        it would be believed)."""
+        headers = msg.headers or {}
+        status, answer = headers.get(_STATUS), msg.reply or headers.get(_STALLED)
+        if status == "100" and (not answer or answer.startswith(_FLOW_CONTROL)):
+            # A heartbeat (answered if it says we stalled the server) or a flow-control
+            # request. Answered in order, after the messages before it were taken: a
+            # reader slower than the server holds it back this way.
+            if answer:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await self._bus.nc.publish(answer, b"")
+            return
+        if status == "100":
+            self._broken = f"a flow-control request to answer on {answer!r}, not the server's"
+        elif status:
+            self._broken = f"the server ended the reader (status {status})"
+        else:
+            self._broken = f"a message on {msg.subject!r} that is not a delivery of the reader"
         self._more.set()
 
     async def fetch(self, batch: int = _BATCH, timeout: float = 1.0) -> list[LogRecord]:

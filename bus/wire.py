@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 import nkeys
 
-from bus.connection import Bus, _tls_context
-from bus.errors import AuthError, ConnectionFailedError
+from bus.connection import Bus, _permission_violation, _tls_context
+from bus.errors import AuthError, ConnectionFailedError, FleetError
 from bus.keys import read_seed_file
 
 _READ_BYTES = 1 << 20
@@ -90,8 +90,12 @@ class WireConnection:
             AuthError: it refused the credentials.
         """
         url = bus.nc.connected_url
-        if url is None or url.scheme not in ("nats", "tls"):
-            raise ConnectionFailedError("the bulk reader needs a nats:// or tls:// server")
+        if url is None:
+            raise ConnectionFailedError("the bus is not connected: no server to open a reader to")
+        if url.scheme not in ("nats", "tls"):
+            raise ConnectionFailedError(
+                f"the bulk reader needs a nats:// or tls:// server, not {url.scheme}://"
+            )
         parts = urlsplit(url.geturl())
         host, port = parts.hostname or "127.0.0.1", parts.port or 4222
         settings = bus.settings
@@ -110,10 +114,15 @@ class WireConnection:
                 except BaseException:
                     conn.close()
                     raise
+        except FleetError:
+            raise
         except TimeoutError:
             raise ConnectionFailedError(f"no handshake with {host}:{port}") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectionFailedError(f"cannot open a reader to {host}:{port}: {exc}") from exc
+        except (OSError, ssl.SSLError, EOFError, asyncio.LimitOverrunError, ValueError) as exc:
+            # EOFError: the server hung up mid-handshake (IncompleteReadError); ValueError:
+            # what it sent was no INFO line. Either way there is no reader.
+            reason = str(exc) or type(exc).__name__
+            raise ConnectionFailedError(f"cannot open a reader to {host}:{port}: {reason}") from exc
         return conn
 
     async def _expect_info(self) -> dict[str, Any]:
@@ -151,17 +160,25 @@ class WireConnection:
 
         Raises:
             AuthError: the server refused our credentials.
+            PermissionDeniedError: it refused a subscription (or a publish) to this user.
             ConnectionFailedError: it sent an error or closed the connection.
         """
         while True:
-            line = await self._reader.readuntil(b"\r\n")
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except (OSError, EOFError, asyncio.LimitOverrunError) as exc:
+                # EOFError: the server hung up (IncompleteReadError), as after a refusal.
+                reason = str(exc) or type(exc).__name__
+                raise ConnectionFailedError(f"the reader's connection broke: {reason}") from exc
             if line.startswith(b"PONG"):
                 return
-            if line.startswith(b"-ERR"):
-                text = line[4:].strip().strip(b"'").decode("utf-8", "replace")
+            if line.startswith(b"PING"):
+                self._writer.write(b"PONG\r\n")  # the server drops a client that never answers
+            elif line.startswith(b"-ERR"):
+                text = _error_text(line)
                 if "authoriz" in text.lower():
                     raise AuthError(f"the server refused the reader's credentials: {text}")
-                raise ConnectionFailedError(f"the server refused the reader: {text}")
+                raise _refusal(text, "the server refused the reader")
             # +OK and INFO updates say nothing we need before the first delivery.
 
     def subscribe(self, subject: str) -> None:
@@ -178,9 +195,13 @@ class WireConnection:
         frame kept for the next read).
 
         Raises:
+            PermissionDeniedError: the server refused a subject to this user.
             ConnectionFailedError: the server sent an error or closed the connection.
         """
-        chunk = await self._reader.read(_READ_BYTES)
+        try:
+            chunk = await self._reader.read(_READ_BYTES)
+        except (OSError, ssl.SSLError) as exc:  # a reset, a broken TLS record
+            raise ConnectionFailedError(f"the reader's connection broke: {exc}") from exc
         if not chunk:
             raise ConnectionFailedError("the server closed the reader's connection")
         buffer = self._rest + chunk if self._rest else chunk
@@ -216,17 +237,35 @@ class WireConnection:
             if line.startswith(b"PING"):
                 self._writer.write(b"PONG\r\n")
             elif line.startswith(b"-ERR"):
-                text = line[4:].strip().strip(b"'").decode("utf-8", "replace")
-                raise ConnectionFailedError(f"the server ended the reader: {text}")
+                raise _refusal(_error_text(line), "the server ended the reader")
             # +OK, PONG and INFO updates need nothing from a listener.
         self._rest = buffer[pos:]
         return out
 
     async def drain(self) -> None:
-        """Send what is buffered (flow-control answers)."""
-        await self._writer.drain()
+        """Send what is buffered (flow-control answers).
+
+        Raises:
+            ConnectionFailedError: the connection broke.
+        """
+        try:
+            await self._writer.drain()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionFailedError(f"the reader's connection broke: {exc}") from exc
 
     def close(self) -> None:
         """Hang up (the server drops the subscription with the connection)."""
         with contextlib.suppress(Exception):
             self._writer.close()
+
+
+def _error_text(line: bytes) -> str:
+    return line[4:].strip().strip(b"'").decode("utf-8", "replace")
+
+
+def _refusal(text: str, what: str) -> FleetError:
+    """A ``-ERR``: a permission violation (the connection stays, the subject is refused)
+    says which subject, as the bus's own refusals do; anything else ends the reader."""
+    if "permissions violation" in text.lower():
+        return _permission_violation(text)
+    return ConnectionFailedError(f"{what}: {text}")
