@@ -6,7 +6,10 @@ deliveries come over a :class:`~bus.wire.WireConnection` of their own, so a repl
 not held to nats-py's per-message cost. Order is checked as a Tail checks it: the
 consumer's delivery sequence must go up by one, or the read fails rather than skip.
 "Done" is known from the messages themselves: each says how many followed it when it
-was sent, and the read ends at the first that says none did.
+was sent, and the read ends at the first that says none did, once it has reached the
+newest message the stream's leader named when the read began: a consumer made just after
+a leader changed can say nothing is pending for a moment, and a replay that believed it
+would come back silently short.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
-from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, LogRecord, create_reader
+from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, LogRecord, create_reader, last_message
 from bus.wire import WireConnection, header_map, header_value, status_of
 from schemas.ids import new_id
 
@@ -61,7 +64,9 @@ async def read_bulk(
         await conn.flushed()  # listening before the consumer's first push
         name = f"bulk_{new_id()}"
         await create_reader(bus, stream, subject, name, inbox, start_seq=start_seq)
-        if await _nothing_to_read(bus, stream, name):
+        # Asked after the consumer exists: a caller refused the reader hears that first.
+        newest = await last_message(bus, stream, subject, direct=False)
+        if newest is None or newest.seq < start_seq:
             return
         delivered = 0
         while True:
@@ -98,7 +103,7 @@ async def read_bulk(
                 records.append(
                     LogRecord(seq, subject_b.decode(), data, header_map(headers), stored_ns)
                 )
-                if pending == 0:
+                if pending == 0 and seq >= newest.seq:
                     done = True
                     break
             await conn.drain()
@@ -129,16 +134,6 @@ def _answer_status(conn: WireConnection, reply: bytes, headers: bytes, stream: s
             f"reading {stream}: a flow-control request to answer on {answer!r}, not the server's"
         )
     conn.publish(answer)
-
-
-async def _nothing_to_read(bus: Bus, stream: str, name: str) -> bool:
-    try:
-        info = await bus.js.consumer_info(stream, name)
-    except Exception as exc:  # nats-py's errors: the reader is unusable either way
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise ConnectionFailedError(f"reading {stream}: {exc}") from exc
-    return not info.num_pending and not (info.delivered and info.delivered.consumer_seq)
 
 
 async def read_all(bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> list[LogRecord]:
