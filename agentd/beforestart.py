@@ -106,9 +106,12 @@ async def before_start(
     outcome, cancel = await asyncio.gather(
         recorded_outcome(ctx, job), cancel_before_start(ctx, job), return_exceptions=True
     )
-    # Both have ended by now (nothing left running); the first failure is the answer.
+    # Both have ended by now (nothing left running). A recorded outcome settles the job
+    # whatever became of the other read, as when the cancel was only asked after it.
     if isinstance(outcome, BaseException):
         raise outcome
+    if outcome is not None:
+        return outcome, None
     if isinstance(cancel, BaseException):
         raise cancel
-    return outcome, cancel
+    return None, cancel

@@ -5,22 +5,21 @@ create subject, acknowledging nothing, in memory), created through the bus; only
 deliveries come over a :class:`~bus.wire.WireConnection` of their own, so a replay is
 not held to nats-py's per-message cost. Order is checked as a Tail checks it: the
 consumer's delivery sequence must go up by one, or the read fails rather than skip.
-"Done" is known from the messages themselves: each says how many followed it when it
-was sent, and the read ends at the first that says none did, once it has reached the
-newest message the stream's leader named when the read began: a consumer made just after
-a leader changed can say nothing is pending for a moment, and a replay that believed it
-would come back silently short.
+The read ends at the newest message the stream's leader named once the consumer existed,
+not when the consumer says nothing is pending: one made just after a leader changed can
+say so for a moment, and a replay that believed it would come back silently short; and
+a log written faster than it is read would never be "done".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
-from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, LogRecord, create_reader, last_message
+from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, _READ_ALL_S, LogRecord, create_reader, last_message
 from bus.wire import WireConnection, header_map, header_value, status_of
 from schemas.ids import new_id
 
@@ -47,28 +46,36 @@ def _position(reply: bytes) -> tuple[int, int, int, int] | None:
 
 async def read_bulk(
     bus: Bus, stream: str, subject: str, *, start_seq: int = 0
-) -> AsyncIterator[list[LogRecord]]:
+) -> AsyncGenerator[list[LogRecord], None]:
     """Every message of ``subject`` in ``stream`` from ``start_seq`` (0: the first) up to
-    the newest when the read reaches it, in order, in batches as they arrive.
+    the newest stored when the read began, in order, in batches as they arrive.
 
     Raises:
         ConnectionFailedError: the stream does not exist, the bus is down, or delivery
             broke (a gap, a message that is no delivery, the server ended the reader).
-        FleetTimeoutError: nothing heard for a while (the reader is lost).
+        FleetTimeoutError: nothing heard for a while (the reader is lost), or the newest
+            message was not delivered in :data:`_READ_ALL_S`.
         PermissionDeniedError: the caller may not read ``subject``.
     """
     conn = await WireConnection.open(bus, f"{bus.settings.name} reader")
     try:
         inbox = bus.nc.new_inbox()
         conn.subscribe(inbox)
-        await conn.flushed()  # listening before the consumer's first push
+        try:
+            async with asyncio.timeout(bus.settings.request_timeout_s):
+                await conn.flushed()  # listening before the consumer's first push
+        except TimeoutError:
+            raise FleetTimeoutError(f"reading {stream}: the server did not answer") from None
         name = f"bulk_{new_id()}"
         await create_reader(bus, stream, subject, name, inbox, start_seq=start_seq)
-        # Asked after the consumer exists: a caller refused the reader hears that first.
+        # Asked after the consumer exists: a caller refused the reader hears that first,
+        # and whatever the consumer serves includes this message.
         newest = await last_message(bus, stream, subject, direct=False)
         if newest is None or newest.seq < start_seq:
             return
-        delivered = 0
+        target, delivered, last = newest.seq, 0, 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _READ_ALL_S
         while True:
             try:
                 async with asyncio.timeout(_QUIET_S):
@@ -78,7 +85,6 @@ async def read_bulk(
                     f"reading {stream}: nothing heard for {_QUIET_S:.0f}s (the reader is lost)"
                 ) from None
             records: list[LogRecord] = []
-            done = False
             for subject_b, reply, headers, data in deliveries:
                 # A delivery is known by its reply subject (the server refuses a client's
                 # message with a $JS.ACK reply), not by its headers: a stored message is
@@ -91,28 +97,44 @@ async def read_bulk(
                     # Anyone allowed to publish to the inbox could slip in a message:
                     # reading on would count it as part of the log.
                     raise ConnectionFailedError(
-                        f"reading {stream}: a message on {subject_b.decode()!r} that is not "
+                        f"reading {stream}: a message on {_text(subject_b)!r} that is not "
                         "a delivery of the reader"
                     )
-                seq, dseq, stored_ns, pending = position
+                seq, dseq, stored_ns, _pending = position
                 if dseq != delivered + 1:
                     raise ConnectionFailedError(
                         f"reading {stream}: delivery skipped from {delivered} to {dseq}"
                     )
-                delivered = dseq
+                delivered, last = dseq, seq
                 records.append(
-                    LogRecord(seq, subject_b.decode(), data, header_map(headers), stored_ns)
+                    LogRecord(seq, _text(subject_b), data, header_map(headers), stored_ns)
                 )
-                if pending == 0 and seq >= newest.seq:
-                    done = True
+                if seq >= target:
                     break
             await conn.drain()
             if records:
+                deadline = loop.time() + _READ_ALL_S
                 yield records
-            if done:
+            if last >= target:
                 return
+            if loop.time() > deadline:
+                # Nothing for a while short of the target: gone meanwhile (its age ran
+                # out), or a reader that will not be served it.
+                newest = await last_message(bus, stream, subject, direct=False)
+                if newest is None or newest.seq <= last:
+                    return
+                raise FleetTimeoutError(
+                    f"reading {subject} from {stream}: up to seq {last} of {target} "
+                    f"in {_READ_ALL_S:g}s"
+                )
     finally:
         conn.close()
+
+
+def _text(raw: bytes) -> str:
+    # Subjects are bytes on the wire; one that is not UTF-8 is shown, not fatal (the
+    # envelope's own subject check then refuses the record).
+    return raw.decode("utf-8", "replace")
 
 
 def _answer_status(conn: WireConnection, reply: bytes, headers: bytes, stream: str) -> None:
@@ -124,7 +146,7 @@ def _answer_status(conn: WireConnection, reply: bytes, headers: bytes, stream: s
         )
     # A flow-control request is answered on its reply; a heartbeat that says the server
     # stalled waiting for such an answer, on the subject it names.
-    answer = reply.decode() or header_value(headers, _STALLED)
+    answer = _text(reply) or header_value(headers, _STALLED)
     if not answer:
         return
     if not answer.startswith(_FLOW_CONTROL):

@@ -72,6 +72,13 @@ def header_map(headers: bytes) -> dict[str, str]:
     return out
 
 
+def _check_end(buffer: bytes, stop: int) -> None:
+    # A frame's length that does not land on its CRLF would have the rest of the stream
+    # read from inside a message body: a body could then pass for a delivery.
+    if buffer[stop : stop + 2] != b"\r\n":
+        raise ConnectionFailedError("the server's framing is broken (a length that is not)")
+
+
 class WireConnection:
     """A listening connection to the server the bus is connected to, as the same user."""
 
@@ -217,6 +224,7 @@ class WireConnection:
                 if stop + 2 > end:
                     break
                 split = start + int(header_len)
+                _check_end(buffer, stop)
                 append((subject, reply or b"", buffer[start:split], buffer[split:stop]))
                 pos = stop + 2
                 continue
@@ -227,6 +235,7 @@ class WireConnection:
                 stop = start + int(total)
                 if stop + 2 > end:
                     break
+                _check_end(buffer, stop)
                 append((subject, reply or b"", b"", buffer[start:stop]))
                 pos = stop + 2
                 continue

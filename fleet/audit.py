@@ -392,10 +392,12 @@ async def audit_command(args: argparse.Namespace) -> int:
 
     async with await connect(connect_settings(args, "fleet audit")) as bus:
         last = 0
-        async for batch in read_bulk(bus, bus.subjects.events_stream, bus.subjects.all_events):
-            for record in batch:
-                audit_one(record)
-            last = batch[-1].seq
+        reading = read_bulk(bus, bus.subjects.events_stream, bus.subjects.all_events)
+        async with contextlib.aclosing(reading):  # the reader's socket, however this ends
+            async for batch in reading:
+                for record in batch:
+                    audit_one(record)
+                last = batch[-1].seq
         if auditor is not None:
             auditor.check_end(await _recorded_checkpoint(bus))
         if args.follow:

@@ -515,3 +515,58 @@ def test_status_lines_and_headers() -> None:
         "Nats-Msg-Id": "id1",
         "Other": "2",
     }
+
+
+async def test_a_frame_whose_length_misses_its_end_is_refused() -> None:
+    # One byte short: read on, the rest of the body would be taken for protocol, and a
+    # body holding "HMSG … $JS.ACK…" for a delivery.
+    body = b"x\r\nHMSG a.b 1 $JS.ACK.S.c.1.9.9.1700000000000000000.0 12 12\r\nNATS/1.0\r\n\r\n"
+    frame = b"MSG _INBOX.x.y 1 %d\r\n%s\r\n" % (len(body) - 1, body)
+    async with fed() as (conn, reader, _):
+        reader.feed_data(frame)
+        with pytest.raises(ConnectionFailedError, match="framing"):
+            await conn.read()
+
+
+async def test_a_log_written_faster_than_it_is_read_still_ends(bus: Bus) -> None:
+    """A read under a steady writer ends, in order and whole up to what was stored when
+    it began (it stops at that newest message, not when the consumer next says nothing
+    is pending, which a writer faster than the reader would put off for ever)."""
+    await make_stream(bus)
+    await fill(bus, [100] * 2000)
+    stop = asyncio.Event()
+
+    async def keep_writing() -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(bus.js.publish("bulk.more", b"x" * 100) for _ in range(50)))
+
+    writer = asyncio.create_task(keep_writing())
+    try:
+        got: list[LogRecord] = []
+        async with asyncio.timeout(60):
+            async for batch in read_bulk(bus, STREAM, SUBJECTS):
+                got.extend(batch)
+                await asyncio.sleep(0.01)  # a slow fold: the writer keeps ahead of it
+    finally:
+        stop.set()
+        await writer
+    assert len(got) >= 2000
+    assert [r.seq for r in got] == list(range(1, len(got) + 1))
+
+
+async def test_a_subject_that_is_not_utf8_is_a_record_not_a_crash(bus: Bus) -> None:
+    await make_stream(bus)
+    await fill(bus, [10])
+    # nats-py sends only text; a raw client can store any bytes but space in a subject.
+    host, port = bus.nc.connected_url.hostname, bus.nc.connected_url.port  # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reader.readuntil(b"\r\n")  # INFO
+        writer.write(b'CONNECT {"verbose":false}\r\nPUB bulk.\xff\xfe 1\r\nx\r\nPING\r\n')
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readuntil(b"PONG\r\n"), 10)).endswith(b"PONG\r\n")
+    finally:
+        writer.close()
+    got = await asyncio.wait_for(read_all(bus, STREAM, SUBJECTS), 30)
+    assert [r.data for r in got][-1] == b"x"
+    assert got[-1].subject == "bulk.\ufffd\ufffd"
