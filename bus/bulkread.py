@@ -19,7 +19,15 @@ from collections.abc import AsyncGenerator
 
 from bus.connection import Bus
 from bus.errors import ConnectionFailedError, FleetTimeoutError
-from bus.log import _FLOW_CONTROL, _HEARTBEAT_S, _READ_ALL_S, LogRecord, create_reader, last_message
+from bus.log import (
+    _HEARTBEAT_S,
+    _READ_ALL_S,
+    _STALLED,
+    LogRecord,
+    create_reader,
+    last_message,
+    not_a_delivery,
+)
 from bus.wire import WireConnection, header_map, header_value, status_of
 from schemas.ids import new_id
 
@@ -27,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 _QUIET_S = 3 * _HEARTBEAT_S
 """Silence (no message, no heartbeat) after which the reader counts as lost."""
-_STALLED = "Nats-Consumer-Stalled"
 
 
 def _position(reply: bytes) -> tuple[int, int, int, int] | None:
@@ -91,15 +98,16 @@ async def read_bulk(
                 # data whatever its headers say.
                 position = _position(reply)
                 if position is None:
-                    if not data and status_of(headers) is not None:
-                        _answer_status(conn, reply, headers, stream)
-                        continue
-                    # Anyone allowed to publish to the inbox could slip in a message:
-                    # reading on would count it as part of the log.
-                    raise ConnectionFailedError(
-                        f"reading {stream}: a message on {_text(subject_b)!r} that is not "
-                        "a delivery of the reader"
+                    answer, broken = not_a_delivery(
+                        _text(subject_b),
+                        None if data else status_of(headers),
+                        _text(reply) or header_value(headers, _STALLED),
                     )
+                    if broken is not None:
+                        raise ConnectionFailedError(f"reading {stream}: {broken}")
+                    if answer:
+                        conn.publish(answer)
+                    continue
                 seq, dseq, stored_ns, _pending = position
                 if dseq != delivered + 1:
                     raise ConnectionFailedError(
@@ -135,27 +143,6 @@ def _text(raw: bytes) -> str:
     # Subjects are bytes on the wire; one that is not UTF-8 is shown, not fatal (the
     # envelope's own subject check then refuses the record).
     return raw.decode("utf-8", "replace")
-
-
-def _answer_status(conn: WireConnection, reply: bytes, headers: bytes, stream: str) -> None:
-    """A heartbeat or a flow-control request is answered; any other status ends the read."""
-    status = status_of(headers)
-    if status != "100":
-        raise ConnectionFailedError(
-            f"reading {stream}: the server ended the reader (status {status})"
-        )
-    # A flow-control request is answered on its reply; a heartbeat that says the server
-    # stalled waiting for such an answer, on the subject it names.
-    answer = _text(reply) or header_value(headers, _STALLED)
-    if not answer:
-        return
-    if not answer.startswith(_FLOW_CONTROL):
-        # Not the server's: a message slipped into the inbox would have the reader publish
-        # wherever its user may (an event subject, a control subject).
-        raise ConnectionFailedError(
-            f"reading {stream}: a flow-control request to answer on {answer!r}, not the server's"
-        )
-    conn.publish(answer)
 
 
 async def read_all(bus: Bus, stream: str, subject: str, *, start_seq: int = 0) -> list[LogRecord]:

@@ -55,6 +55,24 @@ _FLOW_CONTROL = "$JS.FC."
 """Where the server asks flow-control answers to go (and nowhere else)."""
 
 
+def not_a_delivery(
+    subject: str, status: str | None, answer: str | None
+) -> tuple[str | None, str | None]:
+    """What a reader does with a message that is no delivery of its consumer, given its
+    status header and where it asks to be answered: ``(subject to answer on, None)`` for
+    a flow-control request or a heartbeat that says the server stalled, ``(None, None)``
+    for a plain heartbeat, else ``(None, why the read breaks)``. A message someone else
+    slipped into the inbox would be believed if it were counted as the log, or answered
+    wherever it says (any subject its reader may publish to)."""
+    if status == "100":
+        if answer and not answer.startswith(_FLOW_CONTROL):
+            return None, f"a flow-control request to answer on {answer!r}, not the server's"
+        return answer, None
+    if status:
+        return None, f"the server ended the reader (status {status})"
+    return None, f"a message on {subject!r} that is not a delivery of the reader"
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     """One stored message."""
@@ -177,25 +195,19 @@ class Tail:
 
     async def _on_other(self, msg: Msg) -> None:
         """What is not a delivery: the server's status messages, or a message someone
-        else slipped into the inbox (counted as the log, or answered wherever it says,
-        it would be believed)."""
+        else slipped into the inbox (see :func:`not_a_delivery`)."""
         headers = msg.headers or {}
-        status, answer = headers.get(_STATUS), msg.reply or headers.get(_STALLED)
-        if status == "100" and (not answer or answer.startswith(_FLOW_CONTROL)):
-            # A heartbeat (answered if it says we stalled the server) or a flow-control
-            # request. Answered in order, after the messages before it were taken: a
-            # reader slower than the server holds it back this way.
-            if answer:
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await self._bus.nc.publish(answer, b"")
-            return
-        if status == "100":
-            self._broken = f"a flow-control request to answer on {answer!r}, not the server's"
-        elif status:
-            self._broken = f"the server ended the reader (status {status})"
-        else:
-            self._broken = f"a message on {msg.subject!r} that is not a delivery of the reader"
-        self._more.set()
+        answer, broken = not_a_delivery(
+            msg.subject, headers.get(_STATUS), msg.reply or headers.get(_STALLED)
+        )
+        if broken is not None:
+            self._broken = broken
+            self._more.set()
+        elif answer:
+            # Answered in order, after the messages before it were taken: a reader slower
+            # than the server holds it back this way.
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._bus.nc.publish(answer, b"")
 
     async def fetch(self, batch: int = _BATCH, timeout: float = 1.0) -> list[LogRecord]:
         """The next messages (at most ``batch``), waiting up to ``timeout`` for the first;

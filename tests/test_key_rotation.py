@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from agents import FLEET, AgentProcess, MasterProcess, finished, fleet_env, job_request, submit
+from deployment import run_cli
 from natsserver import NatsServer
 
 from bus import Bus, Signer, decode_envelope, generate_seed, public_key_of, read_seed_file
@@ -56,13 +57,8 @@ async def agent_and_master(
 
 
 async def audit(url: str, key: Path, master: MasterProcess) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [FLEET, "audit", "--verify", "--trust", str(master.config_path)],
-        capture_output=True,
-        text=True,
-        env=fleet_env(url, key),
-        timeout=120,
+    return await run_cli(
+        FLEET, "audit", "--verify", "--trust", str(master.config_path), env=fleet_env(url, key)
     )
 
 
